@@ -1,0 +1,45 @@
+# One command each on a fresh clone: `make demo`, `make test` (both install into .venv first if needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines: install the CPU torch build *before* megatron-core, else pip resolves a multi-GB CUDA torch.
+CPU_TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo lint format bench gpu-smoke clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA machine: keeping pip's default (CUDA) torch"; \
+	else \
+		$(BIN)/pip install -q "$(CPU_TORCH)"; \
+	fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not dist and not e2e and not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python tools/demo.py
+
+lint: install
+	$(BIN)/ruff check spin_megatron tools tests bench
+	$(BIN)/ruff format --check spin_megatron tools tests bench
+
+format: install
+	$(BIN)/ruff format spin_megatron tools tests bench
+	$(BIN)/ruff check --fix spin_megatron tools tests bench
+
+gpu-smoke: install
+	$(BIN)/python -m pytest -m gpu -v $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,305 @@
+"""``spin-convert``: Hugging Face ↔ Megatron-Core checkpoints for Qwen2 / Llama models.
+
+    spin-convert hf-to-mcore --hf-dir HF --out OUT [--tp T --pp P] [--dtype auto|fp32|bf16|fp16] [--force]
+    spin-convert mcore-to-hf --mcore-dir OUT --out HF2 [--hf-config-from HF] [--tp T --pp P] [--force]
+    spin-convert verify      --hf-dir HF --mcore-dir OUT [--tp T --pp P] [--tol 1e-5]
+
+With ``--tp``/``--pp`` > 1 the command starts T×P local gloo/nccl processes itself, or runs under
+``torchrun --nproc_per_node T×P -m spin_megatron.convert ...``. Every user mistake ends with one line on stderr
+and exit code 2; nothing existing is modified unless ``--force`` is given (and then only after the new output
+is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spin_megatron.errors import CheckpointError, ConfigError, MissingPathError, OutputExistsError, UserError
+from spin_megatron.models.arch import ModelArch, load_arch
+from spin_megatron.models.builder import DTYPES, build_gpt_model, parse_dtype
+from spin_megatron.models.hf_io import (
+    HFReader,
+    HFShardWriter,
+    copy_tokenizer_files,
+    write_hf_config,
+    write_index,
+)
+from spin_megatron.models.mapping import mapping_for
+from spin_megatron.models.mcore_io import (
+    arch_from_meta,
+    build_model_from_checkpoint,
+    checkpoint_padded_vocab,
+    read_meta,
+    save_model_shards,
+    write_meta,
+)
+from spin_megatron.models.weights import check_hf_checkpoint, load_hf_weights
+from spin_megatron.parallel.launch import spawn_local
+from spin_megatron.parallel.schedule import forward_logits
+from spin_megatron.parallel.state import destroy_parallel, init_parallel, launched_by_torchrun
+from spin_megatron.parallel.weight_export import export_hf_weights
+
+PROG = "spin-convert"
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def parallel_args(p):
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size used for the conversion")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used for the conversion")
+
+    p = sub.add_parser("hf-to-mcore", help="HF folder -> Megatron-Core distributed checkpoint")
+    p.add_argument("--hf-dir", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dtype", default="auto", help="auto (the HF config's), fp32, bf16 or fp16")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new one is complete")
+    parallel_args(p)
+
+    p = sub.add_parser("mcore-to-hf", help="Megatron-Core checkpoint -> HF folder (safetensors)")
+    p.add_argument("--mcore-dir", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--hf-config-from", type=Path, help="take config.json and tokenizer files from this HF folder")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), fp32, bf16 or fp16")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB, 5GB")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new one is complete")
+    parallel_args(p)
+
+    p = sub.add_parser("verify", help="compare Megatron and transformers logits on random tokens")
+    p.add_argument("--hf-dir", required=True, type=Path)
+    p.add_argument("--mcore-dir", required=True, type=Path)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=None,
+                   help="max relative logit error (max|Δ| / max|logit|); default 1e-5 for fp32 checkpoints, 2e-2 otherwise")
+    parallel_args(p)
+    return parser
+
+
+# ---------------------------------------------------------------- checks done before any process group starts
+def _check_output_dir(out: Path, force: bool, inputs: list[Path]) -> None:
+    for src in inputs:
+        if src is not None and out.resolve() == src.resolve():
+            raise ConfigError(f"--out {out} is the input folder; choose a different output folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} exists and is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"output folder {out} is not empty; pass --force to replace it or choose another --out")
+
+
+def _resolve_dtype(name: str, default: str) -> torch.dtype:
+    return parse_dtype(default if name == "auto" else name)
+
+
+def _hf_default_dtype(arch: ModelArch) -> str:
+    cfg = arch.hf_config
+    return _HF_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), "fp32")
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
+    if not match:
+        raise ConfigError(f"--max-shard-size {text!r} is not a size like 500MB or 5GB")
+    return int(float(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)])
+
+
+def _same_model(a: ModelArch, b: ModelArch, what: str) -> None:
+    sa, sb = a.signature(), b.signature()
+    diffs = [f"{k} {sa[k]} vs {sb[k]}" for k in sa if sa[k] != sb[k]]
+    if diffs:
+        raise CheckpointError(f"{what} describe different models: {', '.join(diffs[:4])}")
+
+
+def preflight(args) -> None:
+    """Validate arguments and inputs in the launching process, so errors print once and nothing starts."""
+    if args.tp < 1 or args.pp < 1:
+        raise ConfigError(f"--tp and --pp must be ≥ 1 (got --tp {args.tp} --pp {args.pp})")
+    if args.command == "hf-to-mcore":
+        arch = load_arch(args.hf_dir)
+        arch.check_parallel(args.tp, args.pp, "--tp", "--pp")
+        _resolve_dtype(args.dtype, _hf_default_dtype(arch))
+        reader = HFReader(args.hf_dir)
+        check_hf_checkpoint(reader, mapping_for(arch, arch.padded_vocab_size(args.tp)))
+        _check_output_dir(args.out, args.force, [args.hf_dir])
+    elif args.command == "mcore-to-hf":
+        meta = read_meta(args.mcore_dir)
+        arch = arch_from_meta(meta)
+        arch.check_parallel(args.tp, args.pp, "--tp", "--pp")
+        checkpoint_padded_vocab(meta, args.tp)
+        _resolve_dtype(args.dtype, meta["dtype"])
+        _parse_size(args.max_shard_size)
+        if args.hf_config_from is not None:
+            _same_model(load_arch(args.hf_config_from), arch, f"--hf-config-from {args.hf_config_from} and --mcore-dir")
+        _check_output_dir(args.out, args.force, [args.mcore_dir, args.hf_config_from])
+    elif args.command == "verify":
+        meta = read_meta(args.mcore_dir)
+        arch = arch_from_meta(meta)
+        _same_model(load_arch(args.hf_dir), arch, f"--hf-dir {args.hf_dir} and --mcore-dir {args.mcore_dir}")
+        HFReader(args.hf_dir)
+        arch.check_parallel(args.tp, args.pp, "--tp", "--pp")
+        checkpoint_padded_vocab(meta, args.tp)
+        if args.batch_size < 1 or args.seq_len < 1:
+            raise ConfigError("--batch-size and --seq-len must be ≥ 1")
+
+
+# ---------------------------------------------------------------- output staging (atomic replace)
+def _staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _begin_output(out: Path) -> Path:
+    staging = _staging_dir(out)
+    if dist.get_rank() == 0:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    return staging
+
+
+def _commit_output(staging: Path, out: Path) -> None:
+    """Rank 0 swaps the complete staging folder into place; the old output is removed only afterwards."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        old = out.parent / f".{out.name}.replaced"
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+        staging.rename(out)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def _log(*parts) -> None:
+    if dist.get_rank() == 0:
+        print(*parts, flush=True)
+
+
+# ---------------------------------------------------------------- the commands (run on every rank)
+def hf_to_mcore(args, groups) -> int:
+    arch = load_arch(args.hf_dir)
+    dtype = _resolve_dtype(args.dtype, _hf_default_dtype(arch))
+    padded = arch.padded_vocab_size(groups.tp_size)
+    mapping = mapping_for(arch, padded)
+    model = build_gpt_model(arch, groups, dtype=dtype, padded_vocab_size=padded, perform_initialization=False)
+    load_hf_weights(model, HFReader(args.hf_dir), mapping, groups)
+    staging = _begin_output(args.out)
+    save_model_shards(model, staging)
+    if groups.rank == 0:
+        (staging / "tokenizer").mkdir()
+        copy_tokenizer_files(args.hf_dir, staging / "tokenizer")
+        write_meta(staging, arch, padded, dtype, groups, source=str(args.hf_dir.resolve()))
+    _commit_output(staging, args.out)
+    _log(f"wrote Megatron-Core checkpoint {args.out} ({arch.architecture}, {arch.num_layers} layers, "
+         f"{DTYPES_NAME[dtype]}, written at tp={groups.tp_size} pp={groups.pp_size}; loadable at any TP/PP)")
+    return 0
+
+
+DTYPES_NAME = {v: k for k, v in DTYPES.items()}
+
+
+def mcore_to_hf(args, groups) -> int:
+    meta = read_meta(args.mcore_dir)
+    out_dtype = _resolve_dtype(args.dtype, meta["dtype"])
+    model, arch, meta = build_model_from_checkpoint(args.mcore_dir, groups, perform_initialization=False)
+    mapping = mapping_for(arch, int(meta["padded_vocab_size"]))
+    staging = _begin_output(args.out)
+    prefix = f"model-pp{groups.pp_rank:02d}" if groups.pp_size > 1 else "model"
+    writer = HFShardWriter(staging, prefix=prefix, max_shard_bytes=_parse_size(args.max_shard_size))
+    writes = groups.tp_rank == 0 and groups.dp_rank == 0
+    for name, tensor in export_hf_weights(model, mapping, groups):
+        if writes:
+            writer.add(name, tensor.to(out_dtype))
+    writer.flush()
+    maps = [None] * groups.world_size
+    dist.all_gather_object(maps, (writer.weight_map, writer.total_bytes) if writes else ({}, 0))
+    if groups.rank == 0:
+        weight_map = {k: v for m, _ in maps for k, v in m.items()}
+        write_index(staging, weight_map, sum(b for _, b in maps))
+        config_src = args.hf_config_from
+        hf_config = load_arch(config_src).hf_config if config_src else arch.hf_config
+        write_hf_config(staging, hf_config, out_dtype)
+        copy_tokenizer_files(config_src or Path(args.mcore_dir) / "tokenizer", staging)
+    _commit_output(staging, args.out)
+    _log(f"wrote HF checkpoint {args.out} ({DTYPES_NAME[out_dtype]}); load it with "
+         f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def verify(args, groups) -> int:
+    model, arch, meta = build_model_from_checkpoint(args.mcore_dir, groups, dtype=torch.float32,
+                                                    perform_initialization=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, arch.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+    logits = forward_logits(model, groups, ids, arch.vocab_size)
+    result = None
+    if logits is not None and groups.tp_rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            reference = hf_model(ids).logits
+        diff = (logits.float().cpu() - reference).abs().max().item()
+        result = (diff, diff / reference.abs().max().item())
+    results = [None] * groups.world_size
+    dist.all_gather_object(results, result)
+    max_abs, max_rel = next(r for r in results if r is not None)
+    tol = args.tol if args.tol is not None else (1e-5 if meta["dtype"] == "fp32" else 2e-2)
+    ok = max_rel <= tol
+    _log(f"verify {args.mcore_dir} (tp={groups.tp_size} pp={groups.pp_size}) vs transformers {args.hf_dir}: "
+         f"max |Δlogit| = {max_abs:.3e}, max relative = {max_rel:.3e} (tol {tol:.0e}) -> {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+COMMANDS = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf, "verify": verify}
+
+
+def _run_rank(args) -> int:
+    groups = init_parallel(args.tp, args.pp)
+    try:
+        return COMMANDS[args.command](args, groups)
+    finally:
+        destroy_parallel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    nprocs = args.tp * args.pp
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        preflight(args)
+        if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) != nprocs:
+            raise ConfigError(
+                f"started with {os.environ['WORLD_SIZE']} processes but --tp {args.tp} × --pp {args.pp} = "
+                f"{nprocs}; use torchrun --nproc_per_node {nprocs} or matching --tp/--pp"
+            )
+    except UserError as exc:
+        if rank == 0:  # every rank finds the same problem: report it once
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if nprocs > 1 and not launched_by_torchrun():
+        return spawn_local(nprocs, "spin_megatron.convert", argv)
+    try:
+        return _run_rank(args)
+    except UserError as exc:
+        where = f" [rank {rank}]" if nprocs > 1 else ""
+        print(f"{PROG}: error{where}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

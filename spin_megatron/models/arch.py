@@ -1,0 +1,170 @@
+"""Read a Hugging Face ``config.json`` into a validated, framework-neutral description of the model.
+
+Only what the Megatron model and the weight mapping need is kept. Both the transformers-4 layout
+(``rope_theta`` + ``rope_scaling``) and the transformers-5 layout (``rope_parameters``) are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spin_megatron.errors import ConfigError, MissingPathError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (the only kind Megatron-Core's RotaryEmbedding implements)."""
+
+    kind: str  # "llama3" or "linear"
+    factor: float
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """A decoder-only Qwen2/Llama-family model, as read from its HF config."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    initializer_range: float = 0.02
+    rope_scaling: RopeScaling | None = None
+    hf_config: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def padded_vocab_size(self, tp_size: int, divisible_by: int = 128) -> int:
+        """Megatron's embedding rows: the vocabulary rounded up so every TP rank holds an equal, aligned slice."""
+        multiple = math.lcm(divisible_by, tp_size)
+        return -(-self.vocab_size // multiple) * multiple
+
+    def valid_tp_sizes(self) -> list[int]:
+        """TP sizes that split heads, KV heads and the MLP evenly."""
+        dims = (self.num_attention_heads, self.num_kv_heads, self.intermediate_size)
+        return [d for d in range(1, self.num_kv_heads + 1) if all(x % d == 0 for x in dims)]
+
+    def valid_pp_sizes(self) -> list[int]:
+        return [d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]
+
+    def check_parallel(self, tp: int, pp: int, tp_key: str = "parallel.tp", pp_key: str = "parallel.pp") -> None:
+        """Raise ConfigError if this model cannot be split tp-ways across tensors and pp-ways across layers."""
+        checks = (
+            (self.num_attention_heads, tp, "attention heads", tp_key, self.valid_tp_sizes()),
+            (self.num_kv_heads, tp, "key/value heads", tp_key, self.valid_tp_sizes()),
+            (self.intermediate_size, tp, "MLP intermediate size", tp_key, self.valid_tp_sizes()),
+            (self.num_layers, pp, "layers", pp_key, self.valid_pp_sizes()),
+        )
+        for total, size, what, key, valid in checks:
+            if total % size != 0:
+                raise ConfigError(
+                    f"{key}={size} does not divide the model's {total} {what}; "
+                    f"valid values for this model: {', '.join(map(str, valid))}"
+                )
+
+    def signature(self) -> dict:
+        """The fields that make two checkpoints the same model (used to refuse mismatched resumes)."""
+        sig = asdict(self)
+        sig.pop("hf_config")
+        sig.pop("initializer_range")
+        return sig
+
+
+def _rope_settings(cfg: dict) -> tuple[float, RopeScaling | None]:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        # Megatron-Core hard-codes low/high frequency factors 1 and 4 and an original context of 8192
+        # (the Llama-3.1/3.2 values); anything else would silently compute different frequencies.
+        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, want in expected.items():
+            if float(scaling.get(key, want)) != want:
+                raise UnsupportedModelError(
+                    f"rope_scaling {key}={scaling[key]} is not supported (Megatron-Core implements llama3 "
+                    f"scaling only with {key}={want})"
+                )
+        return theta, RopeScaling("llama3", float(scaling.get("factor", 8.0)))
+    raise UnsupportedModelError(
+        f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3"
+    )
+
+
+def _require(cfg: dict, key: str, source: str):
+    if key not in cfg:
+        raise ConfigError(f"{source} has no {key!r}: not a complete Qwen2/Llama config.json")
+    return cfg[key]
+
+
+def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArch:
+    """Build a :class:`ModelArch` from a parsed HF config dict, refusing what Megatron cannot reproduce."""
+    archs = cfg.get("architectures") or []
+    if not archs:
+        archs = {"qwen2": ["Qwen2ForCausalLM"], "llama": ["LlamaForCausalLM"]}.get(cfg.get("model_type"), [])
+    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    architecture = archs[0]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
+    if architecture == "LlamaForCausalLM" and cfg.get("attention_bias"):
+        raise UnsupportedModelError(f"{source}: attention_bias=true (bias on o_proj) is not supported")
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported")
+    hidden = int(_require(cfg, "hidden_size", source))
+    heads = int(_require(cfg, "num_attention_heads", source))
+    rope_theta, rope_scaling = _rope_settings(cfg)
+    return ModelArch(
+        architecture=architecture,
+        vocab_size=int(_require(cfg, "vocab_size", source)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(cfg, "intermediate_size", source)),
+        num_layers=int(_require(cfg, "num_hidden_layers", source)),
+        num_attention_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=architecture == "Qwen2ForCausalLM",
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        rope_scaling=rope_scaling,
+        hf_config=dict(cfg),
+    )
+
+
+def load_arch(hf_dir: str | Path) -> ModelArch:
+    """Read ``<hf_dir>/config.json``."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise MissingPathError(f"{path} not found: --hf-dir must be a Hugging Face model folder with a config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return arch_from_hf_config(cfg, source=str(path))

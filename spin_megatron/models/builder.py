@@ -1,0 +1,128 @@
+"""Megatron-Core ``GPTModel`` for a Qwen2/Llama :class:`ModelArch`, built for one pipeline stage.
+
+Layer spec: TransformerEngine's when TE imports and CUDA is present, otherwise Megatron's local spec with
+:class:`SDPACoreAttention` as core attention (runs on CPU and GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spin_megatron.errors import ConfigError
+from spin_megatron.models.arch import ModelArch
+from spin_megatron.parallel.state import ParallelGroups
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def te_available() -> bool:
+    """True when TransformerEngine's PyTorch extension imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(use_te: bool):
+    """The transformer-layer ModuleSpec: TE's fused layers, or the local spec with SDPA core attention."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from spin_megatron.models.sdpa_attention import SDPACoreAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def transformer_config(arch: ModelArch, groups: ParallelGroups, dtype: torch.dtype = torch.float32, **overrides):
+    """Translate the architecture into a Megatron ``TransformerConfig`` (fusions off unless TE provides them)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    arch.check_parallel(groups.tp_size, groups.pp_size)
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        # Megatron must be told the split sizes, otherwise every PP stage silently builds all layers.
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    groups: ParallelGroups,
+    *,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+    padded_vocab_size: int | None = None,
+    **config_overrides,
+):
+    """Build this rank's stage of the model (embedding on the first stage, output layer on the last)."""
+    from megatron.core.models.gpt import GPTModel
+
+    if use_te is None:
+        use_te = te_available()
+    config = transformer_config(arch, groups, dtype, **config_overrides)
+    vocab = padded_vocab_size or arch.padded_vocab_size(groups.tp_size)
+    if vocab % groups.tp_size or vocab < arch.vocab_size:
+        raise ConfigError(f"padded vocab size {vocab} must be ≥ {arch.vocab_size} and divisible by tp={groups.tp_size}")
+    rope = arch.rope_scaling
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=vocab,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+        rope_scaling=rope is not None and rope.kind == "llama3",
+        rope_scaling_factor=rope.factor if rope is not None and rope.kind == "llama3" else 8.0,
+        seq_len_interpolation_factor=rope.factor if rope is not None and rope.kind == "linear" else None,
+        pg_collection=groups.pgs,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,78 @@
+"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA.
+
+Applied once, only when ``torch.cuda.is_available()`` is false, by :func:`apply_cpu_shims`. Each shim names the
+Megatron code that needs it. On a CUDA machine nothing here is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means a CUDA ordinal in torch's factory functions and ``Tensor.to``.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Shim 2: ``device="cuda"`` in tensor factories, ``.to("cuda")`` and ``.cuda()`` land on the CPU.
+
+    Needed by ``pipeline_parallel/schedules.py`` (``torch.zeros(..., device="cuda")`` for the loss accumulator),
+    ``distributed/param_and_grad_buffer.py`` and ``tensor_parallel/random.py``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _tensor_type_reporting_cuda(self, dtype=None, non_blocking=False, **kwargs):
+    """Shim 4: ``Tensor.type()`` with no argument reports the CUDA type name.
+
+    ``optimizer/distrib_optimizer.py`` and ``optimizer/clip_grads.py`` assert that parameters are
+    ``torch.cuda.*Tensor``.
+    """
+    if dtype is None:
+        name = _ORIGINAL_TENSOR_TYPE(self)
+        return _CUDA_TYPE_NAMES.get(name, name)
+    return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def apply_cpu_shims() -> bool:
+    """Apply the shims if CUDA is absent. Returns True if they are (now or already) active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    # Shim 1: Megatron uses torch.cuda.current_device() as a device (global memory buffer in parallel_state.py,
+    # RoPE inv_freq in rotary_pos_embedding.py, DDP buffers, the checkpoint saver).
+    torch.cuda.current_device = lambda: "cpu"
+    # Shim 3: pipeline p2p (p2p_communication.py) and async checkpoint preload call torch.cuda.synchronize().
+    torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.type = _tensor_type_reporting_cuda
+    # The mode stays on the torch-function stack for the life of the process.
+    _CudaToCpuMode().__enter__()
+    _APPLIED = True
+    return True

@@ -1,0 +1,68 @@
+"""Start N local processes with the same environment ``torchrun`` gives its workers.
+
+Used when a multi-process command (``spin-convert --tp 2``) is started plainly: each child sees RANK, LOCAL_RANK,
+WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT exactly as under ``torchrun --nproc_per_node N``, so
+the code path is the same. If any child fails the others are terminated and its exit code is returned (without
+torchrun's multi-screen traceback around a one-line user error).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from spin_megatron.parallel.state import _free_port
+
+
+def spawn_local(
+    nprocs: int, module: str, args: list[str], *, timeout_s: float | None = None, cwd: str | None = None
+) -> int:
+    """Run ``python -m module *args`` as ``nprocs`` ranks on this machine; return the first non-zero exit code."""
+    port = _free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nprocs),
+            LOCAL_WORLD_SIZE=str(nprocs),
+            GROUP_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                _terminate(procs)
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                _terminate(procs)
+                print(f"error: {nprocs} local ranks of {module} did not finish within {timeout_s:.0f} s", file=sys.stderr)
+                return 124
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        _terminate(procs)
+        raise
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -1,0 +1,150 @@
+"""Process groups: initialise from the ``torchrun`` environment and hand the groups out explicitly.
+
+Megatron-Core's ``parallel_state`` builds the groups (rank order tp-cp-ep-dp-pp: TP ranks are adjacent, then
+data-parallel replicas, then pipeline stages). Everything in this project below the entry points receives a
+:class:`ParallelGroups` instead of reading that global state, so tests can build groups and call functions
+directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from spin_megatron.errors import ConfigError
+from spin_megatron.parallel.cpu_shims import apply_cpu_shims
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups of one rank and its coordinates in the TP × DP × PP grid."""
+
+    pgs: object  # megatron.core.process_groups_config.ProcessGroupCollection (tp, pp, dp, embd, ...)
+    rank: int
+    world_size: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def tp(self) -> dist.ProcessGroup:
+        return self.pgs.tp
+
+    @property
+    def pp(self) -> dist.ProcessGroup:
+        return self.pgs.pp
+
+    @property
+    def dp(self) -> dist.ProcessGroup:
+        return self.pgs.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def validate_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
+    """Check the TP/PP sizes against the world size; return the data-parallel size."""
+    for key, value in (("parallel.tp", tp), ("parallel.pp", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp×pp = {tp}×{pp} = {tp * pp}: launch a multiple of "
+            f"{tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp / parallel.pp"
+        )
+    return world_size // (tp * pp)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _init_process_group(timeout_minutes: int) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if launched_by_torchrun():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    else:
+        # Plain `python ...`: a world of one process.
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", world_size=1, rank=0, timeout=timeout
+        )
+
+
+def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes: int = 30) -> ParallelGroups:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP/PP/DP groups.
+
+    Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and in a plain single process.
+    Calling it again with the same sizes returns the existing groups.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    apply_cpu_shims()
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    validate_parallel_sizes(world_size, tp, pp)
+    if not dist.is_initialized():
+        _init_process_group(timeout_minutes)
+    if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        if current != (tp, pp):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelGroups(
+        pgs=pgs,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp_rank=pgs.tp.rank(),
+        tp_size=pgs.tp.size(),
+        pp_rank=pgs.pp.rank(),
+        pp_size=pgs.pp.size(),
+        dp_rank=pgs.dp.rank(),
+        dp_size=pgs.dp.size(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

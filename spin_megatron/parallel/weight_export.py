@@ -1,0 +1,46 @@
+"""Streaming export of a Megatron model as HF-named full tensors.
+
+Every rank of a model-parallel group calls :func:`export_hf_weights` with the same model layout. TP shards are
+all-gathered inside the TP group one parameter at a time; each pipeline stage exports its own layers, so no rank
+ever holds more than one full parameter beyond its own shards. The mapping (``models.mapping``) turns the
+gathered shards into HF tensors; the converter and the rollout weight sync both consume this generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from spin_megatron.models.mapping import WeightMapping
+from spin_megatron.models.weights import stage_parameters
+from spin_megatron.parallel.state import ParallelGroups
+
+
+def gather_tp_shards(tensor: torch.Tensor, groups: ParallelGroups) -> list[torch.Tensor]:
+    """All TP ranks' shards of ``tensor`` in TP-rank order (the tensor itself when TP=1)."""
+    if groups.tp_size == 1:
+        return [tensor]
+    tensor = tensor.contiguous()
+    shards = [torch.empty_like(tensor) for _ in range(groups.tp_size)]
+    dist.all_gather(shards, tensor, group=groups.tp)
+    return shards
+
+
+@torch.no_grad()
+def export_hf_weights(
+    model: torch.nn.Module, mapping: WeightMapping, groups: ParallelGroups
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full tensor)`` for every weight held by this rank's pipeline stage.
+
+    Collective over the TP group: all TP ranks must iterate to the end. With tied embeddings the shared matrix
+    is exported once, by the first stage.
+    """
+    for name, param in stage_parameters(model):
+        if name == "output_layer.weight" and mapping.arch.tie_word_embeddings:
+            continue  # the last stage's copy of the tied embedding
+        # Megatron's own `tensor_model_parallel` attribute is unset when weights are not initialised; the
+        # mapping knows which parameters are split.
+        shards = gather_tp_shards(param.detach(), groups) if mapping.is_tp_sharded(name) else [param.detach()]
+        yield from mapping.to_hf(name, shards)
