@@ -123,6 +123,9 @@ def build_gpt_model(
         seq_len_interpolation_factor=rope.factor if rope is not None and rope.kind == "linear" else None,
         pg_collection=groups.pgs,
     )
+    if dtype != torch.float32:
+        # Megatron's torch-norm fallback ignores params_dtype; cast everything, as Float16Module would.
+        model.to(dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -1,0 +1,52 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from spin_megatron.models.tiny import make_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SPIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# The llama fixture uses Llama-3.1 style RoPE scaling and tied embeddings; qwen2 has QKV bias, untied head.
+LLAMA_OVERRIDES = dict(
+    num_hidden_layers=2,
+    intermediate_size=96,
+    max_position_embeddings=16384,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "qwen2", "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "llama", "llama", seed=2, **LLAMA_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    path = SHARED_DATA / "qwen2.5-tokenizer"
+    if not (path / "vocab.json").is_file():
+        pytest.skip(f"Qwen2.5 tokenizer not found at {path} (expected ../shared/data beside the checkout)")
+    return path

@@ -1,0 +1,77 @@
+"""Single-process (TP1/PP1) Megatron model vs transformers; the multi-rank layouts are in test_dist_parity.py."""
+
+import pytest
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from transformers import AutoModelForCausalLM
+
+from spin_megatron.models import build_gpt_model, load_arch
+from spin_megatron.models.hf_io import HFReader
+from spin_megatron.models.mapping import mapping_for
+from spin_megatron.models.weights import check_hf_checkpoint, load_hf_weights
+from spin_megatron.parallel import init_parallel
+from spin_megatron.parallel.schedule import forward_logits
+from spin_megatron.parallel.weight_export import export_hf_weights
+
+
+@pytest.fixture(scope="module")
+def groups():
+    return init_parallel(1, 1)
+
+
+def _load(hf_dir, groups, dtype=torch.float32):
+    arch = load_arch(hf_dir)
+    mapping = mapping_for(arch, arch.padded_vocab_size(groups.tp_size))
+    reader = HFReader(hf_dir)
+    check_hf_checkpoint(reader, mapping)
+    model = build_gpt_model(arch, groups, dtype=dtype)
+    load_hf_weights(model, reader, mapping, groups)
+    return model.eval(), arch, mapping
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_logits_match_transformers(fixture, groups, request):
+    hf_dir = request.getfixturevalue(fixture)
+    model, arch, _ = _load(hf_dir, groups)
+    ids = torch.randint(0, arch.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    ours = forward_logits(model, groups, ids, arch.vocab_size)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits
+    assert ours.shape == ref.shape
+    assert _rel_err(ours, ref) <= 1e-5
+
+
+def test_export_reproduces_the_hf_checkpoint_bit_exactly(tiny_qwen2, groups):
+    model, _, mapping = _load(tiny_qwen2, groups)
+    reader = HFReader(tiny_qwen2)
+    exported = dict(export_hf_weights(model, mapping, groups))
+    assert sorted(exported) == sorted(reader.names())
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, reader.get(name)), name
+
+
+def test_packed_sequences_match_separate_forwards(tiny_qwen2, groups):
+    model, arch, _ = _load(tiny_qwen2, groups)
+    lengths = [5, 9, 3]
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lengths]
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9)
+    ids = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(ids, positions, None, packed_seq_params=params)[0]
+        separate = torch.cat([model(s[None], torch.arange(len(s))[None], None)[0] for s in seqs])
+    assert _rel_err(packed, separate) <= 1e-5
+
+
+def test_bf16_model_builds_and_runs(tiny_llama, groups):
+    model, arch, _ = _load(tiny_llama, groups, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    ids = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = forward_logits(model, groups, ids, arch.vocab_size)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
