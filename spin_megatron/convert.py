@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spin_megatron.errors import CheckpointError, ConfigError, MissingPathError, OutputExistsError, UserError
+from spin_megatron.errors import CheckpointError, ConfigError, OutputExistsError, UserError
 from spin_megatron.models.arch import ModelArch, load_arch
 from spin_megatron.models.builder import DTYPES, build_gpt_model, parse_dtype
 from spin_megatron.models.hf_io import (
@@ -63,16 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="auto", help="auto (the HF config's), fp32, bf16 or fp16")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new one is complete")
+    p.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out once the new one is complete"
+    )
     parallel_args(p)
 
     p = sub.add_parser("mcore-to-hf", help="Megatron-Core checkpoint -> HF folder (safetensors)")
     p.add_argument("--mcore-dir", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--hf-config-from", type=Path, help="take config.json and tokenizer files from this HF folder")
+    p.add_argument(
+        "--hf-config-from", type=Path, help="take config.json and tokenizer files from this HF folder"
+    )
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), fp32, bf16 or fp16")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB, 5GB")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new one is complete")
+    p.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out once the new one is complete"
+    )
     parallel_args(p)
 
     p = sub.add_parser("verify", help="compare Megatron and transformers logits on random tokens")
@@ -81,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tol", type=float, default=None,
-                   help="max relative logit error (max|Δ| / max|logit|); default 1e-5 for fp32 checkpoints, 2e-2 otherwise")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="max relative logit error (max|Δ| / max|logit|); default 1e-5 for fp32 checkpoints, 2e-2 otherwise",
+    )
     parallel_args(p)
     return parser
 
@@ -95,7 +105,9 @@ def _check_output_dir(out: Path, force: bool, inputs: list[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} exists and is a file; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"output folder {out} is not empty; pass --force to replace it or choose another --out")
+        raise OutputExistsError(
+            f"output folder {out} is not empty; pass --force to replace it or choose another --out"
+        )
 
 
 def _resolve_dtype(name: str, default: str) -> torch.dtype:
@@ -140,7 +152,11 @@ def preflight(args) -> None:
         _resolve_dtype(args.dtype, meta["dtype"])
         _parse_size(args.max_shard_size)
         if args.hf_config_from is not None:
-            _same_model(load_arch(args.hf_config_from), arch, f"--hf-config-from {args.hf_config_from} and --mcore-dir")
+            _same_model(
+                load_arch(args.hf_config_from),
+                arch,
+                f"--hf-config-from {args.hf_config_from} and --mcore-dir",
+            )
         _check_output_dir(args.out, args.force, [args.mcore_dir, args.hf_config_from])
     elif args.command == "verify":
         meta = read_meta(args.mcore_dir)
@@ -203,8 +219,10 @@ def hf_to_mcore(args, groups) -> int:
         copy_tokenizer_files(args.hf_dir, staging / "tokenizer")
         write_meta(staging, arch, padded, dtype, groups, source=str(args.hf_dir.resolve()))
     _commit_output(staging, args.out)
-    _log(f"wrote Megatron-Core checkpoint {args.out} ({arch.architecture}, {arch.num_layers} layers, "
-         f"{DTYPES_NAME[dtype]}, written at tp={groups.tp_size} pp={groups.pp_size}; loadable at any TP/PP)")
+    _log(
+        f"wrote Megatron-Core checkpoint {args.out} ({arch.architecture}, {arch.num_layers} layers, "
+        f"{DTYPES_NAME[dtype]}, written at tp={groups.tp_size} pp={groups.pp_size}; loadable at any TP/PP)"
+    )
     return 0
 
 
@@ -234,14 +252,17 @@ def mcore_to_hf(args, groups) -> int:
         write_hf_config(staging, hf_config, out_dtype)
         copy_tokenizer_files(config_src or Path(args.mcore_dir) / "tokenizer", staging)
     _commit_output(staging, args.out)
-    _log(f"wrote HF checkpoint {args.out} ({DTYPES_NAME[out_dtype]}); load it with "
-         f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    _log(
+        f"wrote HF checkpoint {args.out} ({DTYPES_NAME[out_dtype]}); load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
+    )
     return 0
 
 
 def verify(args, groups) -> int:
-    model, arch, meta = build_model_from_checkpoint(args.mcore_dir, groups, dtype=torch.float32,
-                                                    perform_initialization=False)
+    model, arch, meta = build_model_from_checkpoint(
+        args.mcore_dir, groups, dtype=torch.float32, perform_initialization=False
+    )
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, arch.vocab_size, (args.batch_size, args.seq_len), generator=generator)
     logits = forward_logits(model, groups, ids, arch.vocab_size)
@@ -259,8 +280,10 @@ def verify(args, groups) -> int:
     max_abs, max_rel = next(r for r in results if r is not None)
     tol = args.tol if args.tol is not None else (1e-5 if meta["dtype"] == "fp32" else 2e-2)
     ok = max_rel <= tol
-    _log(f"verify {args.mcore_dir} (tp={groups.tp_size} pp={groups.pp_size}) vs transformers {args.hf_dir}: "
-         f"max |Δlogit| = {max_abs:.3e}, max relative = {max_rel:.3e} (tol {tol:.0e}) -> {'OK' if ok else 'FAILED'}")
+    _log(
+        f"verify {args.mcore_dir} (tp={groups.tp_size} pp={groups.pp_size}) vs transformers {args.hf_dir}: "
+        f"max |Δlogit| = {max_abs:.3e}, max relative = {max_rel:.3e} (tol {tol:.0e}) -> {'OK' if ok else 'FAILED'}"
+    )
     return 0 if ok else 1
 
 

@@ -19,5 +19,8 @@ def run_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m spin_megatron.convert ARGS`` in a fresh process, capturing output."""
     return subprocess.run(
         [sys.executable, "-m", "spin_megatron.convert", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=str(REPO),
     )

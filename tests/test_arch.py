@@ -6,10 +6,20 @@ from spin_megatron.errors import ConfigError, MissingPathError, UnsupportedModel
 from spin_megatron.models.arch import arch_from_hf_config, load_arch
 
 QWEN_05B = {  # Qwen2.5-0.5B-Instruct's config.json (transformers 4.x layout)
-    "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 896, "intermediate_size": 4864,
-    "max_position_embeddings": 32768, "num_attention_heads": 14, "num_hidden_layers": 24,
-    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-    "use_sliding_window": False, "vocab_size": 151936, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -34,9 +44,19 @@ def test_transformers5_rope_parameters_layout():
 
 
 def test_llama3_rope_scaling_accepted_and_other_params_refused():
-    base = {**QWEN_05B, "architectures": ["LlamaForCausalLM"], "num_attention_heads": 16, "num_key_value_heads": 8}
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    base = {
+        **QWEN_05B,
+        "architectures": ["LlamaForCausalLM"],
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+    }
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     arch = arch_from_hf_config({**base, "rope_scaling": scaling})
     assert arch.rope_scaling.kind == "llama3" and arch.rope_scaling.factor == 32.0 and not arch.qkv_bias
     with pytest.raises(UnsupportedModelError, match="high_freq_factor"):
@@ -70,7 +90,10 @@ def test_missing_key_is_named():
 def test_parallel_checks_name_the_problem_and_valid_values():
     arch = arch_from_hf_config(QWEN_05B)
     arch.check_parallel(2, 4)
-    with pytest.raises(ConfigError, match=r"parallel.tp=4 does not divide the model's 14 attention heads; valid values for this model: 1, 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.tp=4 does not divide the model's 14 attention heads; valid values for this model: 1, 2",
+    ):
         arch.check_parallel(4, 1)
     with pytest.raises(ConfigError, match=r"parallel.pp=5 does not divide the model's 24 layers"):
         arch.check_parallel(1, 5)

@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -40,11 +39,34 @@ def qwen_tp2_ckpt(tiny_qwen2, tmp_path_factory):
 
 
 def test_saved_at_tp2_loads_at_tp1_pp2_under_torchrun(qwen_tp2_ckpt, tiny_qwen2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "spin_megatron.convert",
-           "verify", "--hf-dir", str(tiny_qwen2), "--mcore-dir", str(qwen_tp2_ckpt), "--tp", "1", "--pp", "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "spin_megatron.convert",
+        "verify",
+        "--hf-dir",
+        str(tiny_qwen2),
+        "--mcore-dir",
+        str(qwen_tp2_ckpt),
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+    ]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(REPO),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(tp=1 pp=2)" in result.stdout and _rel_error(result.stdout) <= 1e-5
 
@@ -68,8 +90,9 @@ def test_round_trip_through_tp2_pp2_is_bit_exact_and_loads_in_transformers(tiny_
     mcore, hf2 = tmp_path / "mcore", tmp_path / "hf2"
     result = run_cli("hf-to-mcore", "--hf-dir", tiny_llama, "--out", mcore, "--tp", 2, "--pp", 2)
     assert result.returncode == 0, result.stderr
-    result = run_cli("mcore-to-hf", "--mcore-dir", mcore, "--out", hf2, "--tp", 2, "--pp", 2,
-                     "--max-shard-size", "20KB")
+    result = run_cli(
+        "mcore-to-hf", "--mcore-dir", mcore, "--out", hf2, "--tp", 2, "--pp", 2, "--max-shard-size", "20KB"
+    )
     assert result.returncode == 0, result.stderr
     assert len(list(hf2.glob("model-pp01-*.safetensors"))) > 1  # small shards: the writer streams
     original, exported = _hf_tensors(tiny_llama), _hf_tensors(hf2)

@@ -32,8 +32,14 @@ def hf_copy(tiny_qwen2, tmp_path):
 def _fake_mcore(path, hf_dir):
     """A checkpoint description (spin_model.json) for the checks that only read metadata."""
     path.mkdir()
-    meta = {"format": FORMAT, "hf_config": json.loads((hf_dir / "config.json").read_text()),
-            "padded_vocab_size": 256, "dtype": "fp32", "saved_tp": 1, "saved_pp": 1}
+    meta = {
+        "format": FORMAT,
+        "hf_config": json.loads((hf_dir / "config.json").read_text()),
+        "padded_vocab_size": 256,
+        "dtype": "fp32",
+        "saved_tp": 1,
+        "saved_pp": 1,
+    }
     (path / META_FILE).write_text(json.dumps(meta))
     return path
 
@@ -72,7 +78,9 @@ def test_wrongly_shaped_tensor_is_named(capsys, hf_copy, tmp_path):
     tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:16]
     save_file(tensors, hf_copy / "model.safetensors", metadata={"format": "pt"})
     code, err = _run(capsys, "hf-to-mcore", "--hf-dir", hf_copy, "--out", tmp_path / "out")
-    _assert_one_line_error(code, err, "wrong shape: model.layers.0.self_attn.k_proj.weight (16, 64) (expected (32, 64))")
+    _assert_one_line_error(
+        code, err, "wrong shape: model.layers.0.self_attn.k_proj.weight (16, 64) (expected (32, 64))"
+    )
 
 
 def test_unexpected_tensor_is_named(capsys, hf_copy, tmp_path):
@@ -91,11 +99,18 @@ def test_unsupported_architecture(capsys, hf_copy, tmp_path):
     _assert_one_line_error(code, err, "unsupported architecture ['MixtralForCausalLM']", "Qwen2ForCausalLM")
 
 
-@pytest.mark.parametrize("flag, value, fragment", [
-    ("--tp", 3, "--tp=3 does not divide the model's 4 attention heads; valid values for this model: 1, 2"),
-    ("--pp", 3, "--pp=3 does not divide the model's 4 layers; valid values for this model: 1, 2, 4"),
-    ("--tp", 0, "--tp and --pp must be ≥ 1"),
-])
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        (
+            "--tp",
+            3,
+            "--tp=3 does not divide the model's 4 attention heads; valid values for this model: 1, 2",
+        ),
+        ("--pp", 3, "--pp=3 does not divide the model's 4 layers; valid values for this model: 1, 2, 4"),
+        ("--tp", 0, "--tp and --pp must be ≥ 1"),
+    ],
+)
 def test_parallel_sizes_that_do_not_fit_the_model(capsys, tiny_qwen2, tmp_path, flag, value, fragment):
     code, err = _run(capsys, "hf-to-mcore", "--hf-dir", tiny_qwen2, "--out", tmp_path / "out", flag, value)
     _assert_one_line_error(code, err, fragment)
@@ -105,7 +120,9 @@ def test_world_size_mismatch_under_torchrun(capsys, tiny_qwen2, tmp_path, monkey
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     code, err = _run(capsys, "hf-to-mcore", "--hf-dir", tiny_qwen2, "--out", tmp_path / "out", "--tp", 2)
-    _assert_one_line_error(code, err, "started with 3 processes but --tp 2 × --pp 1 = 2", "--nproc_per_node 2")
+    _assert_one_line_error(
+        code, err, "started with 3 processes but --tp 2 × --pp 1 = 2", "--nproc_per_node 2"
+    )
 
 
 def test_missing_hf_folder(capsys, tmp_path):
@@ -135,14 +152,17 @@ def test_verify_refuses_two_different_models(capsys, tiny_qwen2, tiny_llama, tmp
 
 def test_hf_config_from_a_different_model(capsys, tiny_qwen2, tiny_llama, tmp_path):
     mcore = _fake_mcore(tmp_path / "mcore", tiny_qwen2)
-    code, err = _run(capsys, "mcore-to-hf", "--mcore-dir", mcore, "--out", tmp_path / "out",
-                     "--hf-config-from", tiny_llama)
+    code, err = _run(
+        capsys, "mcore-to-hf", "--mcore-dir", mcore, "--out", tmp_path / "out", "--hf-config-from", tiny_llama
+    )
     _assert_one_line_error(code, err, "describe different models")
 
 
 def test_bad_shard_size_and_dtype(capsys, tiny_qwen2, tmp_path):
     mcore = _fake_mcore(tmp_path / "mcore", tiny_qwen2)
-    code, err = _run(capsys, "mcore-to-hf", "--mcore-dir", mcore, "--out", tmp_path / "o", "--max-shard-size", "lots")
+    code, err = _run(
+        capsys, "mcore-to-hf", "--mcore-dir", mcore, "--out", tmp_path / "o", "--max-shard-size", "lots"
+    )
     _assert_one_line_error(code, err, "--max-shard-size 'lots'")
     code, err = _run(capsys, "hf-to-mcore", "--hf-dir", tiny_qwen2, "--out", tmp_path / "o", "--dtype", "fp8")
     _assert_one_line_error(code, err, "unknown dtype 'fp8'", "fp32, bf16, fp16")

@@ -13,7 +13,12 @@ pytestmark = pytest.mark.dist
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
 def test_parity_and_export(tp, pp, tiny_qwen2, tiny_llama, tmp_path):
     out = tmp_path / "report.json"
-    assert run_ranks(tp * pp, "tests.workers.parity", "--tp", tp, "--pp", pp, "--out", out, tiny_qwen2, tiny_llama) == 0
+    assert (
+        run_ranks(
+            tp * pp, "tests.workers.parity", "--tp", tp, "--pp", pp, "--out", out, tiny_qwen2, tiny_llama
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     for hf_dir, result in report.items():
         ranks = result["ranks"]

@@ -8,8 +8,14 @@ from spin_megatron.models.arch import arch_from_hf_config
 from spin_megatron.models.mapping import canonical_name, mapping_for
 
 CFG = {
-    "architectures": ["Qwen2ForCausalLM"], "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 50, "tie_word_embeddings": False,
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "vocab_size": 50,
+    "tie_word_embeddings": False,
 }
 
 
@@ -25,12 +31,22 @@ def _random_hf(mapping):
 
 def test_qkv_layout_is_grouped_per_kv_head():
     # 4 query heads, 2 KV groups, head_dim 1, hidden 1: Megatron wants [q0 q1 k0 v0 | q2 q3 k1 v1].
-    arch = arch_from_hf_config({**CFG, "hidden_size": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                "head_dim": 1, "intermediate_size": 2})
+    arch = arch_from_hf_config(
+        {
+            **CFG,
+            "hidden_size": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 1,
+            "intermediate_size": 2,
+        }
+    )
     mapping = mapping_for(arch, 128)
-    hf = {"model.layers.0.self_attn.q_proj.bias": torch.tensor([0.0, 1, 2, 3]),
-          "model.layers.0.self_attn.k_proj.bias": torch.tensor([10.0, 11]),
-          "model.layers.0.self_attn.v_proj.bias": torch.tensor([20.0, 21])}
+    hf = {
+        "model.layers.0.self_attn.q_proj.bias": torch.tensor([0.0, 1, 2, 3]),
+        "model.layers.0.self_attn.k_proj.bias": torch.tensor([10.0, 11]),
+        "model.layers.0.self_attn.v_proj.bias": torch.tensor([20.0, 21]),
+    }
     name = "decoder.layers.0.self_attention.linear_qkv.bias"
     assert mapping.to_mcore(name, hf, 0, 1).tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
     assert mapping.to_mcore(name, hf, 1, 2).tolist() == [2, 3, 11, 21]
@@ -79,9 +95,11 @@ def test_last_pipeline_stage_of_a_tied_model_holds_a_copy_of_the_embedding():
 
 def test_te_spec_names_map_to_local_names():
     assert canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == (
-        "decoder.layers.3.input_layernorm.weight")
+        "decoder.layers.3.input_layernorm.weight"
+    )
     assert canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == (
-        "decoder.layers.0.pre_mlp_layernorm.weight")
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    )
 
 
 def test_wrong_shape_and_unknown_names_are_clear_errors():

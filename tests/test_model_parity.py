@@ -60,7 +60,9 @@ def test_packed_sequences_match_separate_forwards(tiny_qwen2, groups):
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lengths]
     cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9
+    )
     ids = torch.cat(seqs)[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():

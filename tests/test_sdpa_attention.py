@@ -12,8 +12,13 @@ HEADS, GROUPS, DIM = 4, 2, 8
 
 
 def _module():
-    config = SimpleNamespace(context_parallel_size=1, num_attention_heads=HEADS, num_query_groups=GROUPS,
-                             kv_channels=DIM, attention_dropout=0.0)
+    config = SimpleNamespace(
+        context_parallel_size=1,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        kv_channels=DIM,
+        attention_dropout=0.0,
+    )
     return SDPACoreAttention(config, layer_number=1, attn_mask_type=None, attention_type="self")
 
 
@@ -29,8 +34,11 @@ def _reference(q, k, v, allowed):
 
 def _qkv(seq, batch, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(seq, batch, HEADS, DIM, generator=gen), torch.randn(seq, batch, GROUPS, DIM, generator=gen),
-            torch.randn(seq, batch, GROUPS, DIM, generator=gen))
+    return (
+        torch.randn(seq, batch, HEADS, DIM, generator=gen),
+        torch.randn(seq, batch, GROUPS, DIM, generator=gen),
+        torch.randn(seq, batch, GROUPS, DIM, generator=gen),
+    )
 
 
 def test_causal_gqa_matches_reference():
@@ -53,7 +61,11 @@ def test_packed_sequences_equal_separate_sequences():
     lengths = [3, 5, 2]
     q, k, v = _qkv(sum(lengths), 1, seed=1)
     cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=5, max_seqlen_kv=5)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=5, max_seqlen_kv=5
+    )
     packed = _module()(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, packed_seq_params=params)
-    separate = torch.cat([_module()(q[a:b], k[a:b], v[a:b], None).squeeze(1) for a, b in zip(cu[:-1], cu[1:])])
+    separate = torch.cat(
+        [_module()(q[a:b], k[a:b], v[a:b], None).squeeze(1) for a, b in zip(cu[:-1], cu[1:])]
+    )
     torch.testing.assert_close(packed, separate, atol=1e-6, rtol=1e-6)

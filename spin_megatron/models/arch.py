@@ -58,7 +58,9 @@ class ModelArch:
     def valid_pp_sizes(self) -> list[int]:
         return [d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]
 
-    def check_parallel(self, tp: int, pp: int, tp_key: str = "parallel.tp", pp_key: str = "parallel.pp") -> None:
+    def check_parallel(
+        self, tp: int, pp: int, tp_key: str = "parallel.tp", pp_key: str = "parallel.pp"
+    ) -> None:
         """Raise ConfigError if this model cannot be split tp-ways across tensors and pp-ways across layers."""
         checks = (
             (self.num_attention_heads, tp, "attention heads", tp_key, self.valid_tp_sizes()),
@@ -128,7 +130,9 @@ def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArch:
         )
     architecture = archs[0]
     if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+        raise UnsupportedModelError(
+            f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)"
+        )
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
     if architecture == "LlamaForCausalLM" and cfg.get("attention_bias"):
@@ -162,7 +166,9 @@ def load_arch(hf_dir: str | Path) -> ModelArch:
     """Read ``<hf_dir>/config.json``."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise MissingPathError(f"{path} not found: --hf-dir must be a Hugging Face model folder with a config.json")
+        raise MissingPathError(
+            f"{path} not found: --hf-dir must be a Hugging Face model folder with a config.json"
+        )
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

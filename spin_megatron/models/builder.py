@@ -46,7 +46,9 @@ def layer_spec(use_te: bool):
     return spec
 
 
-def transformer_config(arch: ModelArch, groups: ParallelGroups, dtype: torch.dtype = torch.float32, **overrides):
+def transformer_config(
+    arch: ModelArch, groups: ParallelGroups, dtype: torch.dtype = torch.float32, **overrides
+):
     """Translate the architecture into a Megatron ``TransformerConfig`` (fusions off unless TE provides them)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -104,7 +106,9 @@ def build_gpt_model(
     config = transformer_config(arch, groups, dtype, **config_overrides)
     vocab = padded_vocab_size or arch.padded_vocab_size(groups.tp_size)
     if vocab % groups.tp_size or vocab < arch.vocab_size:
-        raise ConfigError(f"padded vocab size {vocab} must be ≥ {arch.vocab_size} and divisible by tp={groups.tp_size}")
+        raise ConfigError(
+            f"padded vocab size {vocab} must be ≥ {arch.vocab_size} and divisible by tp={groups.tp_size}"
+        )
     rope = arch.rope_scaling
     model = GPTModel(
         config=config,

@@ -33,8 +33,14 @@ _TE_ALIASES = {
 # Megatron layer suffix -> (kind, HF layer suffixes). Kinds say how a tensor is split over TP ranks.
 _LAYER_TABLE = {
     "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
-    "self_attention.linear_qkv.weight": ("qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
-    "self_attention.linear_qkv.bias": ("qkv", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
+    "self_attention.linear_qkv.weight": (
+        "qkv",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ),
+    "self_attention.linear_qkv.bias": (
+        "qkv",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    ),
     "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
     "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
@@ -84,7 +90,9 @@ class WeightMapping:
         if name == "embedding.word_embeddings.weight":
             return "vocab", ["model.embed_tokens.weight"]
         if name == "output_layer.weight":
-            return "vocab", ["model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight"]
+            return "vocab", [
+                "model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight"
+            ]
         if name == "decoder.final_layernorm.weight":
             return "replicated", ["model.norm.weight"]
         match = _LAYER.match(name)
@@ -147,7 +155,9 @@ class WeightMapping:
         )
 
     # ----- HF -> Megatron -----------------------------------------------------------------------------------
-    def to_mcore(self, mcore_name: str, hf: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int) -> torch.Tensor:
+    def to_mcore(
+        self, mcore_name: str, hf: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int
+    ) -> torch.Tensor:
         """This TP rank's shard of ``mcore_name``, from the full HF tensors it is made of."""
         kind, names = self._entry(mcore_name)
         tensors = [hf[n] for n in names]
@@ -192,7 +202,10 @@ class WeightMapping:
             return [(names[0], torch.cat(shards, dim=1))]
         if kind == "gate_up":
             halves = [s.chunk(2, dim=0) for s in shards]
-            return [(names[0], torch.cat([h[0] for h in halves])), (names[1], torch.cat([h[1] for h in halves]))]
+            return [
+                (names[0], torch.cat([h[0] for h in halves])),
+                (names[1], torch.cat([h[1] for h in halves])),
+            ]
         if kind == "vocab":
             return [(names[0], torch.cat(shards, dim=0)[: self.arch.vocab_size])]
         if kind == "qkv":
@@ -224,5 +237,7 @@ MAPPINGS: dict[str, type[WeightMapping]] = {
 
 def mapping_for(arch: ModelArch, padded_vocab_size: int) -> WeightMapping:
     if arch.architecture not in MAPPINGS:
-        raise UnsupportedModelError(f"no weight mapping for {arch.architecture}; supported: {', '.join(MAPPINGS)}")
+        raise UnsupportedModelError(
+            f"no weight mapping for {arch.architecture}; supported: {', '.join(MAPPINGS)}"
+        )
     return MAPPINGS[arch.architecture](arch, padded_vocab_size)

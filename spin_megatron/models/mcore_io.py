@@ -57,8 +57,14 @@ def checkpoint_padded_vocab(meta: dict, tp_size: int) -> int:
     return padded
 
 
-def write_meta(ckpt_dir: str | Path, arch: ModelArch, padded_vocab_size: int, dtype: torch.dtype,
-               groups: ParallelGroups, **extra) -> None:
+def write_meta(
+    ckpt_dir: str | Path,
+    arch: ModelArch,
+    padded_vocab_size: int,
+    dtype: torch.dtype,
+    groups: ParallelGroups,
+    **extra,
+) -> None:
     meta = {
         "format": FORMAT,
         "architecture": arch.architecture,
@@ -99,8 +105,9 @@ def load_model_shards(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
         )
 
 
-def build_model_from_checkpoint(ckpt_dir: str | Path, groups: ParallelGroups, dtype: torch.dtype | None = None,
-                                **build_kwargs):
+def build_model_from_checkpoint(
+    ckpt_dir: str | Path, groups: ParallelGroups, dtype: torch.dtype | None = None, **build_kwargs
+):
     """Build this rank's stage at the current TP/PP and load it; returns ``(model, arch, meta)``."""
     meta = read_meta(ckpt_dir)
     arch = arch_from_meta(meta, source=str(Path(ckpt_dir) / META_FILE))

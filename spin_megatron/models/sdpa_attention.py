@@ -32,7 +32,9 @@ class SDPACoreAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not implement context parallelism; use the TE layer spec")
+            raise ValueError(
+                "SDPACoreAttention does not implement context parallelism; use the TE layer spec"
+            )
         tp_size = pg_collection.tp.size() if pg_collection is not None else 1
         self.num_heads = config.num_attention_heads // tp_size
         self.num_query_groups = config.num_query_groups // tp_size

@@ -68,10 +68,14 @@ def _head(items: list[str], n: int = 5) -> str:
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, reader: HFReader, mapping: WeightMapping, groups: ParallelGroups) -> None:
+def load_hf_weights(
+    model: torch.nn.Module, reader: HFReader, mapping: WeightMapping, groups: ParallelGroups
+) -> None:
     """Fill every parameter of this rank's stage with its TP shard of the HF weights."""
     for name, param in stage_parameters(model):
         shard = mapping.to_mcore(name, reader, groups.tp_rank, groups.tp_size)
         if shard.shape != param.shape:
-            raise CheckpointError(f"{name}: mapped shard {tuple(shard.shape)} != parameter {tuple(param.shape)}")
+            raise CheckpointError(
+                f"{name}: mapped shard {tuple(shard.shape)} != parameter {tuple(param.shape)}"
+            )
         param.copy_(shard)

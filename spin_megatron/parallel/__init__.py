@@ -8,4 +8,10 @@ from spin_megatron.parallel.state import (
     validate_parallel_sizes,
 )
 
-__all__ = ["ParallelGroups", "destroy_parallel", "init_parallel", "launched_by_torchrun", "validate_parallel_sizes"]
+__all__ = [
+    "ParallelGroups",
+    "destroy_parallel",
+    "init_parallel",
+    "launched_by_torchrun",
+    "validate_parallel_sizes",
+]

@@ -48,7 +48,10 @@ def spawn_local(
                 return 0
             if deadline is not None and time.monotonic() > deadline:
                 _terminate(procs)
-                print(f"error: {nprocs} local ranks of {module} did not finish within {timeout_s:.0f} s", file=sys.stderr)
+                print(
+                    f"error: {nprocs} local ranks of {module} did not finish within {timeout_s:.0f} s",
+                    file=sys.stderr,
+                )
                 return 124
             time.sleep(0.05)
     except KeyboardInterrupt:

@@ -72,8 +72,14 @@ def forward_logits(model: torch.nn.Module, groups: ParallelGroups, input_ids: to
     model.eval()
     try:
         outputs = run_schedule(
-            model, groups, forward_step, [input_ids],
-            num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
+            model,
+            groups,
+            forward_step,
+            [input_ids],
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward_only=True,
         )
     finally:
         model.train(was_training)

@@ -56,7 +56,11 @@ class ParallelGroups:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
 
 
 def validate_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
@@ -92,7 +96,11 @@ def _init_process_group(timeout_minutes: int) -> None:
     else:
         # Plain `python ...`: a world of one process.
         dist.init_process_group(
-            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", world_size=1, rank=0, timeout=timeout
+            backend=backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            world_size=1,
+            rank=0,
+            timeout=timeout,
         )
 
 
@@ -106,7 +114,9 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     apply_cpu_shims()
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    world_size = (
+        int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    )
     validate_parallel_sizes(world_size, tp, pp)
     if not dist.is_initialized():
         _init_process_group(timeout_minutes)

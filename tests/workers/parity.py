@@ -37,8 +37,14 @@ def check_model(hf_dir, groups):
         exported.append(name)
         if not torch.equal(tensor, reader.get(name)):
             mismatched.append(name)
-    local = {"rank": groups.rank, "pp_rank": groups.pp_rank, "tp_rank": groups.tp_rank, "rel_err": rel_err,
-             "exported": exported, "mismatched": mismatched}
+    local = {
+        "rank": groups.rank,
+        "pp_rank": groups.pp_rank,
+        "tp_rank": groups.tp_rank,
+        "rel_err": rel_err,
+        "exported": exported,
+        "mismatched": mismatched,
+    }
     gathered = [None] * groups.world_size
     dist.all_gather_object(gathered, local)
     expected = sorted(n for n in reader.names() if not mapping.is_ignorable_hf(n))
