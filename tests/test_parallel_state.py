@@ -11,11 +11,15 @@ def test_data_parallel_size_is_what_remains():
 
 
 def test_world_size_not_divisible_names_the_fix():
-    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by tp×pp = 2×2 = 4.*nproc_per_node"):
+    with pytest.raises(
+        ConfigError, match=r"world size 6 is not divisible by tp×pp = 2×2 = 4.*nproc_per_node"
+    ):
         validate_parallel_sizes(6, 2, 2)
 
 
-@pytest.mark.parametrize("tp, pp, key", [(0, 1, "parallel.tp"), (1, -2, "parallel.pp"), (1.5, 1, "parallel.tp")])
+@pytest.mark.parametrize(
+    "tp, pp, key", [(0, 1, "parallel.tp"), (1, -2, "parallel.pp"), (1.5, 1, "parallel.tp")]
+)
 def test_sizes_must_be_positive_integers(tp, pp, key):
     with pytest.raises(ConfigError, match=key):
         validate_parallel_sizes(4, tp, pp)

@@ -73,11 +73,19 @@ def main() -> int:
         tokenizer = AutoTokenizer.from_pretrained(hf_back)
         model = AutoModelForCausalLM.from_pretrained(hf_back, dtype=torch.float32).eval()
         question = (SHARED / "gsm8k" / "test.jsonl").read_text().splitlines()[0][14:90]
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
-        print(f"greedy continuation of a GSM8K prompt by the exported model: {tokenizer.decode(out[0, ids.shape[1]:])!r}")
-    print(f"\noutputs in {RUN_DIR}: hf/ (source), mcore/ (Megatron-Core checkpoint), hf_roundtrip/ (exported)")
+        print(
+            f"greedy continuation of a GSM8K prompt by the exported model: {tokenizer.decode(out[0, ids.shape[1] :])!r}"
+        )
+    print(
+        f"\noutputs in {RUN_DIR}: hf/ (source), mcore/ (Megatron-Core checkpoint), hf_roundtrip/ (exported)"
+    )
     return 0
 
 
