@@ -38,6 +38,9 @@ format: install
 	$(BIN)/ruff format spin_megatron tools tests bench
 	$(BIN)/ruff check --fix spin_megatron tools tests bench
 
+bench: install
+	$(BIN)/python bench/logprob.py
+
 gpu-smoke: install
 	$(BIN)/python -m pytest -m gpu -v $(PYTEST_ARGS)
 

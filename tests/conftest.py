@@ -50,3 +50,11 @@ def qwen_tokenizer_dir() -> Path:
     if not (path / "vocab.json").is_file():
         pytest.skip(f"Qwen2.5 tokenizer not found at {path} (expected ../shared/data beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    path = SHARED_DATA / "gsm8k"
+    if not (path / "train.jsonl").is_file():
+        pytest.skip(f"GSM8K not found at {path} (expected ../shared/data beside the checkout)")
+    return path

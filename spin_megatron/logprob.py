@@ -1,0 +1,261 @@
+"""Per-token log-probabilities from vocab-parallel logits, never gathering the full vocabulary.
+
+Each TP rank holds the columns ``[r·V/TP, (r+1)·V/TP)`` of the logits (Megatron's ``ColumnParallelLinear`` output
+layer). Three ways to get ``log softmax(logits / temperature)[target]``:
+
+* :func:`vocab_parallel_logprobs` with ``backend="te"`` — TransformerEngine's ``parallel_cross_entropy`` (GPU);
+* the same with ``backend="chunked"`` — our autograd function: fp32 over chunks of tokens, the max and the
+  sum-exp reduced across the TP group, so the extra memory is one ``[chunk, V/TP]`` fp32 buffer;
+* :func:`fused_head_logprobs` — from the last hidden states and the output-layer weight shard straight to
+  log-probs, chunked over tokens in forward *and* backward, so the ``[T, V/TP]`` logits never exist at once.
+
+Padded vocabulary rows (Megatron pads the embedding to a multiple of 128·…) are excluded when ``vocab_size`` is
+given, so the result equals ``log_softmax`` over the real vocabulary (what HF and the rollout engine compute).
+Sampled responses must be scored at the sampling ``temperature``. Positions whose target is ``ignore_index``
+(prompt, padding) get log-prob 0 and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "te", "chunked")
+
+
+def te_cross_entropy_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _VocabShard:
+    """Where this rank's columns sit in the vocabulary, and which targets fall into them."""
+
+    def __init__(
+        self, local_vocab: int, group, vocab_size: int | None, target: torch.Tensor, ignore_index: int
+    ):
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        rank = dist.get_rank(group) if self.group is not None else 0
+        self.start = rank * local_vocab
+        total = local_vocab * (dist.get_world_size(group) if self.group is not None else 1)
+        vocab_size = total if vocab_size is None else vocab_size
+        if not 0 < vocab_size <= total:
+            raise ValueError(f"vocab_size {vocab_size} must be in (0, {total}] (the sharded logits' width)")
+        # real (non-padding) columns held here
+        self.columns = max(0, min(local_vocab, vocab_size - self.start))
+        self.valid = target != ignore_index
+        local = target - self.start
+        self.in_shard = self.valid & (local >= 0) & (local < self.columns)
+        self.local_target = torch.where(self.in_shard, local, torch.zeros_like(local))
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+
+def _chunk_logsumexp_and_target(z: torch.Tensor, shard: _VocabShard, rows: slice):
+    """For fp32 scaled logits ``z`` [c, V/TP] of real columns: global logsumexp and target logit per row."""
+    if z.shape[1]:
+        local_max = z.max(dim=-1).values
+    else:  # every column of this shard is padding
+        local_max = torch.full((z.shape[0],), float("-inf"), device=z.device)
+    global_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
+    sum_exp = (z - global_max[:, None]).exp_().sum(dim=-1) if z.shape[1] else torch.zeros_like(global_max)
+    if z.shape[1]:
+        picked = z.gather(1, shard.local_target[rows, None]).squeeze(1)
+    else:
+        picked = torch.zeros_like(global_max)
+    target_logit = torch.where(shard.in_shard[rows], picked, torch.zeros_like(picked))
+    reduced = shard.all_reduce(torch.stack([sum_exp, target_logit]))
+    return global_max + reduced[0].log(), reduced[1]
+
+
+def _grad_of_logits(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    shard: _VocabShard,
+    rows: slice,
+    width: int,
+    temperature: float,
+) -> torch.Tensor:
+    """d(Σ g·logp)/d(logits) for one chunk: g·(onehot − softmax)/temperature, zero on padded columns.
+
+    Works in place on ``z`` (a fresh fp32 buffer); a wider zeroed buffer is needed only when this shard holds
+    padded columns.
+    """
+    grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    hit = shard.in_shard[rows]
+    grad[hit, shard.local_target[rows][hit]] += g[hit]
+    if temperature != 1.0:
+        grad.div_(temperature)
+    if grad.shape[1] < width:
+        padded = torch.zeros(grad.shape[0], width, dtype=grad.dtype, device=grad.device)
+        padded[:, : grad.shape[1]] = grad
+        grad = padded
+    return grad
+
+
+class _ChunkedVocabParallelLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, temperature, ignore_index, vocab_size, chunk):
+        width = logits.shape[-1]
+        flat, flat_target = logits.reshape(-1, width), target.reshape(-1)
+        shard = _VocabShard(width, group, vocab_size, flat_target, ignore_index)
+        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        logp = torch.zeros_like(lse)
+        for start in range(0, flat.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            z = _scaled(flat[rows, : shard.columns], temperature)
+            lse[rows], target_logit = _chunk_logsumexp_and_target(z, shard, rows)
+            logp[rows] = target_logit - lse[rows]
+        ctx.save_for_backward(logits, lse)
+        ctx.shard, ctx.temperature, ctx.chunk = shard, temperature, chunk
+        return torch.where(shard.valid, logp, torch.zeros_like(logp)).view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, lse = ctx.saved_tensors
+        shard, width = ctx.shard, logits.shape[-1]
+        flat = logits.reshape(-1, width)
+        g = torch.where(shard.valid, grad_logp.reshape(-1).float(), torch.zeros_like(lse))
+        grad = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            z = _scaled(flat[rows, : shard.columns], ctx.temperature)
+            grad[rows] = _grad_of_logits(z, lse[rows], g[rows], shard, rows, width, ctx.temperature)
+        return grad.view(logits.shape), None, None, None, None, None, None
+
+
+def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh fp32 copy of ``chunk / temperature`` (safe to modify in place)."""
+    z = chunk.to(torch.float32, copy=True)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _te_logprobs(logits, target, group, temperature, ignore_index, vocab_size):
+    from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
+
+    x = logits / temperature if temperature != 1.0 else logits
+    shard = _VocabShard(x.shape[-1], group, vocab_size, target, ignore_index)
+    if shard.columns < x.shape[-1]:
+        pad = torch.arange(x.shape[-1], device=x.device) >= shard.columns
+        x = x.masked_fill(pad, float("-inf"))
+    if x is logits:
+        x = logits.clone()  # TE's backward writes the gradient into its input buffer
+    # positional: (input, target, label_smoothing, reduce_loss, dist_process_group, ignore_idx)
+    return -parallel_cross_entropy(x, target, 0.0, False, shard.group, ignore_index)
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tp_group=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``log softmax(logits/temperature)[target]`` per token (fp32, shape of ``target``) from ``[..., V/TP]`` logits.
+
+    ``backend``: "auto" (TE on CUDA when installed, else chunked), "te" or "chunked".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score samples, got {temperature}")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree")
+    if backend == "te" or (backend == "auto" and logits.is_cuda and te_cross_entropy_available()):
+        return _te_logprobs(logits, target, tp_group, temperature, ignore_index, vocab_size).float()
+    return _ChunkedVocabParallelLogProb.apply(
+        logits, target, tp_group, float(temperature), ignore_index, vocab_size, max(1, chunk_tokens)
+    )
+
+
+class _FusedHeadLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, group, temperature, ignore_index, vocab_size, chunk):
+        flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+        shard = _VocabShard(weight.shape[0], group, vocab_size, flat_t, ignore_index)
+        real_weight = weight[: shard.columns]
+        lse = torch.empty(flat_h.shape[0], dtype=torch.float32, device=hidden.device)
+        logp = torch.zeros_like(lse)
+        for start in range(0, flat_h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            z = _head_chunk(flat_h[rows], real_weight, temperature)
+            lse[rows], target_logit = _chunk_logsumexp_and_target(z, shard, rows)
+            logp[rows] = target_logit - lse[rows]
+        ctx.save_for_backward(hidden, weight, lse)
+        ctx.shard, ctx.temperature, ctx.chunk, ctx.target_shape = shard, temperature, chunk, target.shape
+        return torch.where(shard.valid, logp, torch.zeros_like(logp)).view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, lse = ctx.saved_tensors
+        shard, temperature = ctx.shard, ctx.temperature
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        real_weight = weight[: shard.columns]
+        g = torch.where(shard.valid, grad_logp.reshape(-1).float(), torch.zeros_like(lse))
+        grad_h = torch.empty(flat_h.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, flat_h.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            z = _head_chunk(flat_h[rows], real_weight, temperature)
+            grad_z = _grad_of_logits(z, lse[rows], g[rows], shard, rows, shard.columns, temperature)
+            grad_h[rows] = grad_z.to(weight.dtype) @ real_weight
+            grad_w[: shard.columns] += grad_z.t().to(hidden.dtype) @ flat_h[rows]
+        # hidden is replicated over TP ranks, each saw only its vocabulary slice: sum the partial gradients
+        # (what ColumnParallelLinear's copy_to_tensor_model_parallel_region does in backward).
+        shard.all_reduce(grad_h)
+        return (
+            grad_h.to(hidden.dtype).view(hidden.shape),
+            grad_w.to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _head_chunk(hidden_rows: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = (hidden_rows @ weight.t()).float()
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def fused_head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tp_group=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """Log-probs of ``target`` under ``softmax(hidden @ weightᵀ / temperature)`` without materialising the logits.
+
+    ``hidden`` [..., H] is the output layer's input (replicated across the TP group; no sequence parallelism),
+    ``weight`` [V/TP, H] this rank's shard of the output layer (or the tied embedding). Peak extra memory is one
+    ``[chunk_tokens, V/TP]`` fp32 buffer plus the weight gradient.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score samples, got {temperature}")
+    if hidden.shape[:-1] != target.shape or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and target {tuple(target.shape)} disagree"
+        )
+    return _FusedHeadLogProb.apply(
+        hidden, weight, target, tp_group, float(temperature), ignore_index, vocab_size, max(1, chunk_tokens)
+    )
