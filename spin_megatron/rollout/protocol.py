@@ -56,13 +56,22 @@ class Sample:
 
 
 class RolloutEngine(Protocol):
+    """A generation backend. Weight sync calls ``update_weights`` once per bucket of HF-named full tensors, in
+    order, then ``finish_weight_update`` once (e.g. SGLang flushes its prefix cache there)."""
+
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, prompt_keys: list[Hashable] | None = None
-    ) -> list[Sample]: ...
+    ) -> list[Sample]:
+        """``params.n`` samples per prompt; ``prompt_keys[i]`` becomes ``Sample.prompt_id`` (default: i)."""
+        ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
-    def sleep(self) -> None: ...
+    def finish_weight_update(self) -> None: ...
+
+    def sleep(self) -> None:
+        """Colocated mode: free GPU memory (weights, KV cache) before training."""
+        ...
 
     def wake(self) -> None: ...
 
