@@ -40,6 +40,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/logprob.py
+	$(BIN)/python bench/weight_sync.py
 
 gpu-smoke: install
 	$(BIN)/python -m pytest -m gpu -v $(PYTEST_ARGS)
