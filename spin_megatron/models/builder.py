@@ -127,9 +127,38 @@ def build_gpt_model(
         seq_len_interpolation_factor=rope.factor if rope is not None and rope.kind == "linear" else None,
         pg_collection=groups.pgs,
     )
+    mark_tensor_parallel_params(model)
     if dtype != torch.float32:
         # Megatron's torch-norm fallback ignores params_dtype; cast everything, as Float16Module would.
         model.to(dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
+    """Tag every TP-split parameter with Megatron's ``tensor_model_parallel`` / ``partition_dim`` attributes.
+
+    Megatron sets them only while initialising weights (``perform_initialization=True``); when weights are
+    loaded from a checkpoint instead, they are missing, and the gradient-norm / clipping code then counts the
+    split parameters of TP ranks > 0 as duplicates and leaves them out — a wrong norm and wrong clipping at TP > 1.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        kind = getattr(module, "parallel_mode", None)  # TE linear wrappers
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or kind == "column":
+            dims = {"weight": 0, "bias": 0}
+        elif isinstance(module, RowParallelLinear) or kind == "row":
+            dims = {"weight": 1}  # the row-parallel bias is replicated
+        else:
+            continue
+        for name, dim in dims.items():
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and not getattr(param, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(param, True, dim, 1)

@@ -1,0 +1,277 @@
+"""The configuration schema: one dataclass per section, registered with Hydra's ConfigStore.
+
+YAML presets in ``conf/`` contain only what differs from these defaults. Every field is validated in
+``__post_init__`` with a :class:`ConfigError` naming the key and the allowed values, before any process group
+starts (Hydra itself rejects unknown keys and wrong types).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spin_megatron.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value, *, zero_ok: bool = False) -> None:
+    ok = value >= 0 if zero_ok else value > 0
+    if not ok:
+        raise ConfigError(f"{key} must be {'≥ 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _default_files(split: str) -> list[str]:
+    path = SHARED_DATA / "gsm8k" / f"{split}.jsonl"
+    return [str(path)] if path.is_file() else []
+
+
+def _default_tokenizer() -> str:
+    path = SHARED_DATA / "qwen2.5-tokenizer"
+    return str(path) if (path / "vocab.json").is_file() else "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+@dataclass(kw_only=True)
+class TinyModelConfig:
+    """A random-weight model created at start (demo, tests): Qwen2/Llama shape, real tokenizer."""
+
+    architecture: str = "qwen2"  # qwen2 | llama
+    hidden_size: int = 64  # width of the residual stream
+    intermediate_size: int = 128  # SwiGLU width
+    num_hidden_layers: int = 2  # transformer layers
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 2  # KV heads (GQA)
+    vocab_size: int = 151936  # embedding rows; Qwen2.5's vocabulary by default
+    tie_word_embeddings: bool = True  # share embedding and output layer, as Qwen2.5-0.5B
+    seed: int = 0  # weight initialisation seed
+
+    def __post_init__(self):
+        _choice("model.tiny.architecture", self.architecture, ("qwen2", "llama"))
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        ):
+            _positive(f"model.tiny.{key}", getattr(self, key))
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    hf_path: str | None = None  # HF folder: architecture, initial weights, tokenizer
+    mcore_ckpt: str | None = None  # `spin-convert hf-to-mcore` output; used for the weights when set
+    tokenizer_path: str | None = None  # default: hf_path, else the checkpoint's tokenizer/, else Qwen2.5's
+    tiny: TinyModelConfig | None = None  # build a random tiny model instead of loading one
+    dtype: str = "fp32"  # parameter dtype: fp32 | bf16
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        sources = [k for k in ("hf_path", "mcore_ckpt", "tiny") if getattr(self, k) is not None]
+        if not sources:
+            raise ConfigError("no model given: set model.hf_path, model.mcore_ckpt or model.tiny")
+        if self.tiny is not None and len(sources) > 1:
+            raise ConfigError(f"model.tiny builds a random model; do not also set model.{sources[0]}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: _default_files("train"))  # local .jsonl/.parquet
+    val_files: list[str] = field(default_factory=lambda: _default_files("test"))  # local .jsonl/.parquet
+    hub_dataset: str = "openai/gsm8k"  # used when the *_files lists are empty (needs network)
+    hub_config: str | None = "main"  # the hub dataset's configuration name
+    train_split: str = "train"  # hub split for training
+    val_split: str = "test"  # hub split for validation
+    prompt_key: str = "question"  # field holding the prompt text
+    answer_key: str = "answer"  # field holding the gold response (SPIN's chosen; GSM8K's '#### n' answer)
+    instruction: str = 'Let\'s think step by step and output the final answer after "####".'  # appended
+    system_prompt: str | None = None  # None: the chat template's default
+    use_chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    max_prompt_tokens: int = 512  # longer prompts are dropped or left-truncated
+    overlong_prompts: str = "drop"  # drop | left_truncate
+    max_gold_tokens: int = 512  # gold responses are cut to this many tokens (SPIN chosen)
+    strip_calculator_annotations: bool = True  # remove GSM8K's <<48/2=24>> from gold responses
+    shuffle: bool = True  # reshuffle the training prompts every epoch
+    seed: int = 1  # shuffling seed
+    val_max_prompts: int | None = 128  # validate on the first N val prompts (None: all)
+
+    def __post_init__(self):
+        _choice("data.overlong_prompts", self.overlong_prompts, ("drop", "left_truncate"))
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        _positive("data.max_gold_tokens", self.max_gold_tokens)
+        if self.val_max_prompts is not None:
+            _positive("data.val_max_prompts", self.val_max_prompts)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: str = "hf"  # hf (transformers in-process, CPU default) | sglang | replay
+    n: int = 2  # samples per prompt
+    temperature: float = 1.0  # sampling temperature (log-probs of samples are scored at it)
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 256  # response length limit (finish_reason=length beyond)
+    val_max_new_tokens: int | None = None  # greedy validation length (None: max_new_tokens)
+    sync_every: int = 1  # push policy weights into the engine every k optimizer steps
+    sync_bucket_mb: int = 512  # weight-sync bucket size
+    max_batch_size: int = 64  # hf engine: sequences decoded together
+    dump_path: str | None = None  # write every step's samples to this jsonl
+    replay_path: str | None = None  # engine=replay: serve samples from this dump
+
+    def __post_init__(self):
+        _choice("rollout.engine", self.engine, ("hf", "sglang", "replay"))
+        _positive("rollout.n", self.n)
+        _positive("rollout.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"rollout.top_k must be -1 (off) or ≥ 1, got {self.top_k}")
+        for key in ("max_new_tokens", "sync_every", "sync_bucket_mb", "max_batch_size"):
+            _positive(f"rollout.{key}", getattr(self, key))
+        if self.engine == "replay" and not self.replay_path:
+            raise ConfigError(
+                "rollout.engine=replay needs rollout.replay_path (a file written with rollout.dump_path)"
+            )
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    mode: str = "online"  # online: best vs worst sample | spin: gold vs the policy's sample
+    beta: float = 0.1  # DPO temperature β
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # robust/cDPO ε (sigmoid only)
+    reference_free: bool = False  # drop the reference terms
+    rpo_alpha: float = 0.0  # weight of the NLL term on chosen tokens (RPO); 0: off
+    length_normalize: bool = False  # average instead of sum token log-probs (IPO wants True)
+    reward: str = "gsm8k"  # registered reward name or 'package.module:function'
+    tie_policy: str = "drop"  # online: what to do when every sample of a prompt scores the same
+    tie_break: str = "shorter"  # online, tie_policy=keep: shorter | longer | first is preferred
+    missing_eos: str = "keep"  # truncated samples: keep | penalize | exclude
+    missing_eos_penalty: float = 1.0  # subtracted from a truncated sample's reward (penalize)
+    pairs_per_prompt: int = 1  # spin: pairs built per prompt (≤ rollout.n)
+
+    def __post_init__(self):
+        _choice("algorithm.mode", self.mode, ("online", "spin"))
+        _choice("algorithm.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge"))
+        _positive("algorithm.beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"algorithm.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _positive("algorithm.rpo_alpha", self.rpo_alpha, zero_ok=True)
+        _choice("algorithm.tie_policy", self.tie_policy, ("drop", "keep"))
+        _choice("algorithm.tie_break", self.tie_break, ("shorter", "longer", "first"))
+        _choice("algorithm.missing_eos", self.missing_eos, ("keep", "penalize", "exclude"))
+        _positive("algorithm.pairs_per_prompt", self.pairs_per_prompt)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 5e-7  # peak learning rate
+    min_lr: float = 0.0  # floor of the decay
+    lr_warmup_steps: int = 0  # linear warmup from 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine (over trainer.total_steps)
+    weight_decay: float = 0.0  # decoupled (AdamW)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0: off
+    use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _positive("optim.min_lr", self.min_lr, zero_ok=True)
+        _positive("optim.lr_warmup_steps", self.lr_warmup_steps, zero_ok=True)
+        _choice("optim.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
+        _positive("optim.clip_grad", self.clip_grad, zero_ok=True)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size; data-parallel = world size / (tp·pp)
+
+    def __post_init__(self):
+        _positive("parallel.tp", self.tp)
+        _positive("parallel.pp", self.pp)
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    total_steps: int = 100  # optimizer steps
+    prompts_per_step: int = 32  # global batch of prompts per step (divided over data-parallel ranks)
+    micro_batch_tokens: int = 4096  # token budget of one packed micro-batch (pairs are never split)
+    ref_update_freq: int = 0  # k > 0: reference ← policy every k steps (a SPIN iteration); 0: never
+    save_freq: int = 0  # checkpoint every k steps (and always at the end); 0: only at the end
+    test_freq: int = 0  # validate every k steps (and at the start and end); 0: never
+    keep_last_n: int = 2  # complete checkpoints to keep; 0: all
+    output_dir: str = "runs/spin"  # run directory: metrics, checkpoints, plots, HF export
+    resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | never | a checkpoint path
+    seed: int = 1234  # model init, sampling and dropout seed
+    export_hf: bool = True  # write the final policy as an HF folder to <output_dir>/hf
+    logprob_chunk_tokens: int = 1024  # chunk of the vocab-parallel log-prob computation
+
+    def __post_init__(self):
+        for key in ("total_steps", "prompts_per_step", "micro_batch_tokens", "logprob_chunk_tokens"):
+            _positive(f"trainer.{key}", getattr(self, key))
+        for key in ("ref_update_freq", "save_freq", "test_freq", "keep_last_n"):
+            _positive(f"trainer.{key}", getattr(self, key), zero_ok=True)
+        if not self.output_dir:
+            raise ConfigError("trainer.output_dir must be a directory path")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "spin-megatron"
+    entity: str | None = None
+    name: str | None = None  # run name (default: the output directory's name)
+
+    def __post_init__(self):
+        _choice("logging.wandb.mode", self.mode, ("disabled", "offline", "online"))
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True  # console progress bar with the main metrics
+    log_every: int = 1  # console line every k steps (metrics.jsonl gets every step)
+
+    def __post_init__(self):
+        _positive("logging.log_every", self.log_every)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyModelConfig()))
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.algorithm.mode == "online" and self.rollout.n < 2:
+            raise ConfigError("algorithm.mode=online needs rollout.n ≥ 2 (best vs worst sample of a prompt)")
+        if self.algorithm.mode == "spin" and self.algorithm.pairs_per_prompt > self.rollout.n:
+            raise ConfigError(
+                f"algorithm.pairs_per_prompt={self.algorithm.pairs_per_prompt} exceeds rollout.n={self.rollout.n}"
+            )
+        if self.algorithm.mode == "spin" and self.algorithm.missing_eos == "penalize":
+            raise ConfigError(
+                "algorithm.missing_eos=penalize ranks samples; spin mode ranks nothing: keep or exclude"
+            )
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` can extend it (``defaults: [base_config, ...]``)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)

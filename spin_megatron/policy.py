@@ -1,0 +1,203 @@
+"""Policy (trained: Megatron DDP + distributed optimizer + LR schedule) and reference (frozen copy) models.
+
+Reference = a second, frozen ``GPTModel`` with the same layout, not a weight swap: it costs one extra copy of
+the parameters (no gradients, no optimizer state — a fraction of the policy's ~16 bytes/param with Adam in
+fp32), and in return the reference pass needs no copying of weights back and forth each step, and refreshing it
+(``ref_update_freq``) is a plain parameter copy between identically sharded models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spin_megatron.config import Config
+from spin_megatron.errors import ConfigError
+from spin_megatron.models.arch import ModelArch, load_arch
+from spin_megatron.models.builder import build_gpt_model, parse_dtype
+from spin_megatron.models.hf_io import HFReader
+from spin_megatron.models.mapping import mapping_for
+from spin_megatron.models.mcore_io import (
+    arch_from_meta,
+    checkpoint_padded_vocab,
+    load_model_shards,
+    read_meta,
+)
+from spin_megatron.models.tiny import make_tiny_hf_model
+from spin_megatron.models.weights import check_hf_checkpoint, load_hf_weights, unwrap
+from spin_megatron.parallel.state import ParallelGroups
+
+
+@dataclass
+class ModelSource:
+    """Where the initial weights come from, resolved from the ``model`` config section."""
+
+    arch: ModelArch
+    padded_vocab_size: int
+    hf_dir: Path | None = None  # load HF safetensors
+    mcore_dir: Path | None = None  # load a spin-convert checkpoint
+    tokenizer_dir: str | None = None
+
+
+def resolve_model_source(cfg: Config, groups: ParallelGroups | None, tp_size: int) -> ModelSource:
+    """Read the architecture (and create the tiny random model on rank 0 if asked to)."""
+    model_cfg = cfg.model
+    if model_cfg.tiny is not None:
+        hf_dir = Path(cfg.trainer.output_dir) / "init_model"
+        tiny = model_cfg.tiny
+        if (groups is None or groups.rank == 0) and not (hf_dir / "config.json").is_file():
+            make_tiny_hf_model(
+                hf_dir,
+                tiny.architecture,
+                seed=tiny.seed,
+                hidden_size=tiny.hidden_size,
+                intermediate_size=tiny.intermediate_size,
+                num_hidden_layers=tiny.num_hidden_layers,
+                num_attention_heads=tiny.num_attention_heads,
+                num_key_value_heads=tiny.num_key_value_heads,
+                vocab_size=tiny.vocab_size,
+                tie_word_embeddings=tiny.tie_word_embeddings,
+                max_position_embeddings=4096,
+            )
+        if groups is not None:
+            dist.barrier()
+        arch = load_arch(hf_dir)
+        return ModelSource(
+            arch, arch.padded_vocab_size(tp_size), hf_dir=hf_dir, tokenizer_dir=model_cfg.tokenizer_path
+        )
+    if model_cfg.mcore_ckpt is not None:
+        meta = read_meta(model_cfg.mcore_ckpt)
+        tokenizer = (
+            model_cfg.tokenizer_path or model_cfg.hf_path or str(Path(model_cfg.mcore_ckpt) / "tokenizer")
+        )
+        return ModelSource(
+            arch_from_meta(meta),
+            checkpoint_padded_vocab(meta, tp_size),
+            mcore_dir=Path(model_cfg.mcore_ckpt),
+            tokenizer_dir=tokenizer,
+        )
+    arch = load_arch(model_cfg.hf_path)
+    return ModelSource(
+        arch,
+        arch.padded_vocab_size(tp_size),
+        hf_dir=Path(model_cfg.hf_path),
+        tokenizer_dir=model_cfg.tokenizer_path or model_cfg.hf_path,
+    )
+
+
+def _load_initial_weights(model, source: ModelSource, groups: ParallelGroups) -> None:
+    if source.mcore_dir is not None:
+        load_model_shards(model, source.mcore_dir)
+        return
+    reader = HFReader(source.hf_dir)
+    mapping = mapping_for(source.arch, source.padded_vocab_size)
+    check_hf_checkpoint(reader, mapping)
+    load_hf_weights(model, reader, mapping, groups)
+
+
+def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype):
+    model = build_gpt_model(
+        source.arch,
+        groups,
+        dtype=dtype,
+        padded_vocab_size=source.padded_vocab_size,
+        perform_initialization=False,
+        calculate_per_token_loss=True,
+    )
+    _load_initial_weights(model, source, groups)
+    return model
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # Megatron DDP around the GPTModel (Float16Module in between for bf16)
+    optimizer: object  # MegatronOptimizer
+    scheduler: object  # OptimizerParamScheduler
+
+
+def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Policy:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    dtype = parse_dtype(cfg.model.dtype)
+    model = _build(source, groups, dtype)
+    config = model.config
+    if dtype != torch.float32:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config, ddp_config, model, pg_collection=groups.pgs)
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        ),
+        [model],
+        use_gloo_process_groups=False,
+        pg_collection=groups.pgs,
+    )
+    steps = cfg.trainer.total_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.lr_warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=max(steps, o.lr_warmup_steps + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
+    return Policy(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, policy: Policy):
+    """A frozen model with the policy's layout, holding the policy's current weights."""
+    model = build_gpt_model(
+        source.arch,
+        groups,
+        dtype=parse_dtype(cfg.model.dtype),
+        padded_vocab_size=source.padded_vocab_size,
+        perform_initialization=False,
+    )
+    model.requires_grad_(False)
+    model.eval()
+    refresh_reference(model, policy)
+    return model
+
+
+@torch.no_grad()
+def refresh_reference(reference: torch.nn.Module, policy: Policy) -> None:
+    """reference ← policy (identical sharding: a parameter-by-parameter copy)."""
+    source = dict(unwrap(policy.model).named_parameters())
+    target = dict(reference.named_parameters())
+    if source.keys() != target.keys():
+        raise ConfigError(f"reference and policy differ: {sorted(set(source) ^ set(target))[:5]}")
+    for name, param in target.items():
+        param.copy_(source[name])
