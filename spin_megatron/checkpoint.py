@@ -1,0 +1,215 @@
+"""Trainer checkpoints: policy, optimizer, reference (Megatron dist-checkpointing), schedule, data position,
+RNG states, step. Written atomically; resumable at any TP/PP/DP layout for the model and optimizer.
+
+Layout::
+
+    <output_dir>/checkpoints/step_0000006/
+        dist/                 torch_dist shards of {model, optimizer, reference}
+        rng/rank_00000.pt     per-rank RNG states (bit-exact resume at the same layout)
+        trainer_state.json    step, scheduler, data sampler, model signature, layout, config
+        COMPLETE              written last
+
+A checkpoint is written into ``.step_0000006.partial`` and renamed once ``COMPLETE`` exists, so a run killed
+mid-write never leaves a folder that :func:`find_latest` would pick up; older checkpoints are pruned only after
+a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from spin_megatron.errors import CheckpointError, MissingPathError
+from spin_megatron.models.weights import unwrap
+from spin_megatron.parallel.state import ParallelGroups
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+_OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+_REF_PREFIX = "reference."
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir`` (None if there is none)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    complete = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+    return max(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def _sharded_state(policy, reference, *, is_loading: bool) -> dict:
+    model_sd = unwrap(policy.model).sharded_state_dict(metadata=_OPTIM_META)
+    return {
+        "model": model_sd,
+        "optimizer": policy.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_OPTIM_META
+        ),
+        "reference": reference.sharded_state_dict(prefix=_REF_PREFIX, metadata=_OPTIM_META),
+    }
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    policy,
+    reference,
+    groups: ParallelGroups,
+    trainer_state: dict,
+    *,
+    keep_last_n: int = 0,
+) -> Path:
+    """Collective. Returns the final checkpoint path."""
+    from megatron.core import dist_checkpointing
+
+    root = checkpoint_root(output_dir)
+    final, partial_dir = root / f"step_{step:07d}", root / f".step_{step:07d}.partial"
+    if groups.rank == 0:
+        if partial_dir.exists():
+            shutil.rmtree(partial_dir)  # left by a run killed mid-write
+        (partial_dir / "dist").mkdir(parents=True)
+        (partial_dir / "rng").mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(policy, reference, is_loading=False), str(partial_dir / "dist"))
+    torch.save(_rng_state(), partial_dir / "rng" / f"rank_{groups.rank:05d}.pt")
+    dist.barrier()
+    if groups.rank == 0:
+        state = {
+            **trainer_state,
+            "step": step,
+            "world_size": groups.world_size,
+            "layout": {"tp": groups.tp_size, "pp": groups.pp_size, "dp": groups.dp_size},
+        }
+        _write_synced(partial_dir / "trainer_state.json", json.dumps(state, indent=2, default=str))
+        _write_synced(partial_dir / COMPLETE, "")
+        if final.exists():
+            shutil.rmtree(final)  # the same step saved again after a resume: replace it only now
+        os.replace(partial_dir, final)
+        _prune(root, keep_last_n)
+    dist.barrier()
+    return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prune(root: Path, keep_last_n: int) -> None:
+    if keep_last_n <= 0:
+        return
+    complete = sorted(
+        (p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()),
+        key=lambda p: p.name,
+    )
+    for old in complete[:-keep_last_n]:
+        shutil.rmtree(old)
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise MissingPathError(
+            f"{path} is not a complete checkpoint (no {COMPLETE} marker): pick another "
+            "or use trainer.resume=auto"
+        )
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_checkpoint(
+    path: str | Path, policy, reference, groups: ParallelGroups, *, model_signature: dict
+) -> dict:
+    """Collective. Restores model, optimizer, reference and (same layout) RNG; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    if state.get("model_signature") != model_signature:
+        theirs, ours = state.get("model_signature") or {}, model_signature
+        diffs = [f"{k} {theirs.get(k)} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k]]
+        raise CheckpointError(
+            f"checkpoint {path} is from a different model ({', '.join(diffs[:3])}); "
+            "point trainer.output_dir / trainer.resume elsewhere"
+        )
+    _prepare_optimizer_for_loading(policy.optimizer)
+    loaded = dist_checkpointing.load(_sharded_state(policy, reference, is_loading=True), str(path / "dist"))
+    unwrap(policy.model).load_state_dict(loaded["model"], strict=False)
+    _load_optimizer_state(policy.optimizer, loaded["optimizer"])
+    reference.load_state_dict(
+        {k.removeprefix(_REF_PREFIX): v for k, v in loaded["reference"].items()}, strict=False
+    )
+    policy.scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / "rng" / f"rank_{groups.rank:05d}.pt"
+    if state["world_size"] == groups.world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _inner_optimizers(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _prepare_optimizer_for_loading(optimizer) -> None:
+    """Create Adam's state tensors so the loading state dict has somewhere to put them."""
+    for opt in _inner_optimizers(optimizer):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """Megatron's DistributedOptimizer.load_state_dict, made to work with torch's (non-fused) Adam.
+
+    Without apex/TE, Megatron gives every parameter state a shared ``step`` tensor and then copies the loaded
+    tensors for *every* key of that state, ``step`` included, which the checkpoint does not hold
+    (``KeyError: 'step'``). So: restore the non-tensor state first, set ``step`` aside while the parameter
+    state is copied in, then give every parameter its own ``step`` — torch's Adam increments it in place, and a
+    shared tensor would advance once per parameter per step, skewing the bias correction.
+    """
+    inner = _inner_optimizers(optimizer)
+    if len(inner) != 1:
+        raise NotImplementedError("checkpoints of chained optimizers (expert parameters) are not supported")
+    opt = inner[0]
+    param_state = state.get("param_state")
+    if param_state is None or not hasattr(opt, "load_parameter_state_from_fully_reshardable"):
+        opt.load_state_dict(state)  # a non-distributed optimizer: nothing special
+        return
+    opt.load_state_dict(
+        {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
+    )
+    steps = {}
+    for key, param_state_dict in opt.optimizer.state.items():
+        if "step" in param_state_dict:
+            steps[key] = param_state_dict.pop("step")
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for key, step in steps.items():
+        opt.optimizer.state[key]["step"] = step.clone() if torch.is_tensor(step) else step
