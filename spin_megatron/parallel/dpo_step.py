@@ -1,6 +1,6 @@
-"""The DPO update and the reference pass as Megatron ``forward_step`` / ``loss_func`` pairs.
+"""The DPO update, the reference pass and gold-NLL scoring as Megatron ``forward_step`` / ``loss_func`` pairs.
 
-Both run through :func:`run_schedule` (Megatron's pipeline schedules) over packed micro-batches. The loss of a
+All run through :func:`run_schedule` (Megatron's pipeline schedules) over packed micro-batches. The loss of a
 micro-batch is the *sum* of its pairs' DPO losses and it reports its number of pairs as Megatron's
 ``num_tokens`` (``calculate_per_token_loss``), so Megatron divides the summed gradients by the global number of
 pairs: the update is the mean over all pairs of the step, independent of micro-batching and data parallelism.
@@ -27,8 +27,11 @@ METRIC_SUMS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
-    "nll/chosen_tokens",
+    "nll/chosen",
     "tokens/chosen",
+    "logp_diff/sum",
+    "logp_diff/tokens",
+    "logp_diff/max",
 )
 
 
@@ -42,32 +45,38 @@ class DPOSettings:
     length_normalize: bool = False
     vocab_size: int  # real vocabulary: padded rows are excluded from the softmax
     chunk_tokens: int = 1024
+    sample_temperature: float = 1.0  # rollout temperature, for the train-rollout log-prob agreement
 
 
 def _forward(batch: PackedMicroBatch, model):
     return model(batch.input_ids, batch.position_ids, None, packed_seq_params=batch.packed_seq_params())
 
 
-def _sequence_logps(output, batch, groups, settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sequence log-probs as the loss uses them, per-sequence summed log-probs)."""
-    token_logps = vocab_parallel_logprobs(
+def _token_logps(output, batch, groups, settings, temperature: float = 1.0):
+    return vocab_parallel_logprobs(
         output,
         batch.targets,
         tp_group=groups.tp,
         vocab_size=settings.vocab_size,
         chunk_tokens=settings.chunk_tokens,
+        temperature=temperature,
     )
-    sums = sequence_sums(token_logps, batch)
-    if settings.length_normalize:
-        return sums / batch.response_lengths.clamp(min=1.0), sums
-    return sums, sums
 
 
-def _reference_loss(batch, groups, settings, output):
-    used, _ = _sequence_logps(output, batch, groups, settings)
-    batch.ref_logps = used.detach()
+def _as_used(sums: torch.Tensor, batch, settings) -> torch.Tensor:
+    return sums / batch.response_lengths.clamp(min=1.0) if settings.length_normalize else sums
+
+
+def _no_loss(output, stats=None):
     zero = output.sum() * 0.0
-    return zero, torch.tensor(0, dtype=torch.int, device=output.device), {}
+    return zero, torch.tensor(0, dtype=torch.int, device=output.device), stats or {}
+
+
+def _reference_loss(batch, output, *, groups, settings):
+    batch.ref_logps = _as_used(
+        sequence_sums(_token_logps(output, batch, groups, settings), batch), batch, settings
+    ).detach()
+    return _no_loss(output)
 
 
 @torch.no_grad()
@@ -75,23 +84,56 @@ def compute_reference_logps(
     reference, groups: ParallelGroups, batches: list[PackedMicroBatch], settings: DPOSettings
 ) -> None:
     """Fill ``batch.ref_logps`` on the last pipeline stage, with the frozen reference model."""
-    run_schedule(
+    _run(
         reference,
         groups,
-        lambda b, m: (_forward(b, m), partial(_reference_loss, b, groups, settings)),
         batches,
-        num_microbatches=len(batches),
-        seq_length=batches[0].input_ids.shape[1],
-        micro_batch_size=1,
+        partial(_reference_loss, groups=groups, settings=settings),
         forward_only=True,
     )
 
 
-def _policy_loss(batch, groups, settings, pair_scale, output):
-    used, sums = _sequence_logps(output, batch, groups, settings)
+def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
+    def forward_step(batch, step_model):
+        return _forward(batch, step_model), partial(loss_for_batch, batch)
+
+    return run_schedule(
+        model,
+        groups,
+        forward_step,
+        batches,
+        num_microbatches=len(batches),
+        seq_length=batches[0].input_ids.shape[1],
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def _agreement(
+    output, token_logps, batch, groups, settings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ|Δ|, count and max of |trainer − engine| log-probs over sampled tokens (sampling temperature)."""
+    engine = batch.engine_logprobs.reshape(-1)
+    known = torch.isfinite(engine)
+    zero = torch.zeros((), device=output.device)
+    if not bool(known.any()):
+        return zero, zero, zero
+    ours = (
+        token_logps
+        if settings.sample_temperature == 1.0
+        else _token_logps(output.detach(), batch, groups, settings, settings.sample_temperature)
+    )
+    diff = (ours.detach().reshape(-1)[known] - engine[known]).abs()
+    return diff.sum(), torch.tensor(float(diff.numel()), device=output.device), diff.max()
+
+
+def _policy_loss(batch, output, *, groups, settings, pair_scale):
+    token_logps = _token_logps(output, batch, groups, settings)
     if batch.num_pairs == 0:  # a placeholder micro-batch of a rank without pairs: contributes nothing
-        zero = output.sum() * 0.0
-        return zero, torch.tensor(0, dtype=torch.int, device=output.device), _empty_stats(output.device)
+        return _no_loss(output, {"sums": torch.zeros(len(METRIC_SUMS), device=output.device)})
+    sums = sequence_sums(token_logps, batch)
+    used = _as_used(sums, batch, settings)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         used[0::2],
         used[1::2],
@@ -103,7 +145,6 @@ def _policy_loss(batch, groups, settings, pair_scale, output):
         reference_free=settings.reference_free,
     )
     loss = losses.sum()
-    chosen_tokens = batch.response_lengths[0::2].sum()
     chosen_nll = -sums[0::2].sum()
     if settings.rpo_alpha:
         # RPO: NLL per chosen token over the whole step; Megatron divides by the global pair count afterwards.
@@ -118,14 +159,11 @@ def _policy_loss(batch, groups, settings, pair_scale, output):
             used[0::2].detach().sum(),
             used[1::2].detach().sum(),
             chosen_nll.detach(),
-            chosen_tokens,
+            batch.response_lengths[0::2].sum(),
+            *_agreement(output, token_logps, batch, groups, settings),
         ]
     )
     return loss, torch.tensor(batch.num_pairs, dtype=torch.int, device=output.device), {"sums": stats}
-
-
-def _empty_stats(device):
-    return {"sums": torch.zeros(len(METRIC_SUMS), device=device)}
 
 
 def train_step(
@@ -138,25 +176,46 @@ def train_step(
     global_pairs: int,
     global_chosen_tokens: int,
 ) -> tuple[torch.Tensor, float | None, bool]:
-    """One optimizer step on the micro-batches of this rank.
+    """One optimizer step on this rank's micro-batches (their ``ref_logps`` filled on the last stage).
 
-    Returns ``(metric sums on this rank — zeros off the last stage —, grad norm, whether the update happened)``.
+    Returns ``(metric sums of METRIC_SUMS — zeros off the last stage —, grad norm, whether it updated)``;
+    ``logp_diff/max`` is a max, the others are sums.
     """
-    pair_scale = global_pairs / max(1, global_chosen_tokens)
+    loss_fn = partial(
+        _policy_loss, groups=groups, settings=settings, pair_scale=global_pairs / max(1, global_chosen_tokens)
+    )
     optimizer.zero_grad()
     model.zero_grad_buffer()
-    outputs = run_schedule(
-        model,
-        groups,
-        lambda b, m: (_forward(b, m), partial(_policy_loss, b, groups, settings, pair_scale)),
-        batches,
-        num_microbatches=len(batches),
-        seq_length=batches[0].input_ids.shape[1],
-        micro_batch_size=1,
-        forward_only=False,
-    )
+    outputs = _run(model, groups, batches, lambda batch, output: loss_fn(batch, output), forward_only=False)
     sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
     for reduced in outputs:
-        sums += reduced["sums"]
+        stats = reduced["sums"]
+        sums[:-1] += stats[:-1]
+        sums[-1] = torch.maximum(sums[-1], stats[-1])
     update_ok, grad_norm, _ = optimizer.step()
     return sums, grad_norm, bool(update_ok)
+
+
+def _nll_loss(batch, output, *, groups, settings):
+    token_logps = _token_logps(output, batch, groups, settings)
+    nll = -sequence_sums(token_logps, batch).sum()
+    return _no_loss(output, {"nll": torch.stack([nll, batch.response_lengths.sum()])})
+
+
+@torch.no_grad()
+def gold_nll(
+    model, groups: ParallelGroups, batches: list[PackedMicroBatch], settings: DPOSettings
+) -> torch.Tensor:
+    """``[Σ NLL, Σ tokens]`` of the scored sequences on this rank (zeros off the last stage)."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = _run(
+            model, groups, batches, partial(_nll_loss, groups=groups, settings=settings), forward_only=True
+        )
+    finally:
+        model.train(was_training)
+    total = torch.zeros(2, device=groups.device)
+    for reduced in outputs:
+        total += reduced["nll"]
+    return total

@@ -1,15 +1,16 @@
-"""Packing preference pairs into padding-free micro-batches with a token budget.
+"""Packing sequences into padding-free micro-batches with a token budget.
 
-A micro-batch is one row of back-to-back sequences ``[chosen₀, rejected₀, chosen₁, rejected₁, …]`` (chosen and
-rejected of a pair always travel together), attended block-diagonally through ``PackedSeqParams(qkv_format="thd")``
-with positions restarting per sequence. Pairs are never split; a micro-batch holds as many pairs as fit in
-``token_budget`` tokens (a single pair longer than the budget gets a micro-batch of its own). Every row is padded
-to the same length ``seq_length`` (the longest packed row, rounded up) because pipeline stages exchange
+A micro-batch is one row of back-to-back sequences attended block-diagonally through
+``PackedSeqParams(qkv_format="thd")``, positions restarting per sequence. Items (a DPO pair = its chosen and
+rejected sequence, in that order; or a single sequence for gold-NLL scoring) are never split across
+micro-batches; a micro-batch holds as many items as fit in ``token_budget`` tokens (an item longer than the
+budget gets a micro-batch of its own). Every row is padded to the same length, because pipeline stages exchange
 fixed-shape activations; the padding is one extra segment that attends only to itself and is never scored.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,16 +20,16 @@ from spin_megatron.batching import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
-class PairTokens:
-    """The token ids of one pair, already decided by the pairing step."""
+class ScoredSequence:
+    """A prompt and a response whose tokens are scored; ``engine_logprobs`` when a rollout engine sampled it."""
 
     prompt_ids: Sequence[int]
-    chosen_ids: Sequence[int]
-    rejected_ids: Sequence[int]
+    response_ids: Sequence[int]
+    engine_logprobs: Sequence[float] | None = None
 
     @property
     def num_tokens(self) -> int:
-        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+        return len(self.prompt_ids) + len(self.response_ids)
 
 
 @dataclass
@@ -38,14 +39,19 @@ class PackedMicroBatch:
     targets: torch.Tensor  # [1, T]: next token where it is a response token, else IGNORE_INDEX
     sequence_index: torch.Tensor  # [T]: which packed sequence a position's target belongs to (-1: none)
     cu_seqlens: torch.Tensor  # int32 [S + 2]: sequence boundaries, the padding segment last
-    num_pairs: int
-    response_lengths: torch.Tensor  # [2 * num_pairs] response tokens per sequence
-    ref_logps: torch.Tensor | None = None  # [2 * num_pairs], filled on the last stage by the reference pass
+    response_lengths: torch.Tensor  # [S] scored tokens per sequence
+    engine_logprobs: torch.Tensor  # [1, T]: the engine's log-prob of each target (NaN where unknown)
+    num_items: int  # pairs (DPO) or sequences (NLL) packed here; 0 for a placeholder
+    ref_logps: torch.Tensor | None = None  # [S], filled on the last stage by the reference pass
     extras: dict = field(default_factory=dict)
 
     @property
     def num_sequences(self) -> int:
-        return 2 * self.num_pairs
+        return int(self.response_lengths.numel())
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_items
 
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -67,53 +73,70 @@ class PackedMicroBatch:
             "sequence_index",
             "cu_seqlens",
             "response_lengths",
+            "engine_logprobs",
         ):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
 
-def group_pairs(pairs: Sequence[PairTokens], token_budget: int) -> list[list[int]]:
-    """Indices of the pairs in each micro-batch: greedy in order, a new batch when the budget would overflow."""
+def group_items(sizes: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices of the items in each micro-batch: greedy in order, a new batch when the budget would overflow."""
     groups, current, used = [], [], 0
-    for i, pair in enumerate(pairs):
-        if current and used + pair.num_tokens > token_budget:
+    for i, size in enumerate(sizes):
+        if current and used + size > token_budget:
             groups.append(current)
             current, used = [], 0
         current.append(i)
-        used += pair.num_tokens
+        used += size
     if current:
         groups.append(current)
     return groups
 
 
-def pack_pairs(
-    pairs: Sequence[PairTokens], *, token_budget: int, pad_token_id: int = 0, align: int = 8
+def pack_items(
+    items: Sequence[Sequence[ScoredSequence]], *, token_budget: int, pad_token_id: int = 0, align: int = 8
 ) -> list[PackedMicroBatch]:
-    """Micro-batches for ``pairs``, all padded to a common length (a multiple of ``align``)."""
-    groups = group_pairs(pairs, token_budget)
-    longest = max((sum(pairs[i].num_tokens for i in g) for g in groups), default=0)
-    seq_length = max(align, -(-(longest + 1) // align) * align)  # ≥ 1 padding token: the padding segment
-    return [_pack([pairs[i] for i in g], seq_length, pad_token_id) for g in groups]
+    """Micro-batches for ``items`` (each a list of sequences kept together), padded to a common length.
+
+    With no items, one placeholder micro-batch (``num_items=0``, nothing scored) is returned: a rank without work
+    must still run the schedule so that the data-parallel gradient reduction matches the other ranks.
+    """
+    if not items:
+        placeholder = _pack([ScoredSequence([pad_token_id], [pad_token_id])], align, pad_token_id, 0)
+        placeholder.response_lengths.zero_()
+        placeholder.targets.fill_(IGNORE_INDEX)
+        placeholder.sequence_index.fill_(-1)
+        return [placeholder]
+    sizes = [sum(s.num_tokens for s in item) for item in items]
+    groups = group_items(sizes, token_budget)
+    longest = max(sum(sizes[i] for i in g) for g in groups)
+    seq_length = max(align, math.ceil((longest + 1) / align) * align)  # ≥ 1 padding token
+    return [_pack([s for i in g for s in items[i]], seq_length, pad_token_id, len(g)) for g in groups]
 
 
-def _pack(pairs: Sequence[PairTokens], seq_length: int, pad_token_id: int) -> PackedMicroBatch:
+def _pack(
+    sequences: Sequence[ScoredSequence], seq_length: int, pad_token_id: int, num_items: int
+) -> PackedMicroBatch:
     ids = torch.full((seq_length,), pad_token_id, dtype=torch.long)
     positions = torch.zeros(seq_length, dtype=torch.long)
     targets = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long)
+    engine = torch.full((seq_length,), float("nan"))
     sequence_index = torch.full((seq_length,), -1, dtype=torch.long)
     bounds, lengths, offset = [0], [], 0
-    for pair in pairs:
-        for response in (pair.chosen_ids, pair.rejected_ids):
-            seq = list(pair.prompt_ids) + list(response)
-            end = offset + len(seq)
-            ids[offset:end] = torch.tensor(seq)
-            positions[offset:end] = torch.arange(len(seq))
-            first = offset + len(pair.prompt_ids) - 1  # this position predicts the first response token
-            targets[first : end - 1] = torch.tensor(list(response))
-            sequence_index[first : end - 1] = len(lengths)
-            lengths.append(len(response))
-            bounds.append(end)
-            offset = end
+    for index, seq in enumerate(sequences):
+        tokens = list(seq.prompt_ids) + list(seq.response_ids)
+        end = offset + len(tokens)
+        ids[offset:end] = torch.tensor(tokens)
+        positions[offset:end] = torch.arange(len(tokens))
+        first = offset + len(seq.prompt_ids) - 1  # this position predicts the first response token
+        if seq.response_ids:
+            targets[first : end - 1] = torch.tensor(list(seq.response_ids))
+            sequence_index[first : end - 1] = index
+            if seq.engine_logprobs is not None:
+                engine[first : end - 1] = torch.tensor(list(seq.engine_logprobs), dtype=torch.float32)
+        lengths.append(len(seq.response_ids))
+        bounds.append(end)
+        offset = end
     positions[offset:] = torch.arange(seq_length - offset)
     bounds.append(seq_length)
     return PackedMicroBatch(
@@ -122,13 +145,14 @@ def _pack(pairs: Sequence[PairTokens], seq_length: int, pad_token_id: int) -> Pa
         targets=targets[None],
         sequence_index=sequence_index,
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        num_pairs=len(pairs),
         response_lengths=torch.tensor(lengths, dtype=torch.float32),
+        engine_logprobs=engine[None],
+        num_items=num_items,
     )
 
 
 def sequence_sums(token_values: torch.Tensor, batch: PackedMicroBatch) -> torch.Tensor:
-    """Sum per packed sequence ``[2·num_pairs]`` of per-position values ``[1, T]`` (unscored positions ignored)."""
+    """Sum per packed sequence ``[S]`` of per-position values ``[1, T]`` (unscored positions ignored)."""
     values = token_values.reshape(-1)
     scored = batch.sequence_index >= 0
     out = torch.zeros(batch.num_sequences, dtype=values.dtype, device=values.device)

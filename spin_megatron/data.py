@@ -1,0 +1,389 @@
+"""Prompt datasets: rows from local .jsonl/.json/.parquet files (or a hub dataset), tokenized into
+:class:`PromptExample` s, and a resumable :class:`PromptSampler` that hands out global batches of prompts.
+
+Every prompt keeps ``prompt_id`` = its row index in the source dataset, so samples, pairs and metrics can be traced
+back to the row, and ``row`` = the raw row the reward function scores against (GSM8K: ``row["answer"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow
+
+from spin_megatron.config import DataConfig
+from spin_megatron.errors import ConfigError, MissingPathError
+
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+# GSM8K's calculator annotations, e.g. "48/2 = <<48/2=24>>24": the model should not learn to emit them.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    """Rows of a JSON Lines file (or of a .json file holding one list of objects), checked line by line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        numbered = [(i + 1, row) for i, row in enumerate(rows)]
+        where = "item"
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from err
+        where = "line"
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{path}:{where} {number}: expected a JSON object per row, got {type(row).__name__}"
+            )
+    return [row for _, row in numbered]
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    if path.suffix in JSON_SUFFIXES:
+        rows = _read_json_rows(path)
+        if not rows:
+            raise ConfigError(f"{path}: no rows; point the data files at a non-empty dataset")
+        try:
+            return datasets.Dataset.from_list(rows)
+        except (ValueError, TypeError) as err:  # pyarrow's ArrowInvalid/ArrowTypeError derive from these
+            raise ConfigError(f"{path}: rows do not share one schema ({_first_line(err)})") from err
+    try:
+        return datasets.load_dataset("parquet", data_files=[str(path)], split="train")
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:
+        raise ConfigError(
+            f"{path}: not a readable parquet file ({_first_line(err.__cause__ or err)})"
+        ) from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def load_rows(
+    files: Sequence[str],
+    *,
+    hub_dataset: str,
+    hub_config: str | None,
+    split: str,
+    setting: str = "data.train_files",
+) -> datasets.Dataset:
+    """The raw rows of ``files`` (concatenated in order) or, when ``files`` is empty, of the hub dataset.
+
+    ``setting`` is the config key the files came from; error messages name it.
+    """
+    if not files:
+        try:
+            return datasets.load_dataset(hub_dataset, hub_config, split=split)
+        except Exception as err:  # offline, unknown name, gated, ...: all mean "give local files"
+            raise ConfigError(
+                f"no local files were given ({setting} is empty) and hub dataset {hub_dataset!r} "
+                f"({hub_config}, split {split}) could not be loaded ({type(err).__name__}: {_first_line(err)}); "
+                f"set {setting} to local .jsonl/.parquet files"
+            ) from err
+    parts = []
+    for name in files:
+        path = Path(name).expanduser()
+        if path.suffix not in JSON_SUFFIXES + PARQUET_SUFFIXES:
+            raise ConfigError(
+                f"{setting}: {name} has an unsupported extension; use .jsonl, .json or .parquet"
+            )
+        if not path.is_file():
+            raise MissingPathError(f"data file {name} does not exist; fix {setting}")
+        parts.append(_load_file(path))
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:
+        raise ConfigError(
+            f"{setting}: the files do not share one set of columns ({_first_line(err)})"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+
+
+@dataclass
+class PromptExample:
+    prompt_id: int  # row index in the source dataset: stable across runs, shuffles and drops
+    prompt_ids: list[int]  # the prompt as the policy sees it (chat template applied)
+    gold_ids: list[int]  # the dataset's response tokens + EOS (SPIN's chosen)
+    row: dict = field(repr=False)  # the raw row; reward functions read e.g. row["answer"]
+
+
+@dataclass
+class DataStats:
+    total: int = 0  # rows in the split
+    kept: int = 0  # prompts that became examples
+    dropped_overlong: int = 0  # prompts longer than data.max_prompt_tokens, dropped
+    truncated: int = 0  # prompts longer than data.max_prompt_tokens, left-truncated
+    gold_truncated: int = 0  # gold responses cut to data.max_gold_tokens
+    max_prompt_tokens: int = 0  # longest kept prompt
+    seconds: float = 0.0  # time spent rendering and tokenizing
+
+    def summary(self, split_name: str) -> str:
+        return (
+            f"{split_name}: {self.kept}/{self.total} prompts kept, {self.dropped_overlong} dropped and "
+            f"{self.truncated} truncated as overlong, {self.gold_truncated} gold responses truncated, "
+            f"longest prompt {self.max_prompt_tokens} tokens ({self.seconds:.2f}s)"
+        )
+
+
+def _column(rows, key: str, cfg_key: str, split_name: str) -> list:
+    columns = (
+        rows.column_names if isinstance(rows, datasets.Dataset) else sorted({k for r in rows for k in r})
+    )
+    if key not in columns:
+        raise ConfigError(
+            f"field {key!r} is missing in {split_name}; its rows have keys {columns}; "
+            f"set {cfg_key} to one of them"
+        )
+    if isinstance(rows, datasets.Dataset):
+        return list(rows[key])
+    return [row.get(key) for row in rows]
+
+
+def _prompt_texts(questions: list, cfg: DataConfig, split_name: str) -> list[str]:
+    texts = []
+    for index, question in enumerate(questions):
+        if question is None or (isinstance(question, str) and not question.strip()):
+            raise ConfigError(
+                f"row {index} of {split_name} has an empty prompt ({cfg.prompt_key!r}); fix or remove that row"
+            )
+        if not isinstance(question, str):
+            raise ConfigError(
+                f"row {index} of {split_name}: prompt field {cfg.prompt_key!r} holds {type(question).__name__}, "
+                "not text; set data.prompt_key to a text field"
+            )
+        texts.append(f"{question}\n{cfg.instruction}" if cfg.instruction else question)
+    return texts
+
+
+def _gold_texts(answers: list, cfg: DataConfig, split_name: str) -> list[str]:
+    texts = []
+    for index, answer in enumerate(answers):
+        if answer is None:
+            raise ConfigError(
+                f"row {index} of {split_name} has no answer ({cfg.answer_key!r}); fix or remove that row"
+            )
+        answer = str(answer)
+        texts.append(_CALCULATOR_ANNOTATION.sub("", answer) if cfg.strip_calculator_annotations else answer)
+    return texts
+
+
+def _tokenize_prompts(texts: list[str], tokenizer, cfg: DataConfig) -> list[list[int]]:
+    if not cfg.use_chat_template:
+        return tokenizer(texts, add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path} has no chat template; set data.use_chat_template=false"
+        )
+    system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    conversations = [[*system, {"role": "user", "content": text}] for text in texts]
+    rendered = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+    # The template already wrote every special token (BOS included, where a model has one).
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def build_examples(
+    rows, tokenizer, cfg: DataConfig, *, split_name: str
+) -> tuple[list[PromptExample], DataStats]:
+    """Tokenized prompts and gold responses of ``rows`` (a ``datasets.Dataset`` or a list of dicts).
+
+    Prompts longer than ``cfg.max_prompt_tokens`` are dropped or keep their last ``max_prompt_tokens`` tokens
+    (``cfg.overlong_prompts``); both are counted in the returned stats. ``split_name`` names the rows in errors.
+    """
+    started = time.perf_counter()
+    stats = DataStats(total=len(rows))
+    if stats.total == 0:
+        raise ConfigError(f"{split_name} has no rows")
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path} has no EOS token; use a tokenizer that defines one"
+        )
+    questions = _column(rows, cfg.prompt_key, "data.prompt_key", split_name)
+    answers = _column(rows, cfg.answer_key, "data.answer_key", split_name)
+    prompt_ids = _tokenize_prompts(_prompt_texts(questions, cfg, split_name), tokenizer, cfg)
+    gold_ids = tokenizer(_gold_texts(answers, cfg, split_name), add_special_tokens=False)["input_ids"]
+    records = rows.to_list() if isinstance(rows, datasets.Dataset) else [dict(r) for r in rows]
+
+    examples = []
+    max_gold = cfg.max_gold_tokens - 1  # one place is kept for EOS
+    for index, (prompt, gold, row) in enumerate(zip(prompt_ids, gold_ids, records)):
+        if len(prompt) > cfg.max_prompt_tokens:
+            if cfg.overlong_prompts == "drop":
+                stats.dropped_overlong += 1
+                continue
+            prompt = prompt[-cfg.max_prompt_tokens :]  # keep the end: the question and the generation prompt
+            stats.truncated += 1
+        if len(gold) > max_gold:
+            gold = gold[:max_gold]
+            stats.gold_truncated += 1
+        examples.append(
+            PromptExample(prompt_id=index, prompt_ids=list(prompt), gold_ids=[*gold, eos_id], row=row)
+        )
+        stats.max_prompt_tokens = max(stats.max_prompt_tokens, len(prompt))
+    stats.kept = len(examples)
+    stats.seconds = time.perf_counter() - started
+    if not examples:
+        raise ConfigError(
+            f"all {stats.total} prompts of {split_name} are longer than data.max_prompt_tokens="
+            f"{cfg.max_prompt_tokens}; raise it or set data.overlong_prompts=left_truncate"
+        )
+    return examples, stats
+
+
+def load_prompt_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[PromptExample], DataStats]:
+    """``split`` = "train" | "val": load_rows + build_examples with the matching config keys.
+
+    Validation keeps the first ``cfg.val_max_prompts`` examples (after overlong prompts were handled).
+    """
+    assert split in ("train", "val"), split
+    files = cfg.train_files if split == "train" else cfg.val_files
+    hub_split = cfg.train_split if split == "train" else cfg.val_split
+    setting = f"data.{split}_files"
+    rows = load_rows(
+        files, hub_dataset=cfg.hub_dataset, hub_config=cfg.hub_config, split=hub_split, setting=setting
+    )
+    where = ", ".join(map(str, files)) if files else f"hub {cfg.hub_dataset}:{hub_split}"
+    examples, stats = build_examples(rows, tokenizer, cfg, split_name=f"{split} data ({where})")
+    if split == "val" and cfg.val_max_prompts is not None:
+        examples = examples[: cfg.val_max_prompts]
+    return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+def shard(batch: Sequence[Any], dp_rank: int, dp_size: int) -> list[Any]:
+    """This data-parallel rank's contiguous slice of a global batch.
+
+    Sizes differ by at most one: the first ``len(batch) % dp_size`` ranks get one item more (as
+    ``numpy.array_split``), so every item lands on exactly one rank, in order.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+    base, extra = divmod(len(batch), dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    return list(batch[start : start + base + (dp_rank < extra)])
+
+
+class PromptSampler:
+    """An endless, deterministic stream of prompts: epoch ``e`` is a permutation drawn with seed ``seed + e``
+    (dataset order when ``shuffle`` is false). Batches cross epoch boundaries without a gap or a repeat, and
+    ``state_dict()`` = (epoch, index) lets a resumed run continue with exactly the same prompts.
+    """
+
+    shard = staticmethod(shard)
+
+    def __init__(self, examples: Sequence[PromptExample], *, shuffle: bool = True, seed: int = 1):
+        if not examples:
+            raise ValueError("PromptSampler needs at least one example")
+        self.examples = list(examples)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0  # position inside the current epoch's order
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
+
+    def next_batch(self, num_prompts: int) -> list[PromptExample]:
+        if num_prompts <= 0:
+            raise ValueError(f"num_prompts must be > 0, got {num_prompts}")
+        batch = []
+        while len(batch) < num_prompts:
+            if self.index == len(self._order):
+                self.epoch += 1
+                self.index = 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(num_prompts - len(batch), len(self._order) - self.index)
+            batch.extend(self.examples[i] for i in self._order[self.index : self.index + take])
+            self.index += take
+        return batch
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "num_examples": len(self.examples),
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("num_examples", "shuffle", "seed"):
+            if state[key] != mine[key]:
+                raise ConfigError(
+                    f"the checkpoint's prompt sampler has {key}={state[key]!r} but this run has {mine[key]!r}; "
+                    "resume with the same data.* settings (files, max_prompt_tokens, shuffle, seed)"
+                )
+        if not 0 <= state["index"] <= len(self.examples) or state["epoch"] < 0:
+            raise ValueError(f"invalid sampler position {state['epoch']=}, {state['index']=}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._epoch_order(self.epoch)
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str):
+    """An ``AutoTokenizer`` from a local folder (or, with network, a hub name); pad token = EOS when missing."""
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if local.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+    elif local.exists():
+        raise MissingPathError(f"tokenizer path {path} is a file; point model.tokenizer_path at its folder")
+    elif looks_local or offline:
+        raise MissingPathError(
+            f"tokenizer folder {path} does not exist{' (HF_HUB_OFFLINE=1, hub not tried)' if offline else ''}; "
+            "set model.tokenizer_path (or model.hf_path) to a local tokenizer folder"
+        )
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as err:
+            raise MissingPathError(
+                f"tokenizer {path!r} is not a local folder and could not be fetched from the hub; "
+                "set model.tokenizer_path to a local tokenizer folder"
+            ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
