@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -25,13 +24,8 @@ import torch.distributed as dist
 from spin_megatron.errors import CheckpointError, ConfigError, OutputExistsError, UserError
 from spin_megatron.models.arch import ModelArch, load_arch
 from spin_megatron.models.builder import DTYPES, build_gpt_model, parse_dtype
-from spin_megatron.models.hf_io import (
-    HFReader,
-    HFShardWriter,
-    copy_tokenizer_files,
-    write_hf_config,
-    write_index,
-)
+from spin_megatron.models.hf_export import begin_output, commit_output, write_hf_checkpoint
+from spin_megatron.models.hf_io import HFReader, copy_tokenizer_files
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.mcore_io import (
     arch_from_meta,
@@ -45,7 +39,6 @@ from spin_megatron.models.weights import check_hf_checkpoint, load_hf_weights
 from spin_megatron.parallel.launch import spawn_local
 from spin_megatron.parallel.schedule import forward_logits
 from spin_megatron.parallel.state import destroy_parallel, init_parallel, launched_by_torchrun
-from spin_megatron.parallel.weight_export import export_hf_weights
 
 PROG = "spin-convert"
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -169,36 +162,6 @@ def preflight(args) -> None:
             raise ConfigError("--batch-size and --seq-len must be ≥ 1")
 
 
-# ---------------------------------------------------------------- output staging (atomic replace)
-def _staging_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-def _begin_output(out: Path) -> Path:
-    staging = _staging_dir(out)
-    if dist.get_rank() == 0:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    dist.barrier()
-    return staging
-
-
-def _commit_output(staging: Path, out: Path) -> None:
-    """Rank 0 swaps the complete staging folder into place; the old output is removed only afterwards."""
-    dist.barrier()
-    if dist.get_rank() == 0:
-        old = out.parent / f".{out.name}.replaced"
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        staging.rename(out)
-        if old.exists():
-            shutil.rmtree(old)
-    dist.barrier()
-
-
 def _log(*parts) -> None:
     if dist.get_rank() == 0:
         print(*parts, flush=True)
@@ -212,13 +175,13 @@ def hf_to_mcore(args, groups) -> int:
     mapping = mapping_for(arch, padded)
     model = build_gpt_model(arch, groups, dtype=dtype, padded_vocab_size=padded, perform_initialization=False)
     load_hf_weights(model, HFReader(args.hf_dir), mapping, groups)
-    staging = _begin_output(args.out)
+    staging = begin_output(args.out)
     save_model_shards(model, staging)
     if groups.rank == 0:
         (staging / "tokenizer").mkdir()
         copy_tokenizer_files(args.hf_dir, staging / "tokenizer")
         write_meta(staging, arch, padded, dtype, groups, source=str(args.hf_dir.resolve()))
-    _commit_output(staging, args.out)
+    commit_output(staging, args.out)
     _log(
         f"wrote Megatron-Core checkpoint {args.out} ({arch.architecture}, {arch.num_layers} layers, "
         f"{DTYPES_NAME[dtype]}, written at tp={groups.tp_size} pp={groups.pp_size}; loadable at any TP/PP)"
@@ -233,25 +196,17 @@ def mcore_to_hf(args, groups) -> int:
     meta = read_meta(args.mcore_dir)
     out_dtype = _resolve_dtype(args.dtype, meta["dtype"])
     model, arch, meta = build_model_from_checkpoint(args.mcore_dir, groups, perform_initialization=False)
-    mapping = mapping_for(arch, int(meta["padded_vocab_size"]))
-    staging = _begin_output(args.out)
-    prefix = f"model-pp{groups.pp_rank:02d}" if groups.pp_size > 1 else "model"
-    writer = HFShardWriter(staging, prefix=prefix, max_shard_bytes=_parse_size(args.max_shard_size))
-    writes = groups.tp_rank == 0 and groups.dp_rank == 0
-    for name, tensor in export_hf_weights(model, mapping, groups):
-        if writes:
-            writer.add(name, tensor.to(out_dtype))
-    writer.flush()
-    maps = [None] * groups.world_size
-    dist.all_gather_object(maps, (writer.weight_map, writer.total_bytes) if writes else ({}, 0))
-    if groups.rank == 0:
-        weight_map = {k: v for m, _ in maps for k, v in m.items()}
-        write_index(staging, weight_map, sum(b for _, b in maps))
-        config_src = args.hf_config_from
-        hf_config = load_arch(config_src).hf_config if config_src else arch.hf_config
-        write_hf_config(staging, hf_config, out_dtype)
-        copy_tokenizer_files(config_src or Path(args.mcore_dir) / "tokenizer", staging)
-    _commit_output(staging, args.out)
+    config_src = args.hf_config_from
+    write_hf_checkpoint(
+        model,
+        mapping_for(arch, int(meta["padded_vocab_size"])),
+        groups,
+        args.out,
+        hf_config=load_arch(config_src).hf_config if config_src else arch.hf_config,
+        dtype=out_dtype,
+        tokenizer_src=config_src or Path(args.mcore_dir) / "tokenizer",
+        max_shard_bytes=_parse_size(args.max_shard_size),
+    )
     _log(
         f"wrote HF checkpoint {args.out} ({DTYPES_NAME[out_dtype]}); load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
