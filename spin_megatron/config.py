@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spin_megatron.errors import ConfigError
+from spin_megatron.rollout.sglang_config import SGLangConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -32,7 +33,7 @@ def _default_files(split: str) -> list[str]:
     return [str(path)] if path.is_file() else []
 
 
-def _default_tokenizer() -> str:
+def default_tokenizer() -> str:
     path = SHARED_DATA / "qwen2.5-tokenizer"
     return str(path) if (path / "vocab.json").is_file() else "Qwen/Qwen2.5-0.5B-Instruct"
 
@@ -74,9 +75,14 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+
+    def check_source(self) -> None:
         sources = [k for k in ("hf_path", "mcore_ckpt", "tiny") if getattr(self, k) is not None]
         if not sources:
-            raise ConfigError("no model given: set model.hf_path, model.mcore_ckpt or model.tiny")
+            raise ConfigError(
+                "no model given: set model.hf_path=HF_DIR or model.mcore_ckpt=DIR, or use a preset such as "
+                "experiment=tiny_cpu"
+            )
         if self.tiny is not None and len(sources) > 1:
             raise ConfigError(f"model.tiny builds a random model; do not also set model.{sources[0]}")
 
@@ -124,6 +130,7 @@ class RolloutConfig:
     max_batch_size: int = 64  # hf engine: sequences decoded together
     dump_path: str | None = None  # write every step's samples to this jsonl
     replay_path: str | None = None  # engine=replay: serve samples from this dump
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: servers, sync mode, ...
 
     def __post_init__(self):
         _choice("rollout.engine", self.engine, ("hf", "sglang", "replay"))
@@ -214,7 +221,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | never | a checkpoint path
     seed: int = 1234  # model init, sampling and dropout seed
     export_hf: bool = True  # write the final policy as an HF folder to <output_dir>/hf
-    logprob_chunk_tokens: int = 1024  # chunk of the vocab-parallel log-prob computation
+    logprob_chunk_tokens: int = (
+        256  # tokens per chunk of the fp32 log-prob pass (bounds its [chunk, V/TP] buffer)
+    )
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "micro_batch_tokens", "logprob_chunk_tokens"):
@@ -248,7 +257,7 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class Config:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyModelConfig()))
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -258,6 +267,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        self.model.check_source()
         if self.algorithm.mode == "online" and self.rollout.n < 2:
             raise ConfigError("algorithm.mode=online needs rollout.n ≥ 2 (best vs worst sample of a prompt)")
         if self.algorithm.mode == "spin" and self.algorithm.pairs_per_prompt > self.rollout.n:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spin_megatron.config import Config
+from spin_megatron.config import Config, default_tokenizer
 from spin_megatron.errors import ConfigError
 from spin_megatron.models.arch import ModelArch, load_arch
 from spin_megatron.models.builder import build_gpt_model, parse_dtype
@@ -66,7 +66,10 @@ def resolve_model_source(cfg: Config, groups: ParallelGroups | None, tp_size: in
             dist.barrier()
         arch = load_arch(hf_dir)
         return ModelSource(
-            arch, arch.padded_vocab_size(tp_size), hf_dir=hf_dir, tokenizer_dir=model_cfg.tokenizer_path
+            arch,
+            arch.padded_vocab_size(tp_size),
+            hf_dir=hf_dir,
+            tokenizer_dir=model_cfg.tokenizer_path or default_tokenizer(),
         )
     if model_cfg.mcore_ckpt is not None:
         meta = read_meta(model_cfg.mcore_ckpt)

@@ -1,21 +1,125 @@
-"""``spin-train``: the SPIN / online-DPO trainer entry point (Hydra).
+"""``spin-train`` / ``torchrun -m spin_megatron.train``: Hydra overrides in, a SPIN run out.
 
-Not implemented yet: it lands with the trainer issue. Until then this exits with a clear message instead of
-pretending to train.
+    spin-train experiment=tiny_cpu trainer.total_steps=4
+    torchrun --nproc_per_node 8 -m spin_megatron.train experiment=qwen2.5_3b_gsm8k parallel.tp=2
+
+The configuration is composed with Hydra's compose API from ``conf/`` (schema: ``spin_megatron/config.py``) and
+validated completely — unknown keys, wrong types, invalid values, parallel sizes that do not fit the model or the
+world size, missing files — before any process group starts. Every such mistake is one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+
+from spin_megatron.config import REPO, Config, register_configs
+from spin_megatron.errors import ConfigError, UserError
+
+PROG = "spin-train"
+CONF_DIR = Path(os.environ.get("SPIN_CONF_DIR", REPO / "conf"))
+
+
+def load_config(overrides: list[str]) -> Config:
+    """Compose ``conf/config.yaml`` with ``overrides`` and return the validated :class:`Config`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+            composed = compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_describe_hydra_error(exc)) from None
+
+
+def _describe_hydra_error(exc: Exception) -> str:
+    cause = exc.__cause__ or exc
+    full_key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if "not in struct" in str(cause) or "Key '" in first and "not in" in first:
+        return f"unknown config key {full_key or first!s}: check the spelling (see spin_megatron/config.py)"
+    if full_key:
+        return f"invalid value for {full_key}: {first}"
+    return f"invalid configuration: {first}"
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Checks that need no process group: layout vs model and world size, files, resume state."""
+    from spin_megatron.models.arch import arch_from_hf_config, load_arch
+    from spin_megatron.models.mcore_io import arch_from_meta, read_meta
+    from spin_megatron.parallel.state import validate_parallel_sizes
+    from spin_megatron.trainer import resume_path
+
+    dp = validate_parallel_sizes(world_size, cfg.parallel.tp, cfg.parallel.pp)
+    m = cfg.model
+    if m.tiny is not None:
+        t = m.tiny
+        arch = arch_from_hf_config(
+            {
+                "architectures": [f"{'Qwen2' if t.architecture == 'qwen2' else 'Llama'}ForCausalLM"],
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "vocab_size": t.vocab_size,
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+            }
+        )
+    elif m.mcore_ckpt is not None:
+        arch = arch_from_meta(read_meta(m.mcore_ckpt))
+    else:
+        arch = load_arch(m.hf_path)
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    if cfg.trainer.prompts_per_step < dp:
+        raise ConfigError(
+            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than the data-parallel "
+            f"size {dp}: every replica needs at least one prompt"
+        )
+    for key in ("train_files", "val_files"):
+        for path in getattr(cfg.data, key):
+            if not Path(path).is_file():
+                raise ConfigError(f"data.{key}: {path} does not exist")
+    resume_path(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "spin-train: error: the trainer is not implemented yet (it builds on the foundation that is here: "
-        "spin-convert and the Megatron model). See README.md, section Status.",
-        file=sys.stderr,
-    )
-    return 2
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(overrides)
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except UserError as exc:
+        if rank == 0:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    from spin_megatron.parallel.state import destroy_parallel, init_parallel
+    from spin_megatron.trainer import SPINTrainer
+
+    groups = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
+    try:
+        trainer = SPINTrainer(cfg, groups)
+        trainer.fit()
+    except UserError as exc:
+        where = f" [rank {rank}]" if groups.world_size > 1 else ""
+        print(f"{PROG}: error{where}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel()
+    if rank == 0:
+        out = Path(cfg.trainer.output_dir)
+        print(
+            f"done: metrics {out / 'metrics.jsonl'}, checkpoints {out / 'checkpoints'}"
+            + (f", HF export {out / 'hf'}" if cfg.trainer.export_hf else "")
+            + f"; plot with: spin-plot {out}",
+            flush=True,
+        )
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Rollout engines (``hf`` in-process, ``sglang`` servers, ``replay`` of a dump) behind one protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spin_megatron.models.builder import parse_dtype
+from spin_megatron.parallel.state import ParallelGroups
+from spin_megatron.rollout.replay import ReplayEngine, RolloutDump
+
+
+def per_replica_path(path: str, groups: ParallelGroups) -> Path:
+    """One dump file per data-parallel replica: ``rollouts.jsonl`` → ``rollouts.dp1.jsonl`` when DP > 1."""
+    p = Path(path)
+    return p if groups.dp_size == 1 else p.with_name(f"{p.stem}.dp{groups.dp_rank}{p.suffix}")
+
+
+def build_engine(cfg, source, groups: ParallelGroups):
+    """The configured engine, on this replica's engine rank (the caller decides where)."""
+    rollout = cfg.rollout
+    if rollout.engine == "replay":
+        return ReplayEngine(per_replica_path(rollout.replay_path, groups))
+    if rollout.engine == "hf":
+        from spin_megatron.rollout.hf_engine import HFEngine
+
+        pad = source.arch.hf_config.get("pad_token_id") or 0
+        engine = HFEngine.from_config(
+            source.arch.hf_config,
+            dtype=parse_dtype(cfg.model.dtype),
+            pad_token_id=pad,
+            max_batch_size=rollout.max_batch_size,
+            seed=cfg.trainer.seed,
+            show_progress=cfg.logging.progress_bar,
+        )
+        engine.model.to(groups.device)
+        return engine
+    from spin_megatron.rollout.sglang_engine import build_sglang_engine
+
+    return build_sglang_engine(cfg, source, groups)
+
+
+def maybe_dump(rollout_cfg, groups: ParallelGroups, step: int, samples, *, on_engine_rank: bool) -> None:
+    if rollout_cfg.dump_path and on_engine_rank:
+        RolloutDump(per_replica_path(rollout_cfg.dump_path, groups)).write(step, samples)

@@ -1,0 +1,136 @@
+"""One step's experience: generate on the engine rank, score, share with the model-parallel group, pair.
+
+Generation and scoring happen on the replica's engine rank only; the scored samples are then broadcast to the
+other ranks of its model-parallel group, which all build the same pairs from them (pairing is deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spin_megatron.config import AlgorithmConfig, RolloutConfig
+from spin_megatron.data import PromptExample
+from spin_megatron.pairs import build_online_pairs, build_spin_pairs
+from spin_megatron.parallel.collectives import broadcast_object
+from spin_megatron.parallel.packing import ScoredSequence
+from spin_megatron.parallel.state import ParallelGroups
+from spin_megatron.rewards import score_samples
+from spin_megatron.rollout.protocol import Sample, SamplingParams
+
+ROLLOUT_SUMS = (
+    "prompts",
+    "samples",
+    "reward/sum",
+    "reward/correct",
+    "response_length/sum",
+    "response/truncated",
+    "pairs/kept",
+    "pairs/dropped_ties",
+    "pairs/all_correct",
+    "pairs/all_wrong",
+    "pairs/dropped_too_few",
+    "pairs/excluded_truncated",
+)
+_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the usual end-of-turn tokens it knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
+    return tuple(sorted(ids))
+
+
+def sampling_params(cfg: RolloutConfig, stop_ids: tuple[int, ...], seed: int, *, greedy: bool = False):
+    if greedy:
+        return SamplingParams(
+            n=1,
+            temperature=0.0,
+            max_new_tokens=cfg.val_max_new_tokens or cfg.max_new_tokens,
+            stop_token_ids=stop_ids,
+            seed=seed,
+        )
+    return SamplingParams(
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_token_ids=stop_ids,
+        seed=seed,
+    )
+
+
+def generate_scored(
+    engine,
+    examples: list[PromptExample],
+    params: SamplingParams,
+    *,
+    reward_fn,
+    tokenizer,
+    groups: ParallelGroups,
+    engine_src: int,
+) -> list[Sample]:
+    """Samples (with rewards) of this replica's prompts, on every rank of its model-parallel group."""
+    samples = None
+    if groups.rank == engine_src:
+        samples = (
+            engine.generate(
+                [ex.prompt_ids for ex in examples], params, prompt_keys=[ex.prompt_id for ex in examples]
+            )
+            if examples
+            else []
+        )
+        rows = {ex.prompt_id: ex.row for ex in examples}
+        score_samples(
+            samples, reward_fn, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), rows=rows
+        )
+    return broadcast_object(samples, engine_src, groups.pgs.mp)
+
+
+@dataclass
+class Experience:
+    samples: list[Sample]
+    items: list[list[ScoredSequence]]  # [chosen, rejected] per pair
+    sums: dict[str, float]  # ROLLOUT_SUMS of this replica
+
+
+def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: AlgorithmConfig) -> Experience:
+    if cfg.mode == "online":
+        pairs, stats = build_online_pairs(
+            samples,
+            tie_policy=cfg.tie_policy,
+            tie_break=cfg.tie_break,
+            missing_eos=cfg.missing_eos,
+            missing_eos_penalty=cfg.missing_eos_penalty,
+        )
+    else:
+        gold = {ex.prompt_id: ex.gold_ids for ex in examples}
+        pairs, stats = build_spin_pairs(
+            samples, gold, missing_eos=cfg.missing_eos, pairs_per_prompt=cfg.pairs_per_prompt
+        )
+    by_key = {(s.prompt_id, s.sample_index): s for s in samples}
+
+    def sequence(pair, ids, index) -> ScoredSequence:
+        sample = by_key.get((pair.prompt_id, index)) if index is not None else None
+        return ScoredSequence(pair.prompt_ids, ids, sample.logprobs if sample is not None else None)
+
+    items = [
+        [
+            sequence(p, p.chosen_ids, None if p.chosen_is_gold else p.chosen_sample_index),
+            sequence(p, p.rejected_ids, p.rejected_sample_index),
+        ]
+        for p in pairs
+    ]
+    metrics = stats.as_metrics()
+    sums = {
+        "prompts": float(len(examples)),
+        "samples": float(len(samples)),
+        "reward/sum": sum(s.reward for s in samples),
+        "reward/correct": float(sum(s.reward >= 1.0 for s in samples)),
+        "response_length/sum": float(sum(len(s.response_ids) for s in samples)),
+        "response/truncated": float(sum(s.truncated for s in samples)),
+        **{k: metrics.get(k, 0.0) for k in ROLLOUT_SUMS if k.startswith("pairs/")},
+    }
+    return Experience(samples=samples, items=items, sums=sums)

@@ -1,0 +1,163 @@
+"""Configuration of the SGLang rollout engine (``rollout.sglang.*``) and the pure decisions derived from it.
+
+Written against SGLang ≥ 0.5 (HTTP server of ``python -m sglang.launch_server``) and ``sglang_router`` ≥ 0.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from spin_megatron.errors import ConfigError
+
+SYNC_MODES = ("auto", "colocated", "disaggregated")
+ROUTER_POLICIES = ("round_robin", "cache_aware", "random", "power_of_two")
+SERVER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+ResolvedSyncMode = Literal["colocated", "disaggregated"]
+
+_KEY = "rollout.sglang"
+
+
+def _fail(field: str, requirement: str, value: object) -> ConfigError:
+    return ConfigError(f"{_KEY}.{field} {requirement}; got {value!r}")
+
+
+def _check_port(field: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise _fail(field, "must be a TCP port in [1, 65535]", port)
+
+
+@dataclass(kw_only=True)
+class SGLangConfig:
+    """How to start (or find) the SGLang servers and how to talk to them."""
+
+    model_path: str = ""  # HF checkpoint the launched servers load (not needed with `urls`)
+    num_engines: int = 1  # servers to launch; each holds a full model copy (data parallel)
+    tp_size: int = 1  # tensor-parallel GPUs per server (must match attached servers too)
+    gpu_ids: tuple[int, ...] = ()  # physical GPUs of launched servers, tp_size each, in order; () = 0..N-1
+    host: str = "127.0.0.1"  # interface the launched servers (and router) bind to
+    base_port: int = 30000  # server i listens on base_port + i
+    mem_fraction_static: float = 0.8  # fraction of GPU memory SGLang reserves for weights + KV cache
+    enable_memory_saver: bool = False  # colocated mode: lets sleep()/wake() release and resume GPU memory
+    skip_tokenizer_init: bool = True  # token ids in and out; no tokenizer needed, no response text
+    dtype: str = "auto"  # --dtype of the servers
+    random_seed: int | None = None  # --random-seed of the servers (None: SGLang's default)
+    enable_deterministic_inference: bool = False  # needed for SGLang to honour per-request sampling seeds
+    urls: tuple[str, ...] = ()  # attach to these running servers instead of launching (e.g. http://h:30000)
+    use_router: bool = False  # put `sglang_router` in front of the servers and send /generate through it
+    router_port: int = 31000  # port of the router
+    router_policy: str = "round_robin"  # load-balancing policy of the router
+    health_timeout_s: float = 900.0  # how long a server (or the router) may take to answer /health with 200
+    request_timeout_s: float = 600.0  # timeout of one HTTP request (a generation, a weight bucket)
+    max_inflight_requests: int = 64  # generation requests in flight at once, over all servers
+    sync_mode: str = "auto"  # colocated (CUDA IPC) | disaggregated (NCCL) | auto (see resolve_sync_mode)
+    weight_sync_master_address: str = "127.0.0.1"  # disaggregated: where the servers reach the trainer
+    weight_sync_master_port: int = 0  # disaggregated: rendezvous port of the NCCL group (0: a free one)
+    log_dir: str = ""  # per-server log files go here ("" = a fresh temporary directory)
+    extra_server_args: tuple[str, ...] = ()  # appended verbatim to every launch_server command line
+    python_executable: str = ""  # interpreter that runs the servers ("" = the trainer's own)
+
+    def __post_init__(self):
+        for field in ("urls", "gpu_ids", "extra_server_args"):
+            # Hydra/OmegaConf hand lists over; the engine treats these as immutable tuples.
+            object.__setattr__(self, field, tuple(getattr(self, field)))
+        self._check_counts()
+        self._check_ports()
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise _fail(
+                "mem_fraction_static", "must be in the open interval (0, 1)", self.mem_fraction_static
+            )
+        for field in ("health_timeout_s", "request_timeout_s"):
+            if not getattr(self, field) > 0:
+                raise _fail(field, "must be > 0 seconds", getattr(self, field))
+        choices = {"sync_mode": SYNC_MODES, "router_policy": ROUTER_POLICIES, "dtype": SERVER_DTYPES}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise _fail(field, f"must be one of {', '.join(map(repr, allowed))}", getattr(self, field))
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise _fail("urls", "must be full server addresses such as 'http://127.0.0.1:30000'", url)
+
+    def _check_counts(self) -> None:
+        for field in ("num_engines", "tp_size", "max_inflight_requests"):
+            if getattr(self, field) < 1:
+                raise _fail(field, "must be ≥ 1", getattr(self, field))
+        if self.urls and self.num_engines not in (1, len(self.urls)):
+            raise _fail(
+                "num_engines",
+                f"must be 1 or len(urls)={len(self.urls)} when urls are given",
+                self.num_engines,
+            )
+        if self.gpu_ids:
+            if len(self.gpu_ids) != self.num_engines * self.tp_size:
+                raise _fail(
+                    "gpu_ids",
+                    f"must list num_engines × tp_size = {self.num_engines * self.tp_size} GPUs (or be empty)",
+                    self.gpu_ids,
+                )
+            if len(set(self.gpu_ids)) != len(self.gpu_ids) or min(self.gpu_ids) < 0:
+                raise _fail("gpu_ids", "must be distinct non-negative GPU indices", self.gpu_ids)
+
+    def _check_ports(self) -> None:
+        _check_port("base_port", self.base_port)
+        _check_port("base_port", self.base_port + self.num_engines - 1)
+        _check_port("router_port", self.router_port)
+        if (
+            not self.urls
+            and self.use_router
+            and self.base_port <= self.router_port < self.base_port + self.num_engines
+        ):
+            raise _fail(
+                "router_port",
+                f"must differ from the server ports starting at base_port={self.base_port}",
+                self.router_port,
+            )
+        if self.weight_sync_master_port != 0:
+            _check_port("weight_sync_master_port", self.weight_sync_master_port)
+
+    def check_server_source(self) -> None:
+        """Launching needs a checkpoint. Checked when the engine starts, not in ``__post_init__``, so that a
+        default config can exist (an unused section, or before the trainer fills in ``model_path``)."""
+        if not self.urls and not self.model_path:
+            raise ConfigError(
+                f"{_KEY}.model_path is required to launch SGLang servers (or give {_KEY}.urls to attach to "
+                "running ones)"
+            )
+
+    @property
+    def launches_servers(self) -> bool:
+        return not self.urls
+
+    @property
+    def engine_count(self) -> int:
+        return len(self.urls) if self.urls else self.num_engines
+
+
+def engine_gpu_groups(config: SGLangConfig) -> list[tuple[int, ...]]:
+    """Physical GPU ids of each launched server: ``tp_size`` consecutive ``gpu_ids`` (default 0..N-1)."""
+    gpus = config.gpu_ids or tuple(range(config.num_engines * config.tp_size))
+    return [gpus[i * config.tp_size : (i + 1) * config.tp_size] for i in range(config.num_engines)]
+
+
+def engine_urls(config: SGLangConfig) -> list[str]:
+    """Where the servers answer: the given ``urls``, or ``http://host:base_port+i`` for launched ones."""
+    if config.urls:
+        return [url.rstrip("/") for url in config.urls]
+    return [f"http://{config.host}:{config.base_port + i}" for i in range(config.num_engines)]
+
+
+def resolve_sync_mode(config: SGLangConfig, trainer_gpu_ids: Sequence[int] | None = None) -> ResolvedSyncMode:
+    """``auto`` → colocated when the servers release memory for training (memory saver) or when launched
+    servers share a GPU with the trainer; otherwise disaggregated. With attached servers the GPUs are unknown,
+    so only ``enable_memory_saver`` decides."""
+    if config.sync_mode != "auto":
+        return config.sync_mode  # type: ignore[return-value]
+    if config.enable_memory_saver:
+        return "colocated"
+    if config.launches_servers and trainer_gpu_ids is not None:
+        engine_gpus = {gpu for group in engine_gpu_groups(config) for gpu in group}
+        if engine_gpus & set(trainer_gpu_ids):
+            return "colocated"
+    return "disaggregated"

@@ -1,0 +1,295 @@
+"""The ``sglang`` rollout engine: SGLang HTTP servers launched (or attached to) by the trainer.
+
+Generation posts one ``/generate`` request per SAMPLE rather than one per prompt with SGLang's ``n``: every
+sample then gets its own ``sampling_seed`` (with ``n`` > 1 one request carries one seed, and seeded samples of
+a prompt would all be identical), its own finish reason and log-probs without relying on the server's ordering
+of ``n`` outputs, and the load spreads evenly. The prompt is still prefilled once per server: all its samples
+go to the same server, whose radix cache shares the prefix. At most ``max_inflight_requests`` requests are in
+flight.
+
+Lifecycle (colocated): ``sleep()`` releases KV cache and weights before training, ``update_weights`` resumes
+the weights and loads each bucket, ``finish_weight_update`` flushes the prefix cache, ``wake()`` resumes the
+KV cache.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from spin_megatron.errors import ConfigError
+from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.sglang_config import SGLangConfig, resolve_sync_mode
+from spin_megatron.rollout.sglang_protocol import (
+    MEMORY_TAGS,
+    GenerateOutput,
+    SGLangServerError,
+    generate_payload,
+    memory_payload,
+    parse_generate_response,
+    sample_seed,
+    snippet,
+)
+from spin_megatron.rollout.sglang_server import HttpClient, ServerFleet, post_to_all
+from spin_megatron.rollout.sglang_weights import ColocatedWeightSync, DisaggregatedWeightSync
+
+FLUSH_RETRY_S = 0.2
+
+
+def current_trainer_gpus() -> list[int] | None:
+    """Physical id of this process's CUDA device (through CUDA_VISIBLE_DEVICES), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    visible = [
+        entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()
+    ]
+    if visible and all(entry.isdigit() for entry in visible):
+        return [int(visible[index])]
+    return [index]  # no (or UUID-style) CUDA_VISIBLE_DEVICES: indices are physical, or unknowable
+
+
+class SGLangEngine:
+    """A :class:`~spin_megatron.rollout.protocol.RolloutEngine` backed by SGLang servers."""
+
+    def __init__(self, config: SGLangConfig, *, trainer_gpu_ids: Sequence[int] | None = None):
+        config.check_server_source()
+        self.config = config
+        if trainer_gpu_ids is None:
+            trainer_gpu_ids = current_trainer_gpus()
+        self.sync_mode = resolve_sync_mode(config, trainer_gpu_ids)
+        self._client = HttpClient(timeout_s=config.request_timeout_s, pool_size=config.max_inflight_requests)
+        self._fleet = ServerFleet(config, colocated=self.sync_mode == "colocated", client=self._client)
+        self._client.describe_failure = self._fleet.describe_failure
+        self._fleet.start()
+        self._generate_pool = ThreadPoolExecutor(
+            config.max_inflight_requests, thread_name_prefix="sglang-generate"
+        )
+        # One weight/memory request per server at a time, plus room for any a failed call left running.
+        self._admin_pool = ThreadPoolExecutor(2 * len(self.urls), thread_name_prefix="sglang-admin")
+        if self.sync_mode == "colocated":
+            self._weights = ColocatedWeightSync(self._client, self._admin_pool, self.urls, config.tp_size)
+        else:
+            self._weights = DisaggregatedWeightSync(
+                self._client, self._admin_pool, self.urls, config.tp_size,
+                master_address=config.weight_sync_master_address, master_port=config.weight_sync_master_port,
+                timeout_s=config.request_timeout_s,
+            )  # fmt: skip
+        self._released: set[str] = set()  # memory tags released by sleep() and not resumed yet
+        self._next_server = 0
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers themselves: weight and memory calls go to each of them, never via the router."""
+        return self._fleet.urls
+
+    @property
+    def log_dir(self) -> Path | None:
+        """Where launched servers log (``None`` when attached and no log was written)."""
+        return self._fleet.log_dir
+
+    def __enter__(self) -> SGLangEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    # ----- generation -------------------------------------------------------------------------------------
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, prompt_keys: list[Hashable] | None = None
+    ) -> list[Sample]:
+        """``params.n`` samples per prompt, prompt by prompt, ``sample_index`` 0..n-1 inside each."""
+        self._check_open()
+        if self._released:
+            raise RuntimeError(
+                "the SGLang servers are asleep (memory released): call wake() before generate()"
+            )
+        keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
+        if len(keys) != len(prompt_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(keys)} prompt_keys")
+        for position, ids in enumerate(prompt_ids):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {keys[position]!r} has no tokens")
+        targets = self._fleet.generate_urls
+        first, self._next_server = self._next_server, (self._next_server + len(prompt_ids)) % len(targets)
+        jobs: list[tuple[int, int, Future]] = []
+        for position, ids in enumerate(prompt_ids):
+            url = targets[(first + position) % len(targets)]  # all samples of a prompt share a radix cache
+            for index in range(params.n):
+                seed = None if params.seed is None else sample_seed(params.seed, position, index)
+                future = self._generate_pool.submit(
+                    self._generate_one, url, generate_payload(ids, params, seed=seed)
+                )
+                jobs.append((position, index, future))
+        outputs = _results([future for _, _, future in jobs])
+        return [
+            Sample(
+                prompt_id=keys[position],
+                prompt_ids=list(prompt_ids[position]),
+                response_ids=out.output_ids,
+                finish_reason=out.finish_reason,
+                sample_index=index,
+                logprobs=out.logprobs,
+                response_text=out.text,
+            )
+            for (position, index, _), out in zip(jobs, outputs, strict=True)
+        ]
+
+    def _generate_one(self, url: str, payload: dict) -> GenerateOutput:
+        body = self._client.post_json(url, "/generate", payload)
+        try:
+            outputs = parse_generate_response(body)
+        except SGLangServerError as exc:
+            raise SGLangServerError(f"{url}/generate: {exc}") from exc
+        if len(outputs) != 1:
+            raise SGLangServerError(
+                f"{url}/generate: asked for one sample, got {len(outputs)}: {snippet(repr(body))}"
+            )
+        return outputs[0]
+
+    # ----- weights ----------------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of HF-named full tensors into every server."""
+        self._check_open()
+        named = list(named_tensors)
+        if not named:
+            return
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "SGLang weight sync sends tensors over CUDA (IPC or NCCL); CUDA is not available"
+            )
+        if "weights" in self._released:
+            self._resume(["weights"])  # the KV cache stays released until wake()
+        self._weights.push(named)
+
+    def finish_weight_update(self) -> None:
+        """End of a sync: old weights' KV entries must not be reused, so the prefix cache is flushed."""
+        self._check_open()
+        # A released KV cache was flushed by the release itself and has served nothing since.
+        if "kv_cache" not in self._released:
+            self._flush_caches()
+        self._weights.finish()
+
+    # ----- memory -----------------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Release KV cache and weights (memory-saver servers only; others keep their memory: no-op)."""
+        self._check_open()
+        if not self.config.enable_memory_saver or self._released:
+            return
+        self._flush_caches()  # SGLang refuses to release memory while requests are still queued
+        self._post_all("/release_memory_occupation", memory_payload(MEMORY_TAGS))
+        self._released = set(MEMORY_TAGS)
+
+    def wake(self) -> None:
+        self._check_open()
+        self._resume([tag for tag in ("weights", "kv_cache") if tag in self._released])
+
+    def _resume(self, tags: list[str]) -> None:
+        if not tags:
+            return
+        self._post_all("/resume_memory_occupation", memory_payload(tags))
+        self._released -= set(tags)
+
+    def _post_all(self, endpoint: str, payload: dict) -> None:
+        post_to_all(self._client, self._admin_pool, self.urls, endpoint, [payload] * len(self.urls))
+
+    def _flush_caches(self) -> None:
+        """POST /flush_cache to every server; SGLang answers 400 while requests run, so retry until idle."""
+        for url in self.urls:
+            deadline = time.monotonic() + self.config.request_timeout_s
+            while True:
+                response = self._client.request("POST", url, "/flush_cache")
+                if response.status_code == 200:
+                    break
+                if response.status_code != 400 or time.monotonic() > deadline:
+                    raise SGLangServerError(
+                        f"{url}/flush_cache answered HTTP {response.status_code}: {snippet(response.text)}"
+                    )
+                time.sleep(FLUSH_RETRY_S)
+
+    # ----- shutdown ---------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Leave the weight-update group, stop every process this engine started. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        self._generate_pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            # Servers we launched are about to stop: telling them to leave the group first would be wasted.
+            self._weights.close(notify_servers=not self.config.launches_servers)
+        finally:
+            self._admin_pool.shutdown(wait=False, cancel_futures=True)
+            self._fleet.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this SGLangEngine was shut down; create a new one")
+
+
+def _results(futures: list[Future]) -> list:
+    """Results in order; on the first failure the requests not started yet are cancelled, then it raises."""
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
+    """The trainer's factory (``rollout.engine=sglang``), called on one data-parallel replica's engine rank.
+
+    ``cfg.rollout.sglang`` (an :class:`SGLangConfig` or a mapping; absent = defaults) configures the servers.
+    Without ``model_path`` or ``urls`` they load the policy's HF checkpoint, or, when the policy starts from a
+    Megatron checkpoint, its architecture with random (``--load-format dummy``) weights: the trainer's first
+    weight sync overwrites them, as it does for the ``hf`` engine. Each replica gets its own servers: replica
+    ``r`` shifts the launched ports by ``r × num_engines`` (router: ``r``) and ``gpu_ids`` (default 0..N-1) by
+    ``r × num_engines × tp_size`` (one node; multi-node placement is left to a scheduler such as Ray), and
+    ``urls`` are split evenly over the replicas.
+    """
+    raw = getattr(cfg.rollout, "sglang", None)
+    config = raw if isinstance(raw, SGLangConfig) else SGLangConfig(**dict(raw or {}))
+    replica, replicas = groups.dp_rank, groups.dp_size
+    if config.urls:
+        if len(config.urls) % replicas:
+            raise ConfigError(
+                f"rollout.sglang.urls lists {len(config.urls)} servers, which does not split evenly over "
+                f"{replicas} data-parallel replicas; give a multiple of {replicas}"
+            )
+        share = len(config.urls) // replicas
+        mine = config.urls[replica * share : (replica + 1) * share]
+        return SGLangEngine(replace(config, urls=mine, num_engines=1))
+    gpus_per_replica = config.num_engines * config.tp_size
+    gpus = config.gpu_ids or tuple(range(gpus_per_replica))
+    config = replace(
+        config,
+        base_port=config.base_port + replica * config.num_engines,
+        router_port=config.router_port + replica,
+        gpu_ids=tuple(gpu + replica * gpus_per_replica for gpu in gpus),
+    )
+    if not config.model_path:
+        config = _with_policy_checkpoint(config, source, Path(cfg.trainer.output_dir))
+    return SGLangEngine(config)
+
+
+def _with_policy_checkpoint(config: SGLangConfig, source, output_dir: Path) -> SGLangConfig:
+    if source.hf_dir is not None:
+        return replace(config, model_path=str(source.hf_dir))
+    model_dir = output_dir / "sglang_init_model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f"config.json.{os.getpid()}"  # replicas may write at once: rename is atomic
+    staging.write_text(json.dumps(source.arch.hf_config, indent=2))
+    staging.replace(model_dir / "config.json")
+    extra = (*config.extra_server_args, "--load-format", "dummy")
+    return replace(config, model_path=str(model_dir), extra_server_args=extra)

@@ -1,0 +1,64 @@
+"""Validation: greedy GSM8K accuracy of the rollout engine (synced with the policy) and the policy's mean NLL
+of the gold responses, on this data-parallel rank's share of the validation prompts."""
+
+from __future__ import annotations
+
+from spin_megatron.data import PromptExample
+from spin_megatron.experience import generate_scored, sampling_params
+from spin_megatron.parallel.collectives import sum_over_world
+from spin_megatron.parallel.dpo_step import DPOSettings, gold_nll
+from spin_megatron.parallel.packing import ScoredSequence, pack_items
+from spin_megatron.parallel.state import ParallelGroups
+
+_GEN_KEYS = ("val/prompts", "val/score_sum", "val/correct", "val/response_length_sum")
+_NLL_KEYS = ("val/nll_sum", "val/nll_tokens")
+
+
+def validate(
+    engine,
+    model,
+    examples: list[PromptExample],
+    *,
+    rollout_cfg,
+    stop_ids,
+    reward_fn,
+    tokenizer,
+    groups: ParallelGroups,
+    engine_src: int,
+    settings: DPOSettings,
+    token_budget: int,
+) -> dict[str, float]:
+    """``val/accuracy`` (reward ≥ 1 under greedy decoding), ``val/score_mean``, ``val/gold_nll`` (per token)."""
+    params = sampling_params(rollout_cfg, stop_ids, seed=0, greedy=True)
+    samples = generate_scored(
+        engine,
+        examples,
+        params,
+        reward_fn=reward_fn,
+        tokenizer=tokenizer,
+        groups=groups,
+        engine_src=engine_src,
+    )
+    local = {
+        "val/prompts": float(len(samples)),
+        "val/score_sum": sum(s.reward for s in samples),
+        "val/correct": float(sum(s.reward >= 1.0 for s in samples)),
+        "val/response_length_sum": float(sum(len(s.response_ids) for s in samples)),
+    }
+    gen = sum_over_world(local, _GEN_KEYS, groups, contribute=groups.rank == engine_src)
+    batches = pack_items(
+        [[ScoredSequence(ex.prompt_ids, ex.gold_ids)] for ex in examples],
+        token_budget=token_budget,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    nll = gold_nll(model, groups, [b.to(groups.device) for b in batches], settings).tolist()
+    nll = sum_over_world(
+        dict(zip(_NLL_KEYS, nll)), _NLL_KEYS, groups, contribute=groups.is_last_stage and groups.tp_rank == 0
+    )
+    count = max(1.0, gen["val/prompts"])
+    return {
+        "val/accuracy": gen["val/correct"] / count,
+        "val/score_mean": gen["val/score_sum"] / count,
+        "val/response_length": gen["val/response_length_sum"] / count,
+        "val/gold_nll": nll["val/nll_sum"] / max(1.0, nll["val/nll_tokens"]),
+    }

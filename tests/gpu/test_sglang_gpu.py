@@ -1,0 +1,139 @@
+"""GPU: a real SGLang server on a tiny random Qwen2 — greedy generation, weight sync (colocated CUDA IPC and,
+with two GPUs, disaggregated NCCL), sleep/wake. After a sync the server's greedy tokens must equal those of a
+transformers model holding the pushed weights."""
+
+import importlib.util
+import socket
+
+import pytest
+import torch
+
+from spin_megatron.models.tiny import make_tiny_hf_model
+from spin_megatron.rollout.protocol import SamplingParams
+from spin_megatron.rollout.sglang_config import SGLangConfig
+from spin_megatron.rollout.sglang_engine import SGLangEngine, current_trainer_gpus
+
+pytestmark = pytest.mark.gpu
+
+# head_dim 64: every SGLang attention backend supports it; no EOS, so every sample runs to max_new_tokens
+TINY = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, max_position_embeddings=1024, eos_token_id=None, bos_token_id=None,
+)  # fmt: skip
+PROMPTS = [[1, 2, 3, 4], [10, 20, 30], [7], [100, 200, 300, 400, 500]]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+MIN_GAP = 0.5  # a reference step whose top-2 logits are closer than this may legitimately differ in bf16
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    if importlib.util.find_spec("sglang") is None:
+        pytest.skip("SGLang is not installed (pip install 'spin-megatron[gpu]')")
+    return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "qwen2", "qwen2", seed=3, **TINY)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(hf_dir, tmp_path, **overrides) -> SGLangConfig:
+    return SGLangConfig(
+        model_path=str(hf_dir), dtype="bfloat16", mem_fraction_static=0.3, base_port=_free_port(),
+        random_seed=0, log_dir=str(tmp_path / "logs"), health_timeout_s=600,
+        extra_server_args=("--disable-cuda-graph",), **overrides,
+    )  # fmt: skip
+
+
+def perturbed_weights(hf_dir) -> dict[str, torch.Tensor]:
+    """New bf16 weights: the checkpoint plus noise, with a sharpened head so that greedy decoding has margins
+    large enough to survive the difference between SGLang's bf16 kernels and a float32 reference."""
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    new = {name: t + 0.5 * t.std() * torch.randn(t.shape, generator=gen) for name, t in state.items()}
+    new["lm_head.weight"] = new["lm_head.weight"] * 4
+    return {name: t.to(torch.bfloat16) for name, t in new.items()}
+
+
+@torch.no_grad()
+def reference_greedy(hf_dir, weights, prompt):
+    """transformers, float32 compute on the same (bf16-valued) weights: tokens and top-2 logit gaps."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.load_state_dict({name: t.float() for name, t in weights.items()})
+    model = model.cuda().eval()
+    ids, tokens, gaps = list(prompt), [], []
+    for _ in range(GREEDY.max_new_tokens):
+        logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        top = logits.topk(2).values
+        tokens.append(int(logits.argmax()))
+        gaps.append(float(top[0] - top[1]))
+        ids.append(tokens[-1])
+    return tokens, gaps
+
+
+def check_weight_sync(engine: SGLangEngine, hf_dir) -> None:
+    before = engine.generate(PROMPTS, GREEDY)
+    assert all(s.logprobs is not None and len(s.logprobs) == len(s.response_ids) == 8 for s in before)
+    weights = perturbed_weights(hf_dir)
+    items = [(name, tensor.cuda()) for name, tensor in weights.items()]
+    engine.update_weights(items[: len(items) // 2])  # two buckets, in order
+    engine.update_weights(items[len(items) // 2 :])
+    engine.finish_weight_update()
+    after = [s.response_ids for s in engine.generate(PROMPTS, GREEDY)]
+    assert after != [s.response_ids for s in before]
+    for prompt, got in zip(PROMPTS, after):
+        expected, gaps = reference_greedy(hf_dir, weights, prompt)
+        certain = next((step for step, gap in enumerate(gaps) if gap < MIN_GAP), len(gaps))
+        assert certain >= 3, f"reference too close to a tie to compare (gaps {gaps})"
+        assert got[:certain] == expected[:certain], (prompt, got, expected, gaps)
+
+
+def test_colocated_weight_sync_over_cuda_ipc(hf_dir, tmp_path):
+    trainer_gpus = current_trainer_gpus()
+    config = _config(hf_dir, tmp_path, gpu_ids=tuple(trainer_gpus), sync_mode="colocated")
+    with SGLangEngine(config) as engine:
+        check_weight_sync(engine, hf_dir)
+
+
+def test_sleep_sync_wake_cycle_with_the_memory_saver(hf_dir, tmp_path):
+    if importlib.util.find_spec("torch_memory_saver") is None:
+        pytest.skip("torch_memory_saver (SGLang's --enable-memory-saver backend) is not installed")
+    config = _config(hf_dir, tmp_path, gpu_ids=tuple(current_trainer_gpus()), enable_memory_saver=True)
+    with SGLangEngine(config) as engine:
+        assert engine.sync_mode == "colocated"
+        first = [s.response_ids for s in engine.generate(PROMPTS, GREEDY)]
+        engine.sleep()
+        engine.wake()
+        assert [s.response_ids for s in engine.generate(PROMPTS, GREEDY)] == first
+        engine.sleep()  # the RL step: sleep → (train) → sync → wake → generate
+        weights = perturbed_weights(hf_dir)
+        engine.update_weights([(name, tensor.cuda()) for name, tensor in weights.items()])
+        engine.finish_weight_update()
+        engine.wake()
+        after = [s.response_ids for s in engine.generate(PROMPTS, GREEDY)]
+    expected, gaps = reference_greedy(hf_dir, weights, PROMPTS[0])
+    certain = next((step for step, gap in enumerate(gaps) if gap < MIN_GAP), len(gaps))
+    assert after[0][:certain] == expected[:certain]
+
+
+def test_disaggregated_weight_sync_over_nccl(hf_dir, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: one for the trainer, one for the server")
+    torch.cuda.set_device(0)
+    trainer_gpu, server_gpu = current_trainer_gpus()[0], _physical_gpu(1)
+    config = _config(hf_dir, tmp_path, gpu_ids=(server_gpu,), sync_mode="disaggregated")
+    with SGLangEngine(config, trainer_gpu_ids=[trainer_gpu]) as engine:
+        check_weight_sync(engine, hf_dir)
+
+
+def _physical_gpu(index: int) -> int:
+    torch.cuda.set_device(index)
+    try:
+        return current_trainer_gpus()[0]
+    finally:
+        torch.cuda.set_device(0)
