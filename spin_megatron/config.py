@@ -274,6 +274,10 @@ class Config:
             raise ConfigError(
                 f"algorithm.pairs_per_prompt={self.algorithm.pairs_per_prompt} exceeds rollout.n={self.rollout.n}"
             )
+        if self.rollout.engine == "replay" and self.trainer.test_freq:
+            raise ConfigError(
+                "rollout.engine=replay serves recorded training samples only: set trainer.test_freq=0"
+            )
         if self.algorithm.mode == "spin" and self.algorithm.missing_eos == "penalize":
             raise ConfigError(
                 "algorithm.missing_eos=penalize ranks samples; spin mode ranks nothing: keep or exclude"

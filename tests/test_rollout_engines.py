@@ -106,7 +106,7 @@ def test_dump_and_replay_round_trip(engine, tmp_path):
     with pytest.raises(ConfigError, match="only 2 steps"):
         replay.generate(PROMPTS, params, prompt_keys=[10, 11, 12])
     with pytest.raises(ConfigError, match="recorded prompts differ"):
-        ReplayEngine(tmp_path / "rollouts.jsonl").generate(PROMPTS[:2], params, prompt_keys=[10, 11])
+        ReplayEngine(tmp_path / "rollouts.jsonl").generate(PROMPTS[:2], params, prompt_keys=[11, 10])
 
 
 def test_replay_reports_a_broken_line(tmp_path):
@@ -133,3 +133,11 @@ def test_agreement_metric():
     assert metrics == {"rollout/logp_diff": 0.25, "rollout/logp_diff_max": 0.5}
     with pytest.raises(ValueError, match="engine gave 2 log-probs for 3"):
         logprob_agreement(samples[:1], [torch.zeros(3)])
+
+
+def test_replay_serves_a_replicas_share_of_a_step(engine, tmp_path):
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=5)
+    recorded = engine.generate(PROMPTS, params, prompt_keys=[10, 11, 12])
+    RolloutDump(tmp_path / "d.jsonl").write(1, recorded)
+    share = ReplayEngine(tmp_path / "d.jsonl").generate(PROMPTS[1:], params, prompt_keys=[11, 12])
+    assert [(s.prompt_id, s.sample_index) for s in share] == [(11, 0), (11, 1), (12, 0), (12, 1)]

@@ -15,11 +15,20 @@ def per_replica_path(path: str, groups: ParallelGroups) -> Path:
     return p if groups.dp_size == 1 else p.with_name(f"{p.stem}.dp{groups.dp_rank}{p.suffix}")
 
 
+def dump_files(path: str) -> list[Path]:
+    """The dump at ``path``, or the per-replica files a data-parallel run wrote in its place."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    replicas = sorted(p.parent.glob(f"{p.stem}.dp*{p.suffix}"))
+    return replicas or [p]  # a missing file: ReplayEngine reports it
+
+
 def build_engine(cfg, source, groups: ParallelGroups):
     """The configured engine, on this replica's engine rank (the caller decides where)."""
     rollout = cfg.rollout
     if rollout.engine == "replay":
-        return ReplayEngine(per_replica_path(rollout.replay_path, groups))
+        return ReplayEngine(dump_files(rollout.replay_path))
     if rollout.engine == "hf":
         from spin_megatron.rollout.hf_engine import HFEngine
 

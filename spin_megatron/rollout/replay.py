@@ -64,11 +64,21 @@ def read_dump(path: str | Path) -> dict[int, list[Sample]]:
 
 
 class ReplayEngine:
-    """A :class:`RolloutEngine` that returns recorded samples instead of generating."""
+    """A :class:`RolloutEngine` that returns recorded samples instead of generating.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._steps = list(read_dump(path).items())
+    Each ``generate`` call consumes the next recorded step and returns the recorded samples of the prompts asked
+    for (a data-parallel replica asks for its share of the step's prompts), so a dump written at one layout
+    replays at any other. Validation generations are not recorded: replay runs with ``trainer.test_freq=0``.
+    """
+
+    def __init__(self, paths: str | Path | list[str | Path]):
+        paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+        self.path = paths[0]
+        merged: dict[int, list[Sample]] = {}
+        for path in paths:
+            for step, samples in read_dump(path).items():
+                merged.setdefault(step, []).extend(samples)
+        self._steps = sorted(merged.items())
         self._next = 0
         self.weight_updates = 0
 
@@ -83,13 +93,13 @@ class ReplayEngine:
         self._next += 1
         keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
         recorded = {s.prompt_id: s.prompt_ids for s in samples}
-        asked = {k: list(p) for k, p in zip(keys, prompt_ids)}
-        if recorded != asked:
+        if any(recorded.get(k) != list(p) for k, p in zip(keys, prompt_ids)):
             raise ConfigError(
                 f"rollout dump {self.path} step {step}: the recorded prompts differ from the ones asked for "
                 "(different data order or config); replay needs the same data.seed and batch settings"
             )
-        return [Sample(**{k: getattr(s, k) for k in _FIELDS}) for s in samples]
+        wanted = set(keys)
+        return [Sample(**{k: getattr(s, k) for k in _FIELDS}) for s in samples if s.prompt_id in wanted]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for _ in named_tensors:

@@ -1,0 +1,84 @@
+"""spin-train's configuration: presets compose, and every mistake is one line naming the key, exit code 2,
+before any process group starts (these run in-process in well under a second each)."""
+
+import pytest
+
+from spin_megatron.config import Config
+from spin_megatron.train import load_config, main
+
+
+def _error(capsys, *overrides):
+    code = main(list(overrides))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("spin-train: error: "), err
+    return err
+
+
+def test_tiny_cpu_preset_composes():
+    cfg = load_config(["experiment=tiny_cpu", "rollout.n=3", "algorithm.beta=0.2"])
+    assert isinstance(cfg, Config)
+    assert cfg.model.tiny.hidden_size == 64 and cfg.algorithm.mode == "spin"
+    assert cfg.rollout.n == 3 and cfg.algorithm.beta == 0.2 and cfg.trainer.ref_update_freq == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["experiment=tiny_cpu", "trainer.nonsense=1"], "unknown config key trainer.nonsense"),
+        (["experiment=tiny_cpu", "trainer.total_steps=many"], "invalid value for trainer.total_steps"),
+        (
+            ["experiment=tiny_cpu", "algorithm.loss_type=kto"],
+            "algorithm.loss_type='kto' is not allowed; choose one of sigmoid, ipo, hinge",
+        ),
+        (
+            ["experiment=tiny_cpu", "algorithm.mode=offline"],
+            "algorithm.mode='offline' is not allowed; choose one of online, spin",
+        ),
+        (
+            ["experiment=tiny_cpu", "algorithm.mode=online", "rollout.n=1"],
+            "algorithm.mode=online needs rollout.n ≥ 2",
+        ),
+        (
+            ["experiment=tiny_cpu", "rollout.engine=vllm"],
+            "rollout.engine='vllm' is not allowed; choose one of hf, sglang, replay",
+        ),
+        (["experiment=tiny_cpu", "rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["experiment=tiny_cpu", "logging.wandb.mode=cloud"], "logging.wandb.mode='cloud' is not allowed"),
+        (
+            ["experiment=tiny_cpu", "rollout.engine=replay", "rollout.replay_path=x.jsonl"],
+            "set trainer.test_freq=0",
+        ),
+        (["experiment=tiny_cpu", "parallel.tp=2"], "world size 1 is not divisible by tp×pp = 2×1 = 2"),
+        (
+            ["experiment=tiny_cpu", "data.train_files=[/nonexistent/train.jsonl]"],
+            "data.train_files: /nonexistent/train.jsonl does not exist",
+        ),
+        (
+            ["experiment=tiny_cpu", "rollout.sglang.mem_fraction_static=1.5"],
+            "rollout.sglang.mem_fraction_static",
+        ),
+        (["model.hf_path=/nonexistent/model"], "config.json not found"),
+    ],
+)
+def test_mistakes_are_one_line_errors(capsys, overrides, fragment):
+    assert fragment in _error(capsys, *overrides)
+
+
+def test_parallel_sizes_are_checked_against_the_model(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    err = _error(capsys, "experiment=tiny_cpu", "parallel.tp=3")
+    assert (
+        "parallel.tp=3 does not divide the model's 4 attention heads; valid values for this model: 1, 2"
+        in err
+    )
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    err = _error(capsys, "experiment=tiny_cpu", "parallel.pp=3")
+    assert "parallel.pp=3 does not divide the model's 2 layers" in err
+
+
+def test_resume_never_refuses_an_existing_run(capsys, tmp_path):
+    (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_0000002" / "COMPLETE").write_text("")
+    err = _error(capsys, "experiment=tiny_cpu", f"trainer.output_dir={tmp_path}", "trainer.resume=never")
+    assert "already holds checkpoints (latest step_0000002); use trainer.resume=auto" in err
