@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint format bench gpu-smoke clean
+.PHONY: install test test-fast demo demo-convert lint format bench gpu-smoke clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test-fast: install
 
 demo: install
 	$(BIN)/python tools/demo.py
+
+demo-convert: install
+	$(BIN)/python tools/demo_convert.py
 
 lint: install
 	$(BIN)/ruff check spin_megatron tools tests bench
