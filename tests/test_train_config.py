@@ -1,6 +1,8 @@
 """spin-train's configuration: presets compose, and every mistake is one line naming the key, exit code 2,
 before any process group starts (these run in-process in well under a second each)."""
 
+from pathlib import Path
+
 import pytest
 
 from spin_megatron.config import Config
@@ -82,3 +84,11 @@ def test_resume_never_refuses_an_existing_run(capsys, tmp_path):
     (tmp_path / "checkpoints" / "step_0000002" / "COMPLETE").write_text("")
     err = _error(capsys, "experiment=tiny_cpu", f"trainer.output_dir={tmp_path}", "trainer.resume=never")
     assert "already holds checkpoints (latest step_0000002); use trainer.resume=auto" in err
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+)
+def test_every_preset_composes(preset):
+    cfg = load_config([f"experiment={preset}"])
+    assert cfg.trainer.output_dir.startswith("runs/")
