@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from spin_megatron.errors import CheckpointError, MissingPathError
+from spin_megatron.faults import kill_point
 from spin_megatron.models.weights import unwrap
 from spin_megatron.parallel.state import ParallelGroups
 
@@ -99,6 +100,7 @@ def save_checkpoint(
     dist.barrier()
     dist_checkpointing.save(_sharded_state(policy, reference, is_loading=False), str(partial_dir / "dist"))
     torch.save(_rng_state(), partial_dir / "rng" / f"rank_{groups.rank:05d}.pt")
+    kill_point("checkpoint", step)
     dist.barrier()
     if groups.rank == 0:
         state = {

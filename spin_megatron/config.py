@@ -118,7 +118,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers in-process, CPU default) | sglang | replay
+    engine: str = "hf"  # hf (transformers in-process, CPU default) | sglang | replay | package.module:factory
     n: int = 2  # samples per prompt
     temperature: float = 1.0  # sampling temperature (log-probs of samples are scored at it)
     top_p: float = 1.0  # nucleus sampling
@@ -130,10 +130,15 @@ class RolloutConfig:
     max_batch_size: int = 64  # hf engine: sequences decoded together
     dump_path: str | None = None  # write every step's samples to this jsonl
     replay_path: str | None = None  # engine=replay: serve samples from this dump
+    timeout_s: float = 3600.0  # a generation call longer than this counts as a hung engine
+    max_restarts: int = 2  # engine restarts (+ weight re-sync) per generation before the run saves and stops
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: servers, sync mode, ...
 
     def __post_init__(self):
-        _choice("rollout.engine", self.engine, ("hf", "sglang", "replay"))
+        if ":" not in self.engine:  # 'package.module:factory' plugs in a custom engine
+            _choice("rollout.engine", self.engine, ("hf", "sglang", "replay"))
+        _positive("rollout.timeout_s", self.timeout_s)
+        _positive("rollout.max_restarts", self.max_restarts, zero_ok=True)
         _positive("rollout.n", self.n)
         _positive("rollout.temperature", self.temperature)
         if not 0 < self.top_p <= 1:
@@ -221,13 +226,13 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | never | a checkpoint path
     seed: int = 1234  # model init, sampling and dropout seed
     export_hf: bool = True  # write the final policy as an HF folder to <output_dir>/hf
-    logprob_chunk_tokens: int = (
-        256  # tokens per chunk of the fp32 log-prob pass (bounds its [chunk, V/TP] buffer)
-    )
+    max_consecutive_skips: int = 3  # stop (with a checkpoint) after this many NaN/Inf-skipped steps in a row
+    logprob_chunk_tokens: int = 256  # tokens per chunk of the fp32 log-prob pass ([chunk, V/TP] buffer)
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "micro_batch_tokens", "logprob_chunk_tokens"):
             _positive(f"trainer.{key}", getattr(self, key))
+        _positive("trainer.max_consecutive_skips", self.max_consecutive_skips)
         for key in ("ref_update_freq", "save_freq", "test_freq", "keep_last_n"):
             _positive(f"trainer.{key}", getattr(self, key), zero_ok=True)
         if not self.output_dir:

@@ -31,3 +31,7 @@ class CheckpointError(UserError, ValueError):
 
 class UnsupportedModelError(UserError, ValueError):
     """A model architecture or feature this project does not implement."""
+
+
+class TrainingHalted(UserError):
+    """The run stopped itself after saving a checkpoint (repeated NaN steps, an engine that keeps failing)."""

@@ -6,6 +6,7 @@ other ranks of its model-parallel group, which all build the same pairs from the
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from spin_megatron.config import AlgorithmConfig, RolloutConfig
@@ -62,6 +63,30 @@ def sampling_params(cfg: RolloutConfig, stop_ids: tuple[int, ...], seed: int, *,
     )
 
 
+def _attempt(engine, examples, params, reward_fn, tokenizer):
+    """On the engine rank: ("ok", samples) | ("rollout_failed", message) | ("error", exception)."""
+    from spin_megatron.rollout.supervisor import RolloutError
+
+    try:
+        samples = (
+            engine.generate(
+                [ex.prompt_ids for ex in examples], params, prompt_keys=[ex.prompt_id for ex in examples]
+            )
+            if examples
+            else []
+        )
+    except RolloutError as exc:
+        return "rollout_failed", str(exc)
+    try:
+        rows = {ex.prompt_id: ex.row for ex in examples}
+        score_samples(
+            samples, reward_fn, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), rows=rows
+        )
+    except Exception as exc:  # re-raised on every rank of the group below, so none of them waits forever
+        return "error", exc
+    return "ok", samples
+
+
 def generate_scored(
     engine,
     examples: list[PromptExample],
@@ -71,22 +96,36 @@ def generate_scored(
     tokenizer,
     groups: ParallelGroups,
     engine_src: int,
-) -> list[Sample]:
-    """Samples (with rewards) of this replica's prompts, on every rank of its model-parallel group."""
-    samples = None
-    if groups.rank == engine_src:
-        samples = (
-            engine.generate(
-                [ex.prompt_ids for ex in examples], params, prompt_keys=[ex.prompt_id for ex in examples]
+    max_restarts: int = 0,
+    resync=None,
+) -> tuple[list[Sample] | None, str | None]:
+    """Samples (with rewards) of this replica's prompts, on every rank of its model-parallel group.
+
+    A failed generation (engine error, timeout, malformed samples) restarts the engine, re-syncs the weights
+    (``resync()``, collective over the model-parallel group) and retries, ``max_restarts`` times; then returns
+    ``(None, last error)``. An error of the reward function is raised on every rank.
+    """
+    for attempt in range(max_restarts + 1):
+        outcome = (
+            _attempt(engine, examples, params, reward_fn, tokenizer) if groups.rank == engine_src else None
+        )
+        status, payload = broadcast_object(outcome, engine_src, groups.pgs.mp)
+        if status == "ok":
+            return payload, None
+        if status == "error":
+            raise payload
+        if attempt == max_restarts:
+            return None, payload
+        if groups.rank == engine_src:
+            print(
+                f"rollout: {payload}; restarting the engine ({attempt + 1}/{max_restarts})",
+                file=sys.stderr,
+                flush=True,
             )
-            if examples
-            else []
-        )
-        rows = {ex.prompt_id: ex.row for ex in examples}
-        score_samples(
-            samples, reward_fn, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), rows=rows
-        )
-    return broadcast_object(samples, engine_src, groups.pgs.mp)
+            engine.restart()
+        if resync is not None:
+            resync()
+    raise AssertionError("unreachable")
 
 
 @dataclass

@@ -11,6 +11,7 @@ code 2.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -86,6 +87,19 @@ def preflight(cfg: Config, world_size: int) -> None:
             if not Path(path).is_file():
                 raise ConfigError(f"data.{key}: {path} does not exist")
     resume_path(cfg)
+    from spin_megatron.rewards import get_reward_fn
+
+    get_reward_fn(cfg.algorithm.reward)
+    if ":" in cfg.rollout.engine:
+        module, _, name = cfg.rollout.engine.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name, None)
+        except ImportError as exc:
+            raise ConfigError(
+                f"rollout.engine={cfg.rollout.engine}: cannot import {module!r} ({exc})"
+            ) from None
+        if not callable(factory):
+            raise ConfigError(f"rollout.engine={cfg.rollout.engine}: {module!r} has no factory {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,20 +113,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     from spin_megatron.parallel.state import destroy_parallel, init_parallel
+    from spin_megatron.preemption import PreemptionFlag
     from spin_megatron.trainer import SPINTrainer
 
+    preemption = PreemptionFlag().install()  # before the process group: a signal during set-up is kept
     groups = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
     try:
-        trainer = SPINTrainer(cfg, groups)
-        trainer.fit()
+        trainer = SPINTrainer(cfg, groups, preemption)
+        outcome = trainer.fit()
     except UserError as exc:
         where = f" [rank {rank}]" if groups.world_size > 1 else ""
         print(f"{PROG}: error{where}: {exc}", file=sys.stderr)
         return 2
     finally:
         destroy_parallel()
-    if rank == 0:
-        out = Path(cfg.trainer.output_dir)
+    out = Path(cfg.trainer.output_dir)
+    if rank == 0 and outcome == "preempted":
+        print(
+            f"{PROG}: received {preemption.signal_name}: stopped after step {trainer.step} with a checkpoint in "
+            f"{out / 'checkpoints'}; run the same command (trainer.resume=auto) to continue",
+            flush=True,
+        )
+    elif rank == 0:
         print(
             f"done: metrics {out / 'metrics.jsonl'}, checkpoints {out / 'checkpoints'}"
             + (f", HF export {out / 'hf'}" if cfg.trainer.export_hf else "")

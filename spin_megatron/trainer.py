@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from spin_megatron.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from spin_megatron.config import Config
+from spin_megatron.config import Config, default_tokenizer
 from spin_megatron.data import PromptSampler, load_prompt_split, load_tokenizer, shard
-from spin_megatron.errors import ConfigError
+from spin_megatron.errors import ConfigError, TrainingHalted
 from spin_megatron.experience import (
     ROLLOUT_SUMS,
     generate_scored,
@@ -19,6 +19,7 @@ from spin_megatron.experience import (
     sampling_params,
     stop_token_ids,
 )
+from spin_megatron.faults import kill_point
 from spin_megatron.metrics import MetricsLogger, Timer
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
@@ -28,31 +29,41 @@ from spin_megatron.parallel.packing import pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
+from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.rewards import get_reward_fn
 from spin_megatron.rollout import build_engine, maybe_dump
+from spin_megatron.rollout.supervisor import EngineSupervisor
 from spin_megatron.step_metrics import step_metrics
 from spin_megatron.validation import validate
 
 
 class SPINTrainer:
-    def __init__(self, cfg: Config, groups: ParallelGroups):
+    def __init__(self, cfg: Config, groups: ParallelGroups, preemption: PreemptionFlag | None = None):
         self.cfg, self.groups, self.out = cfg, groups, Path(cfg.trainer.output_dir)
+        self.preemption = preemption or PreemptionFlag()
         resume_from = resume_path(cfg)
-        self.source = resolve_model_source(cfg, groups, groups.tp_size)
-        self.tokenizer = load_tokenizer(self.source.tokenizer_dir)
+        # Data first: a bad data file must fail before anything is built or written.
+        self.tokenizer = load_tokenizer(tokenizer_dir(cfg))
         train_examples, self.data_stats = load_prompt_split(cfg.data, self.tokenizer, "train")
         self.sampler = PromptSampler(train_examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
         val_examples = load_prompt_split(cfg.data, self.tokenizer, "val")[0] if cfg.trainer.test_freq else []
         self.val_examples = shard(val_examples, groups.dp_rank, groups.dp_size)
         self.reward_fn = get_reward_fn(cfg.algorithm.reward)
+        self.source = resolve_model_source(cfg, groups, groups.tp_size)
         self.policy = build_policy(cfg, self.source, groups)
         self.reference = build_reference(cfg, self.source, groups, self.policy)
         self.mapping = mapping_for(self.source.arch, self.source.padded_vocab_size)
         self.settings = dpo_settings(cfg, self.source.arch.vocab_size)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.engine_src = engine_rank(groups)
-        self.engine = build_engine(cfg, self.source, groups) if groups.rank == self.engine_src else None
-        self.step, self.skipped_steps = 0, 0
+        self.engine = None
+        if groups.rank == self.engine_src:
+            self.engine = EngineSupervisor(
+                lambda: build_engine(cfg, self.source, groups),
+                timeout_s=cfg.rollout.timeout_s,
+                vocab_size=self.source.arch.vocab_size,
+            )
+        self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
         if resume_from is not None:
             self._load(resume_from)
         self.logger = MetricsLogger(
@@ -67,7 +78,8 @@ class SPINTrainer:
         self._sync()  # the engine starts from the policy's weights
 
     # ------------------------------------------------------------------------------------------- the loop
-    def fit(self) -> None:
+    def fit(self) -> str:
+        """Train to ``trainer.total_steps``; returns "finished" or "preempted" (checkpoint written either way)."""
         trainer_cfg = self.cfg.trainer
         if self.step == 0 and trainer_cfg.test_freq:
             self.logger.log(0, self._validate())
@@ -78,18 +90,26 @@ class SPINTrainer:
             if trainer_cfg.test_freq and (self.step % trainer_cfg.test_freq == 0 or last):
                 metrics.update(self._validate())
             self.logger.log(self.step, metrics)
-            if last or (trainer_cfg.save_freq and self.step % trainer_cfg.save_freq == 0):
+            saved = last or (trainer_cfg.save_freq and self.step % trainer_cfg.save_freq == 0)
+            if saved:
                 self._save()
+            if not last and self.preemption.requested(self.groups):
+                if not saved:
+                    self._save()
+                self.logger.finish()
+                return "preempted"
         self._finish()
+        return "finished"
 
     def train_one_step(self) -> dict[str, float]:
         cfg, groups, timer = self.cfg, self.groups, self.timer
+        sampler_state = self.sampler.state_dict()
         with timer("generate"):
             examples = shard(
                 self.sampler.next_batch(cfg.trainer.prompts_per_step), groups.dp_rank, groups.dp_size
             )
             params = sampling_params(cfg.rollout, self.stop_ids, seed=cfg.trainer.seed + 7919 * self.step)
-            samples = generate_scored(
+            samples, error = generate_scored(
                 self.engine,
                 examples,
                 params,
@@ -97,47 +117,80 @@ class SPINTrainer:
                 tokenizer=self.tokenizer,
                 groups=groups,
                 engine_src=self.engine_src,
+                max_restarts=cfg.rollout.max_restarts,
+                resync=self._sync,
             )
-            experience = make_pairs(samples, examples, cfg.algorithm)
-            maybe_dump(cfg.rollout, groups, self.step, samples, on_engine_rank=groups.rank == self.engine_src)
+            experience = make_pairs(samples or [], examples, cfg.algorithm)
+            maybe_dump(
+                cfg.rollout, groups, self.step, samples or [], on_engine_rank=groups.rank == self.engine_src
+            )
+        kill_point("generate", self.step)
         counts = {
             "pairs": len(experience.items),
             "tokens": sum(s.num_tokens for i in experience.items for s in i),
             "chosen_tokens": sum(len(item[0].response_ids) for item in experience.items),
+            "rollout_failed": float(error is not None),
         }
         counts = sum_over_world(counts, tuple(counts), groups, contribute=groups.rank == self.engine_src)
-        dpo_sums, grad_norm = torch.zeros(len(METRIC_SUMS)), None
+        if counts["rollout_failed"]:
+            self._halt_after_rollout_failure(error, sampler_state)
+        dpo_sums, grad_norm, updated = torch.zeros(len(METRIC_SUMS)), None, False
         if counts["pairs"] > 0:
-            batches = [
-                b.to(groups.device)
-                for b in pack_items(
-                    experience.items,
-                    token_budget=cfg.trainer.micro_batch_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id or 0,
-                )
-            ]
-            with timer("ref"):
-                compute_reference_logps(self.reference, groups, batches, self.settings)
-            with timer("update"):
-                dpo_sums, grad_norm, updated = train_step(
-                    self.policy.model,
-                    self.policy.optimizer,
-                    groups,
-                    batches,
-                    self.settings,
-                    global_pairs=int(counts["pairs"]),
-                    global_chosen_tokens=int(counts["chosen_tokens"]),
-                )
-                self.policy.scheduler.step(1)
-            self.skipped_steps += not updated
-        else:
-            self.skipped_steps += 1  # every prompt tied everywhere: nothing to learn from this batch
+            dpo_sums, grad_norm, updated = self._update(experience, counts)
+        self.skipped_steps += not updated
+        self.consecutive_skips = 0 if updated or counts["pairs"] == 0 else self.consecutive_skips + 1
+        if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
+            self._save()
+            raise TrainingHalted(
+                f"{self.consecutive_skips} consecutive steps had NaN/Inf gradients and were skipped "
+                f"(weights unchanged); saved the last good state as step {self.step} in "
+                f"{self.out / 'checkpoints'}; lower optim.lr or check the data, then resume"
+            )
         if cfg.trainer.ref_update_freq and self.step % cfg.trainer.ref_update_freq == 0:
             refresh_reference(self.reference, self.policy)
         if self.step % cfg.rollout.sync_every == 0:
+            kill_point("sync", self.step)
             with timer("sync"):
                 self._sync()
         return self._metrics(experience, dpo_sums, grad_norm, counts)
+
+    def _update(self, experience, counts):
+        """Reference log-probs, then one DPO optimizer step (skipped if any gradient is NaN/Inf)."""
+        batches = [
+            b.to(self.groups.device)
+            for b in pack_items(
+                experience.items,
+                token_budget=self.cfg.trainer.micro_batch_tokens,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+            )
+        ]
+        with self.timer("ref"):
+            compute_reference_logps(self.reference, self.groups, batches, self.settings)
+        with self.timer("update"):
+            sums, grad_norm, updated = train_step(
+                self.policy.model,
+                self.policy.optimizer,
+                self.groups,
+                batches,
+                self.settings,
+                global_pairs=int(counts["pairs"]),
+                global_chosen_tokens=int(counts["chosen_tokens"]),
+                step=self.step,
+            )
+            if updated:
+                self.policy.scheduler.step(1)
+        return sums, grad_norm, updated
+
+    def _halt_after_rollout_failure(self, error: str | None, sampler_state: dict) -> None:
+        """Save the state before this step (its prompts are retried on resume), then stop every rank."""
+        self.sampler.load_state_dict(sampler_state)
+        self.step -= 1
+        self._save()
+        raise TrainingHalted(
+            f"rollout failed after {self.cfg.rollout.max_restarts} engine restart(s)"
+            + (f" ({error})" if error else " on another replica")
+            + f"; saved step {self.step} in {self.out / 'checkpoints'}; fix the engine and resume (trainer.resume=auto)"
+        )
 
     # ------------------------------------------------------------------------------------------- helpers
     def _metrics(self, experience, dpo_sums, grad_norm, counts) -> dict[str, float]:
@@ -208,6 +261,7 @@ class SPINTrainer:
         )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
         if self.groups.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -240,6 +294,18 @@ def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:
         chunk_tokens=cfg.trainer.logprob_chunk_tokens,
         sample_temperature=cfg.rollout.temperature,
     )
+
+
+def tokenizer_dir(cfg: Config) -> str:
+    """The tokenizer to use: model.tokenizer_path, else the model's own (HF folder or checkpoint), else Qwen2.5's."""
+    m = cfg.model
+    if m.tokenizer_path:
+        return m.tokenizer_path
+    if m.hf_path:
+        return m.hf_path
+    if m.mcore_ckpt:
+        return str(Path(m.mcore_ckpt) / "tokenizer")
+    return default_tokenizer()
 
 
 def resume_path(cfg: Config) -> Path | None:

@@ -9,8 +9,9 @@ from spin_megatron.parallel.collectives import sum_over_world
 from spin_megatron.parallel.dpo_step import DPOSettings, gold_nll
 from spin_megatron.parallel.packing import ScoredSequence, pack_items
 from spin_megatron.parallel.state import ParallelGroups
+from spin_megatron.rollout.supervisor import RolloutError
 
-_GEN_KEYS = ("val/prompts", "val/score_sum", "val/correct", "val/response_length_sum")
+_GEN_KEYS = ("val/prompts", "val/score_sum", "val/correct", "val/response_length_sum", "val/failed")
 _NLL_KEYS = ("val/nll_sum", "val/nll_tokens")
 
 
@@ -30,7 +31,7 @@ def validate(
 ) -> dict[str, float]:
     """``val/accuracy`` (reward ≥ 1 under greedy decoding), ``val/score_mean``, ``val/gold_nll`` (per token)."""
     params = sampling_params(rollout_cfg, stop_ids, seed=0, greedy=True)
-    samples = generate_scored(
+    samples, error = generate_scored(
         engine,
         examples,
         params,
@@ -39,13 +40,20 @@ def validate(
         groups=groups,
         engine_src=engine_src,
     )
+    samples = samples or []
     local = {
+        "val/failed": float(error is not None),
         "val/prompts": float(len(samples)),
         "val/score_sum": sum(s.reward for s in samples),
         "val/correct": float(sum(s.reward >= 1.0 for s in samples)),
         "val/response_length_sum": float(sum(len(s.response_ids) for s in samples)),
     }
     gen = sum_over_world(local, _GEN_KEYS, groups, contribute=groups.rank == engine_src)
+    if gen["val/failed"]:  # every rank learns it from the sum, so all stop together
+        raise RolloutError(
+            f"validation generation failed on {int(gen['val/failed'])} replica(s)"
+            + (f": {error}" if error else "")
+        )
     batches = pack_items(
         [[ScoredSequence(ex.prompt_ids, ex.gold_ids)] for ex in examples],
         token_budget=token_budget,

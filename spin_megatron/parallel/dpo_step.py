@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
+from spin_megatron.faults import kill_point, poison_loss
 from spin_megatron.logprob import vocab_parallel_logprobs
 from spin_megatron.loss import dpo_loss
 from spin_megatron.parallel.packing import PackedMicroBatch, sequence_sums
@@ -128,7 +130,7 @@ def _agreement(
     return diff.sum(), torch.tensor(float(diff.numel()), device=output.device), diff.max()
 
 
-def _policy_loss(batch, output, *, groups, settings, pair_scale):
+def _policy_loss(batch, output, *, groups, settings, pair_scale, step):
     token_logps = _token_logps(output, batch, groups, settings)
     if batch.num_pairs == 0:  # a placeholder micro-batch of a rank without pairs: contributes nothing
         return _no_loss(output, {"sums": torch.zeros(len(METRIC_SUMS), device=output.device)})
@@ -149,6 +151,7 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale):
     if settings.rpo_alpha:
         # RPO: NLL per chosen token over the whole step; Megatron divides by the global pair count afterwards.
         loss = loss + settings.rpo_alpha * chosen_nll * pair_scale
+    loss = poison_loss(loss, step)
     stats = torch.stack(
         [
             torch.tensor(float(batch.num_pairs), device=output.device),
@@ -166,6 +169,16 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale):
     return loss, torch.tensor(batch.num_pairs, dtype=torch.int, device=output.device), {"sums": stats}
 
 
+def grads_finite(model, groups: ParallelGroups) -> bool:
+    """Whether every gradient on every rank is finite (checked on Megatron DDP's grad buffers)."""
+    finite = torch.ones(1, device=groups.device)
+    for buffer in getattr(model, "buffers", []) + getattr(model, "expert_parallel_buffers", []):
+        if not bool(torch.isfinite(buffer.grad_data).all()):
+            finite.zero_()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def train_step(
     model,
     optimizer,
@@ -175,14 +188,20 @@ def train_step(
     *,
     global_pairs: int,
     global_chosen_tokens: int,
+    step: int = 0,
 ) -> tuple[torch.Tensor, float | None, bool]:
     """One optimizer step on this rank's micro-batches (their ``ref_logps`` filled on the last stage).
 
     Returns ``(metric sums of METRIC_SUMS — zeros off the last stage —, grad norm, whether it updated)``;
-    ``logp_diff/max`` is a max, the others are sums.
+    ``logp_diff/max`` is a max, the others are sums. A NaN/Inf anywhere in the gradients skips the optimizer
+    step on every rank (weights and optimizer state stay as they were).
     """
     loss_fn = partial(
-        _policy_loss, groups=groups, settings=settings, pair_scale=global_pairs / max(1, global_chosen_tokens)
+        _policy_loss,
+        groups=groups,
+        settings=settings,
+        pair_scale=global_pairs / max(1, global_chosen_tokens),
+        step=step,
     )
     optimizer.zero_grad()
     model.zero_grad_buffer()
@@ -192,6 +211,11 @@ def train_step(
         stats = reduced["sums"]
         sums[:-1] += stats[:-1]
         sums[-1] = torch.maximum(sums[-1], stats[-1])
+    kill_point("update", step)
+    if not grads_finite(model, groups):
+        optimizer.zero_grad()
+        model.zero_grad_buffer()
+        return sums, None, False
     update_ok, grad_norm, _ = optimizer.step()
     return sums, grad_norm, bool(update_ok)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from spin_megatron.models.builder import parse_dtype
@@ -27,6 +28,9 @@ def dump_files(path: str) -> list[Path]:
 def build_engine(cfg, source, groups: ParallelGroups):
     """The configured engine, on this replica's engine rank (the caller decides where)."""
     rollout = cfg.rollout
+    if ":" in rollout.engine:  # a user-supplied factory(cfg, source, groups) -> RolloutEngine
+        module, _, name = rollout.engine.partition(":")
+        return getattr(importlib.import_module(module), name)(cfg, source, groups)
     if rollout.engine == "replay":
         return ReplayEngine(dump_files(rollout.replay_path))
     if rollout.engine == "hf":

@@ -1,0 +1,103 @@
+"""Keeping the rollout engine honest: a timeout on generation, validation of what comes back, and restarts.
+
+:class:`EngineSupervisor` wraps an engine on the replica's engine rank. ``generate`` runs in a worker thread and
+must finish within ``timeout_s``; an exception, a timeout or a malformed answer raises :class:`RolloutError`.
+``restart`` shuts the engine down (its processes too, for SGLang) and builds a new one from the factory; the
+trainer then re-syncs the weights and retries, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Hashable
+
+from spin_megatron.rollout.protocol import Sample, SamplingParams
+
+
+class RolloutError(RuntimeError):
+    """The engine died, hung, or answered something that is not a valid set of samples."""
+
+
+def check_samples(samples: list[Sample], keys: list[Hashable], n: int, vocab_size: int) -> None:
+    """Raise RolloutError unless ``samples`` are exactly ``n`` well-formed samples for each of ``keys``."""
+    if not isinstance(samples, list) or not all(isinstance(s, Sample) for s in samples):
+        raise RolloutError(f"engine returned {type(samples).__name__}, not a list of Sample")
+    counts = Counter(s.prompt_id for s in samples)
+    if counts != Counter({k: n for k in keys}):
+        raise RolloutError(f"engine returned {len(samples)} samples for {len(keys)} prompts × n={n}")
+    for s in samples:
+        where = f"prompt {s.prompt_id!r} sample {s.sample_index}"
+        if s.finish_reason not in ("stop", "length"):
+            raise RolloutError(f"{where}: finish_reason {s.finish_reason!r}")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in s.response_ids):
+            raise RolloutError(f"{where}: token ids outside [0, {vocab_size})")
+        if s.logprobs is not None and (
+            len(s.logprobs) != len(s.response_ids)
+            or not all(isinstance(x, float) and math.isfinite(x) for x in s.logprobs)
+        ):
+            raise RolloutError(
+                f"{where}: {len(s.logprobs)} log-probs for {len(s.response_ids)} tokens or non-finite"
+            )
+
+
+class EngineSupervisor:
+    """A RolloutEngine that delegates to ``factory()``'s engine and can replace it."""
+
+    def __init__(self, factory: Callable[[], object], *, timeout_s: float, vocab_size: int):
+        self.factory = factory
+        self.timeout_s = timeout_s
+        self.vocab_size = vocab_size
+        self.restarts = 0
+        self.engine = factory()
+
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, prompt_keys: list[Hashable] | None = None
+    ) -> list[Sample]:
+        keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
+        box: dict = {}
+
+        def work():
+            try:
+                box["samples"] = self.engine.generate(prompt_ids, params, prompt_keys=keys)
+            except BaseException as exc:  # handed to the caller's thread below, never dropped
+                box["error"] = exc
+
+        worker = threading.Thread(target=work, name="rollout-generate", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise RolloutError(f"generation did not finish within rollout.timeout_s={self.timeout_s:g} s")
+        if "error" in box:
+            error = box["error"]
+            raise RolloutError(f"engine failed: {type(error).__name__}: {error}") from error
+        check_samples(box["samples"], keys, params.n, self.vocab_size)
+        return box["samples"]
+
+    def restart(self) -> None:
+        try:
+            self.engine.shutdown()
+        except Exception as exc:  # a dead engine may fail to shut down; it is replaced either way
+            print(
+                f"rollout: shutting down the failed engine raised {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
+        self.engine = self.factory()
+        self.restarts += 1
+
+    def update_weights(self, named_tensors) -> None:
+        self.engine.update_weights(named_tensors)
+
+    def finish_weight_update(self) -> None:
+        self.engine.finish_weight_update()
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
