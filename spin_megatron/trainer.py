@@ -105,6 +105,8 @@ class SPINTrainer:
         cfg, groups, timer = self.cfg, self.groups, self.timer
         sampler_state = self.sampler.state_dict()
         with timer("generate"):
+            if self.engine is not None:
+                self.engine.wake()  # colocated SGLang: take the KV cache back
             examples = shard(
                 self.sampler.next_batch(cfg.trainer.prompts_per_step), groups.dp_rank, groups.dp_size
             )
@@ -124,6 +126,8 @@ class SPINTrainer:
             maybe_dump(
                 cfg.rollout, groups, self.step, samples or [], on_engine_rank=groups.rank == self.engine_src
             )
+        if self.engine is not None:
+            self.engine.sleep()  # colocated SGLang: free its GPU memory for the update (no-op otherwise)
         kill_point("generate", self.step)
         counts = {
             "pairs": len(experience.items),

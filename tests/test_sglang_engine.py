@@ -473,7 +473,9 @@ def test_weight_sync_requests_colocated_and_disaggregated(double, fake_transport
         ("/resume_memory_occupation", {"tags": ["kv_cache"]}),
     ]
     state.calls.clear()
-    config = SGLangConfig(urls=urls, tp_size=2, weight_sync_master_port=29500)
+    config = SGLangConfig(
+        urls=urls, tp_size=2, weight_sync_master_port=29500, weight_sync_master_address="127.0.0.1"
+    )
     with SGLangEngine(config, trainer_gpu_ids=[]) as engine:
         engine.update_weights(bucket)
         engine.update_weights(bucket[:1])

@@ -53,7 +53,7 @@ class SGLangConfig:
     request_timeout_s: float = 600.0  # timeout of one HTTP request (a generation, a weight bucket)
     max_inflight_requests: int = 64  # generation requests in flight at once, over all servers
     sync_mode: str = "auto"  # colocated (CUDA IPC) | disaggregated (NCCL) | auto (see resolve_sync_mode)
-    weight_sync_master_address: str = "127.0.0.1"  # disaggregated: where the servers reach the trainer
+    weight_sync_master_address: str = ""  # disaggregated: where servers reach the trainer ("": this host)
     weight_sync_master_port: int = 0  # disaggregated: rendezvous port of the NCCL group (0: a free one)
     log_dir: str = ""  # per-server log files go here ("" = a fresh temporary directory)
     extra_server_args: tuple[str, ...] = ()  # appended verbatim to every launch_server command line

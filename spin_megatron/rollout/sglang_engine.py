@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import socket
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,7 +81,7 @@ class SGLangEngine:
         else:
             self._weights = DisaggregatedWeightSync(
                 self._client, self._admin_pool, self.urls, config.tp_size,
-                master_address=config.weight_sync_master_address, master_port=config.weight_sync_master_port,
+                master_address=config.weight_sync_master_address or _this_host(), master_port=config.weight_sync_master_port,
                 timeout_s=config.request_timeout_s,
             )  # fmt: skip
         self._released: set[str] = set()  # memory tags released by sleep() and not resumed yet
@@ -271,16 +272,24 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
         mine = config.urls[replica * share : (replica + 1) * share]
         return SGLangEngine(replace(config, urls=mine, num_engines=1))
     gpus_per_replica = config.num_engines * config.tp_size
-    gpus = config.gpu_ids or tuple(range(gpus_per_replica))
+    # Default placement: the replica's engines start at the GPU of its engine rank on this node (its TP group's
+    # GPUs when TP stays inside a node), not at a global offset that would run past the node's GPUs.
+    local_base = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = config.gpu_ids or tuple(range(local_base, local_base + gpus_per_replica))
     config = replace(
         config,
         base_port=config.base_port + replica * config.num_engines,
         router_port=config.router_port + replica,
-        gpu_ids=tuple(gpu + replica * gpus_per_replica for gpu in gpus),
+        gpu_ids=gpus,
     )
     if not config.model_path:
         config = _with_policy_checkpoint(config, source, Path(cfg.trainer.output_dir))
     return SGLangEngine(config)
+
+
+def _this_host() -> str:
+    """An address of this machine other hosts can reach (for the disaggregated NCCL rendezvous)."""
+    return socket.gethostbyname(socket.gethostname())
 
 
 def _with_policy_checkpoint(config: SGLangConfig, source, output_dir: Path) -> SGLangConfig:
