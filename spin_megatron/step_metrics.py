@@ -30,6 +30,7 @@ def step_metrics(
         "lr": lr,
         "train/skipped_steps": float(skipped_steps),
         "train/tokens": counts["tokens"],
+        "rollout/restarts": counts.get("restarts", 0.0),
         **{k: v for k, v in rollout.items() if k.startswith("pairs/")},
         **times,
     }

@@ -134,6 +134,7 @@ class SPINTrainer:
             "tokens": sum(s.num_tokens for i in experience.items for s in i),
             "chosen_tokens": sum(len(item[0].response_ids) for item in experience.items),
             "rollout_failed": float(error is not None),
+            "restarts": float(self.engine.restarts) if self.engine is not None else 0.0,
         }
         counts = sum_over_world(counts, tuple(counts), groups, contribute=groups.rank == self.engine_src)
         if counts["rollout_failed"]:
