@@ -12,12 +12,13 @@ code 2.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
 
 from spin_megatron.config import REPO, Config, register_configs
-from spin_megatron.errors import ConfigError, UserError
+from spin_megatron.errors import CheckpointError, ConfigError, UserError
 
 PROG = "spin-train"
 CONF_DIR = Path(os.environ.get("SPIN_CONF_DIR", REPO / "conf"))
@@ -50,45 +51,92 @@ def _describe_hydra_error(exc: Exception) -> str:
     return f"invalid configuration: {first}"
 
 
-def preflight(cfg: Config, world_size: int) -> None:
-    """Checks that need no process group: layout vs model and world size, files, resume state."""
+def model_arch(cfg: Config):
+    """The architecture the run will train, read without building anything (tiny config, checkpoint, HF)."""
     from spin_megatron.models.arch import arch_from_hf_config, load_arch
     from spin_megatron.models.mcore_io import arch_from_meta, read_meta
-    from spin_megatron.parallel.state import validate_parallel_sizes
-    from spin_megatron.trainer import resume_path
 
-    dp = validate_parallel_sizes(world_size, cfg.parallel.tp, cfg.parallel.pp)
     m = cfg.model
     if m.tiny is not None:
         t = m.tiny
-        arch = arch_from_hf_config(
+        family = "Qwen2" if t.architecture == "qwen2" else "Llama"
+        wanted = arch_from_hf_config(
             {
-                "architectures": [f"{'Qwen2' if t.architecture == 'qwen2' else 'Llama'}ForCausalLM"],
+                "architectures": [f"{family}ForCausalLM"],
                 "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size,
                 "num_hidden_layers": t.num_hidden_layers,
                 "vocab_size": t.vocab_size,
                 "num_attention_heads": t.num_attention_heads,
                 "num_key_value_heads": t.num_key_value_heads,
+                "tie_word_embeddings": t.tie_word_embeddings,
             }
         )
-    elif m.mcore_ckpt is not None:
-        arch = arch_from_meta(read_meta(m.mcore_ckpt))
-    else:
-        arch = load_arch(m.hf_path)
+        created = Path(cfg.trainer.output_dir) / "init_model"
+        if not (created / "config.json").is_file():
+            return wanted
+        existing = load_arch(created)  # the tiny model this run directory was started with
+        shape = (
+            "architecture",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+            "vocab_size",
+            "tie_word_embeddings",
+        )
+        diffs = [
+            f"{k} {getattr(existing, k)} vs {getattr(wanted, k)}"
+            for k in shape
+            if getattr(existing, k) != getattr(wanted, k)
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"trainer.output_dir={cfg.trainer.output_dir} was started with a different tiny "
+                f"model ({', '.join(diffs)}); choose a new trainer.output_dir"
+            )
+        return existing
+    if m.mcore_ckpt is not None:
+        return arch_from_meta(read_meta(m.mcore_ckpt))
+    return load_arch(m.hf_path)
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Checks that need no process group: layout vs model and world size, weights, files, resume state,
+    reward function and engine plug-in."""
+    from spin_megatron.checkpoint import read_trainer_state
+    from spin_megatron.models.hf_io import HFReader
+    from spin_megatron.models.mapping import mapping_for
+    from spin_megatron.models.weights import check_hf_checkpoint
+    from spin_megatron.parallel.state import validate_parallel_sizes
+    from spin_megatron.rewards import get_reward_fn
+    from spin_megatron.trainer import resume_path
+
+    dp = validate_parallel_sizes(world_size, cfg.parallel.tp, cfg.parallel.pp)
+    arch = model_arch(cfg)
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    if cfg.model.hf_path is not None and cfg.model.mcore_ckpt is None:
+        check_hf_checkpoint(
+            HFReader(cfg.model.hf_path), mapping_for(arch, arch.padded_vocab_size(cfg.parallel.tp))
+        )
     if cfg.trainer.prompts_per_step < dp:
         raise ConfigError(
-            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than the data-parallel "
-            f"size {dp}: every replica needs at least one prompt"
+            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than the "
+            f"data-parallel size {dp}: every replica needs at least one prompt"
         )
     for key in ("train_files", "val_files"):
         for path in getattr(cfg.data, key):
             if not Path(path).is_file():
                 raise ConfigError(f"data.{key}: {path} does not exist")
-    resume_path(cfg)
-    from spin_megatron.rewards import get_reward_fn
-
+    resume = resume_path(cfg)
+    if resume is not None:
+        theirs = read_trainer_state(resume).get("model_signature")
+        if theirs != json.loads(json.dumps(arch.signature())):
+            raise CheckpointError(
+                f"checkpoint {resume} is from a different model than the configured one; point "
+                "trainer.output_dir (or trainer.resume) elsewhere, or configure that model"
+            )
     get_reward_fn(cfg.algorithm.reward)
     if ":" in cfg.rollout.engine:
         module, _, name = cfg.rollout.engine.partition(":")
@@ -102,12 +150,24 @@ def preflight(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"rollout.engine={cfg.rollout.engine}: {module!r} has no factory {name!r}")
 
 
+def prepare_data(cfg: Config):
+    """Tokenizer, training and validation prompts — loaded before any process group, so bad data fails fast."""
+    from spin_megatron.data import load_prompt_split, load_tokenizer
+    from spin_megatron.trainer import TrainingData, tokenizer_dir
+
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    train, stats = load_prompt_split(cfg.data, tokenizer, "train")
+    val = load_prompt_split(cfg.data, tokenizer, "val")[0] if cfg.trainer.test_freq else []
+    return TrainingData(tokenizer=tokenizer, train=train, val=val, train_stats=stats)
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(overrides)
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        data = prepare_data(cfg)
     except UserError as exc:
         if rank == 0:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -119,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     preemption = PreemptionFlag().install()  # before the process group: a signal during set-up is kept
     groups = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
     try:
-        trainer = SPINTrainer(cfg, groups, preemption)
+        trainer = SPINTrainer(cfg, groups, data, preemption)
         outcome = trainer.fit()
     except UserError as exc:
         where = f" [rank {rank}]" if groups.world_size > 1 else ""

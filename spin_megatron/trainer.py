@@ -3,14 +3,14 @@ reference refresh every ``ref_update_freq`` steps → weight sync → metrics / 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from spin_megatron.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from spin_megatron.config import Config, default_tokenizer
-from spin_megatron.data import PromptSampler, load_prompt_split, load_tokenizer, shard
+from spin_megatron.data import PromptExample, PromptSampler, shard
 from spin_megatron.errors import ConfigError, TrainingHalted
 from spin_megatron.experience import (
     ROLLOUT_SUMS,
@@ -37,17 +37,28 @@ from spin_megatron.step_metrics import step_metrics
 from spin_megatron.validation import validate
 
 
+@dataclass
+class TrainingData:
+    tokenizer: object
+    train: list[PromptExample]
+    val: list[PromptExample]
+    train_stats: object = None
+
+
 class SPINTrainer:
-    def __init__(self, cfg: Config, groups: ParallelGroups, preemption: PreemptionFlag | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        groups: ParallelGroups,
+        data: TrainingData,
+        preemption: PreemptionFlag | None = None,
+    ):
         self.cfg, self.groups, self.out = cfg, groups, Path(cfg.trainer.output_dir)
         self.preemption = preemption or PreemptionFlag()
         resume_from = resume_path(cfg)
-        # Data first: a bad data file must fail before anything is built or written.
-        self.tokenizer = load_tokenizer(tokenizer_dir(cfg))
-        train_examples, self.data_stats = load_prompt_split(cfg.data, self.tokenizer, "train")
-        self.sampler = PromptSampler(train_examples, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
-        val_examples = load_prompt_split(cfg.data, self.tokenizer, "val")[0] if cfg.trainer.test_freq else []
-        self.val_examples = shard(val_examples, groups.dp_rank, groups.dp_size)
+        self.tokenizer = data.tokenizer
+        self.sampler = PromptSampler(data.train, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        self.val_examples = shard(data.val, groups.dp_rank, groups.dp_size)
         self.reward_fn = get_reward_fn(cfg.algorithm.reward)
         self.source = resolve_model_source(cfg, groups, groups.tp_size)
         self.policy = build_policy(cfg, self.source, groups)
