@@ -207,6 +207,7 @@ class OptimConfig:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size; data-parallel = world size / (tp·pp)
+    activation_recompute: bool = False  # recompute each layer in backward (full, uniform): activations ÷ ~L
 
     def __post_init__(self):
         _positive("parallel.tp", self.tp)
@@ -261,6 +262,39 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class ClusterConfig:
+    """The machines a run is planned for (``spin-plan``, and the trainer's memory check at start)."""
+
+    nodes: int = 1  # machines
+    gpus_per_node: int = 8  # GPUs per machine
+    gpu_memory_gb: float = 80.0  # memory of one GPU in GB (2^30 bytes)
+    memory_headroom: float = 0.1  # fraction kept free for the CUDA context and fragmentation
+    placement: str = "colocated"  # colocated (rollout on the training GPUs) | disaggregated
+    rollout_gpus: int = 0  # disaggregated: GPUs given to the SGLang engines (not training)
+    check_at_start: bool = True  # the trainer refuses to start (on GPU) when the plan does not fit
+
+    def __post_init__(self):
+        _positive("cluster.nodes", self.nodes)
+        _positive("cluster.gpus_per_node", self.gpus_per_node)
+        _positive("cluster.gpu_memory_gb", self.gpu_memory_gb)
+        if not 0.0 <= self.memory_headroom < 1.0:
+            raise ConfigError(f"cluster.memory_headroom must be in [0, 1), got {self.memory_headroom!r}")
+        _choice("cluster.placement", self.placement, ("colocated", "disaggregated"))
+        _positive("cluster.rollout_gpus", self.rollout_gpus, zero_ok=True)
+        total = self.nodes * self.gpus_per_node
+        if self.placement == "colocated" and self.rollout_gpus:
+            raise ConfigError(
+                f"cluster.rollout_gpus={self.rollout_gpus} needs cluster.placement=disaggregated "
+                "(colocated engines share the training GPUs): set it to 0 or change the placement"
+            )
+        if self.placement == "disaggregated" and not 0 < self.rollout_gpus < total:
+            raise ConfigError(
+                f"cluster.rollout_gpus must be in [1, {total - 1}] with cluster.placement=disaggregated "
+                f"({self.nodes} × {self.gpus_per_node} GPUs), got {self.rollout_gpus}"
+            )
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -270,6 +304,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # machines, for spin-plan
 
     def __post_init__(self):
         self.model.check_source()

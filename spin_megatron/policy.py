@@ -101,7 +101,14 @@ def _load_initial_weights(model, source: ModelSource, groups: ParallelGroups) ->
     load_hf_weights(model, reader, mapping, groups)
 
 
-def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype):
+def _recompute_settings(cfg: Config) -> dict:
+    """Megatron's full activation recomputation: each layer keeps only its input and recomputes in backward."""
+    if not cfg.parallel.activation_recompute:
+        return {}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
+def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype, **overrides):
     model = build_gpt_model(
         source.arch,
         groups,
@@ -109,6 +116,7 @@ def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype):
         padded_vocab_size=source.padded_vocab_size,
         perform_initialization=False,
         calculate_per_token_loss=True,
+        **overrides,
     )
     _load_initial_weights(model, source, groups)
     return model
@@ -132,7 +140,7 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
     from megatron.core.transformer.module import Float16Module
 
     dtype = parse_dtype(cfg.model.dtype)
-    model = _build(source, groups, dtype)
+    model = _build(source, groups, dtype, **_recompute_settings(cfg))
     config = model.config
     if dtype != torch.float32:
         model = Float16Module(config, model)

@@ -28,6 +28,7 @@ from spin_megatron.parallel.dpo_step import METRIC_SUMS, DPOSettings, compute_re
 from spin_megatron.parallel.packing import pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
+from spin_megatron.plan import check_training_memory
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
 from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.rewards import get_reward_fn
@@ -61,6 +62,9 @@ class SPINTrainer:
         self.val_examples = shard(data.val, groups.dp_rank, groups.dp_size)
         self.reward_fn = get_reward_fn(cfg.algorithm.reward)
         self.source = resolve_model_source(cfg, groups, groups.tp_size)
+        check_training_memory(
+            cfg, self.source.arch, groups.world_size
+        )  # GPU only: refuse plans that cannot fit
         self.policy = build_policy(cfg, self.source, groups)
         self.reference = build_reference(cfg, self.source, groups, self.policy)
         self.mapping = mapping_for(self.source.arch, self.source.padded_vocab_size)

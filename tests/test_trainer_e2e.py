@@ -77,7 +77,7 @@ def test_spin_run_learns_refreshes_the_reference_and_resumes_bit_exactly(tmp_pat
 
 
 @pytest.mark.dist
-def test_first_update_is_the_same_at_tp1_tp2_pp2_dp2(tmp_path):
+def test_first_update_is_the_same_at_tp1_tp2_pp2_dp2_and_with_recompute(tmp_path):
     # Adam's first step is lr·g/(|g|+eps): for the odd element with |g| ~ eps it turns the last-bit differences of
     # a TP/DP reduction order into lr-sized ones. A larger eps keeps the update Lipschitz in g (≤ lr/eps = 1), so
     # equal weights really mean equal gradients.
@@ -88,9 +88,15 @@ def test_first_update_is_the_same_at_tp1_tp2_pp2_dp2(tmp_path):
     expected_loss = _metrics(reference_run)[1]["loss"]
     expected = _weights(reference_run)
     replay = ["rollout.engine=replay", f"rollout.replay_path={dump}", *base]
-    for name, layout in {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}.items():
+    layouts = {
+        "tp2": (["parallel.tp=2"], 2),
+        "pp2": (["parallel.pp=2"], 2),
+        "dp2": ([], 2),
+        "recompute": (["parallel.activation_recompute=true"], 1),
+    }
+    for name, (layout, nprocs) in layouts.items():
         run = tmp_path / name
-        _train(f"trainer.output_dir={run}", *replay, *layout, nprocs=2)
+        _train(f"trainer.output_dir={run}", *replay, *layout, nprocs=nprocs)
         assert abs(_metrics(run)[1]["loss"] - expected_loss) <= 1e-5, name
         weights = _weights(run)
         assert sorted(weights) == sorted(expected)

@@ -1,4 +1,4 @@
-"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA.
+"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA (four, plus one for recompute).
 
 Applied once, only when ``torch.cuda.is_available()`` is false, by :func:`apply_cpu_shims`. Each shim names the
 Megatron code that needs it. On a CUDA machine nothing here is touched.
@@ -72,6 +72,11 @@ def apply_cpu_shims() -> bool:
     # Shim 3: pipeline p2p (p2p_communication.py) and async checkpoint preload call torch.cuda.synchronize().
     torch.cuda.synchronize = lambda device=None: None
     torch.Tensor.type = _tensor_type_reporting_cuda
+    # Shim 5: activation recomputation (tensor_parallel/random.py CheckpointFunction) saves and restores the CUDA
+    # RNG state around the recomputed forward; without CUDA there is no such state to keep.
+    no_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)  # noqa: E731
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = no_state
+    torch.cuda.set_rng_state = torch.cuda.random.set_rng_state = lambda new_state, device="cuda": None
     # The mode stays on the torch-function stack for the life of the process.
     _CudaToCpuMode().__enter__()
     _APPLIED = True

@@ -1,0 +1,395 @@
+"""Per-GPU memory of a SPIN run, estimated from the configuration and the model shape (pure; no torch).
+
+Everything is bytes per GPU; ``GB`` in messages is 2^30 bytes. Notation: h hidden size, q = heads·head_dim,
+kv = kv_heads·head_dim, f MLP width, L layers, V the padded vocabulary, t = TP, p = PP, d = DP, T the tokens of
+one packed micro-batch, e the bytes of the parameter dtype (2 bf16, 4 fp32), P the parameters of one TP×PP shard.
+
+Training GPU (the worst pipeline stage is reported; the first holds the embedding, the last the final norm, the
+output layer — also a copy of a tied embedding when p > 1 — and the log-prob buffers):
+
+* actor parameters ``e·P``; gradients ``4·P`` (Megatron's DDP grad buffer, ``grad_reduce_in_fp32=True``, never
+  sharded: the distributed optimizer reduce-scatters in place);
+* optimizer: fp32 main parameters ``4·P`` (only when e ≠ 4: fp32 parameters are their own main copy) and Adam's
+  exp_avg + exp_avg_sq ``8·P``, both divided by d with ``optim.use_distributed_optimizer``. The main copy exists
+  from the start, the Adam moments from the first optimizer step (after the rollout engine started);
+* reference model ``e·P`` (frozen copy with the policy's layout, no gradients or optimizer state);
+* activations of one micro-batch, per layer and token, in units of e (measured with saved-tensor hooks on
+  Megatron-Core 0.16; no sequence parallelism, dropout 0, ``bias_activation_fusion=False``):
+  ``4h + (3q + 3kv + 5f)/t + 4·head_dim`` on GPU (TE spec: two LayerNormLinear keep input and normalised input
+  (4h); rotated q and k, the QKV output kept alive by v, flash attention's output (3q+3kv); fc1's 2f output, SiLU,
+  the gate term and their product (5f); RoPE cos/sin) — the ``5·a·s/h`` attention-score term of Korthikanti et
+  al. disappears with flash attention. On CPU (local spec, torch RMSNorm, SDPA with a dense mask) add 2h and T
+  (the float [T, T] mask each layer keeps). With full recomputation a layer keeps only its input ``h`` and one
+  layer's activations are rebuilt at a time. A stage of L/p layers holds ``min(p − stage, M)`` micro-batches in
+  flight under 1F1B (M = micro-batches per step on a data-parallel rank);
+* log-prob buffers on the last stage, ``V/t`` columns: the trainer's chunked path keeps the logits ``[T, V/t]``
+  (e) for backward and writes their gradient (e) next to them, plus one fp32 ``[chunk, V/t]`` buffer;
+  the naive fp32 ``log_softmax`` would hold ``T·V/t·(e + 12)`` (logits, fp32 copy, saved log-softmax, its
+  gradient); the fused head (``logprob.fused_head_logprobs``) one fp32 chunk, an fp32 weight gradient and an fp32
+  ``[T, h]`` gradient;
+* transients: the output layer's weight gradient ``e·V/t·h`` and its input gradient while the logits gradient is
+  alive (last stage), one layer's backward working set ``(2f/t + h)·T·e``; without a fused Adam (CPU), the
+  per-tensor torch AdamW step allocates two fp32 copies of the largest parameter, and gloo's all-gather of the
+  distributed optimizer's parameter bucket a flat input and output copy (2·e·P; NCCL gathers in place).
+  Training peak = parameters + gradients + optimizer + reference + max(activations + log-prob buffers +
+  transients, optimizer-step transients).
+
+Rollout, colocated (SGLang on the training GPUs): SGLang keeps ``(1 − f)·GPU`` free when it starts (f =
+``mem_fraction_static``), i.e. its weights (``2·N/s`` bytes: bf16, N parameters, s = its tp_size) plus KV cache use
+``f·GPU − trainer memory at its start``; KV per token ``2·L·ceil(kv_heads/s)·head_dim·2``. While it generates the
+GPU holds ``max(f·GPU, trainer + weights) + Adam moments + SGLang's working memory outside its pool``. With
+``enable_memory_saver`` it releases weights and KV cache during training; without, they stay during training.
+Disaggregated: the engines have GPUs of their own (pool ``f·GPU``). The KV cache must hold at least one prompt's
+``n`` samples at full length. The ``hf`` engine keeps a full model copy and its KV cache on the replica's first GPU.
+
+Weight sync per step: every HF tensor in the parameter dtype (unpadded vocabulary) to each engine, every
+``sync_every`` steps, in buckets of ``sync_bucket_mb``; a sync holds the largest gathered tensor, a bucket and
+its flattened copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+GB = 1 << 30
+SGLANG_RUNTIME_BYTES = 2 * GB  # SGLang outside its static pool: CUDA graphs, decode activations (assumed)
+KERNELS = ("gpu", "cpu")
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of pipeline stage ``stage`` (training) and of the rollout engine sharing it."""
+
+    stage: int
+    num_params: int
+    params: int
+    grads: int
+    optimizer_main: int  # fp32 main parameters (bf16 models), there from the start
+    optimizer_moments: int  # Adam exp_avg + exp_avg_sq, created by the first optimizer step
+    reference: int
+    activations: int
+    logprob: int
+    transient: int
+    step_temp: int
+    rollout_resident: int  # hf engine weights + KV cache, or SGLang without memory saver during training
+
+    @property
+    def resident_at_launch(self) -> int:
+        return self.params + self.grads + self.optimizer_main + self.reference
+
+    @property
+    def training_peak(self) -> int:
+        static = self.resident_at_launch + self.optimizer_moments + self.rollout_resident
+        return static + max(self.activations + self.logprob + self.transient, self.step_temp)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The estimate for one configuration; byte counts per GPU, ``stage`` the worst pipeline stage."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    kernels: str
+    gpu_bytes: int
+    usable_bytes: int
+    micro_batch_tokens: int  # T: padded length of one packed micro-batch
+    num_microbatches: int  # per data-parallel rank and step
+    in_flight: int  # micro-batches whose activations the worst stage holds
+    layers_per_stage: int
+    stage: StageMemory
+    logprob_paths: dict[str, int]  # the same buffers for naive / chunked / fused log-probs
+    engine: str  # sglang | hf | none
+    placement: str
+    sglang_weights: int = 0
+    sglang_kv: int = 0  # negative: SGLang would not start
+    sglang_runtime: int = 0
+    kv_bytes_per_token: int = 0
+    kv_min_tokens: int = 0
+    sglang_gpus_needed: int = 0
+    sglang_gpus_available: int = 0
+    generation_peak: int = 0  # on the GPU that shares training and SGLang (colocated) or on a rollout GPU
+    sync_peak: int = 0
+    sync_bytes_per_engine: int = 0
+    sync_engines: int = 0
+    sync_every: int = 1
+    sync_buckets: int = 0
+    full_model_params: int = 0
+    notes: list[str] = field(default_factory=list)
+    arch: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def training_peak(self) -> int:
+        return self.stage.training_peak
+
+    @property
+    def sync_bytes_per_step(self) -> float:
+        return self.sync_bytes_per_engine * self.sync_engines / self.sync_every
+
+    @property
+    def kv_tokens(self) -> int:
+        return max(0, self.sglang_kv) // self.kv_bytes_per_token if self.kv_bytes_per_token else 0
+
+    def phases(self) -> dict[str, int]:
+        """Peak bytes per phase on the most loaded GPU."""
+        out = {"training": self.training_peak}
+        if self.generation_peak:
+            out["generation"] = self.generation_peak
+        if self.sync_peak:
+            out["weight sync"] = self.sync_peak
+        return out
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases().values())
+
+    def problems(self) -> list[str]:
+        """What does not fit, as sentences (empty when the plan fits)."""
+        out = []
+        for phase, need in self.phases().items():
+            if need > self.usable_bytes:
+                out.append(
+                    f"the {phase} phase needs {need / GB:.1f} GB per GPU > {self.usable_bytes / GB:.1f} GB "
+                    "available"
+                )
+        if self.engine == "sglang" and self.sglang_gpus_needed > self.sglang_gpus_available:
+            where = "training GPUs" if self.placement == "colocated" else "cluster.rollout_gpus"
+            out.append(
+                f"the SGLang engines need {self.sglang_gpus_needed} GPUs (DP × num_engines × tp_size) > "
+                f"{self.sglang_gpus_available} {where}"
+            )
+        if self.engine == "sglang" and self.kv_tokens < self.kv_min_tokens:
+            out.append(
+                f"SGLang's KV cache would get {max(0, self.sglang_kv) / GB:.1f} GB, less than the "
+                f"{self.kv_min_tokens * self.kv_bytes_per_token / GB:.2f} GB one prompt's "
+                f"{self.kv_min_tokens} tokens need"
+            )
+        return out
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems()
+
+
+# ------------------------------------------------------------------------------------------------ counting
+def layer_params(arch, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (QKV bias for Qwen2, norms replicated)."""
+    h, q, kv, f = (
+        arch.hidden_size,
+        arch.num_attention_heads * arch.head_dim,
+        _kv(arch),
+        arch.intermediate_size,
+    )
+    qkv = (q + 2 * kv) // tp * (h + (1 if arch.qkv_bias else 0))
+    return qkv + h * q // tp + 3 * h * f // tp + 2 * h
+
+
+def stage_params(arch, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
+    """Parameters of one TP rank of pipeline stage ``stage`` (as Megatron's GPTModel allocates them)."""
+    h, vocab_rows = arch.hidden_size, padded_vocab // tp
+    count = arch.num_layers // pp * layer_params(arch, tp)
+    if stage == 0:
+        count += vocab_rows * h
+    if stage == pp - 1:
+        count += h  # final norm
+        if not arch.tie_word_embeddings or pp > 1:  # tied at pp > 1: the last stage keeps a copy
+            count += vocab_rows * h
+    return count
+
+
+def full_model_params(arch) -> int:
+    """Parameters of the HF checkpoint (unpadded vocabulary; what a weight sync sends)."""
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    return arch.num_layers * layer_params(arch, 1) + embeddings + arch.hidden_size
+
+
+def _kv(arch) -> int:
+    return arch.num_kv_heads * arch.head_dim
+
+
+def layer_activation_elements(arch, tp: int, tokens: int, kernels: str, recompute: bool) -> int:
+    """Elements (of the parameter dtype) one layer keeps for backward for ``tokens`` tokens (module docstring)."""
+    h, q, f = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.intermediate_size
+    if recompute:
+        return tokens * h
+    per_token = 4 * h + (3 * q + 3 * _kv(arch) + 5 * f) // tp + 4 * arch.head_dim
+    per_token += arch.num_attention_heads // tp  # softmax statistics
+    if kernels == "cpu":
+        per_token += 2 * h + tokens
+    return tokens * per_token
+
+
+# ------------------------------------------------------------------------------------------------ workload
+def pair_tokens(cfg) -> int:
+    """Tokens of the longest possible pair (prompt + response, twice); pairs are never split."""
+    d, r = cfg.data, cfg.rollout
+    if cfg.algorithm.mode == "spin":
+        return 2 * d.max_prompt_tokens + d.max_gold_tokens + r.max_new_tokens
+    return 2 * (d.max_prompt_tokens + r.max_new_tokens)
+
+
+def micro_batch_tokens(cfg) -> int:
+    """Padded length of a full micro-batch (``packing.pack_items``: ≥ 1 padding token, a multiple of 8)."""
+    budget = max(cfg.trainer.micro_batch_tokens, pair_tokens(cfg))
+    return math.ceil((budget + 1) / 8) * 8
+
+
+def num_microbatches(cfg, dp: int) -> int:
+    """Micro-batches of one data-parallel rank when every pair has the longest length."""
+    pairs_per_prompt = cfg.algorithm.pairs_per_prompt if cfg.algorithm.mode == "spin" else 1
+    pairs = math.ceil(cfg.trainer.prompts_per_step / dp) * pairs_per_prompt
+    per_batch = max(1, cfg.trainer.micro_batch_tokens // pair_tokens(cfg))
+    return max(1, math.ceil(pairs / per_batch))
+
+
+def logprob_bytes(tokens: int, columns: int, hidden: int, chunk: int, e: int) -> dict[str, int]:
+    """Extra memory of the log-prob computation on ``[tokens, columns]`` logits, per path (module docstring)."""
+    chunk = min(chunk, tokens)
+    return {
+        "naive": tokens * columns * (e + 12),
+        "chunked": 2 * tokens * columns * e + 4 * chunk * columns,
+        "fused": 4 * chunk * columns + 4 * columns * hidden + 4 * tokens * hidden,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+def _stage(
+    cfg, arch, kernels: str, dp: int, stage: int, tokens: int, in_flight: int, engine: int
+) -> StageMemory:
+    tp, pp, e = cfg.parallel.tp, cfg.parallel.pp, _DTYPE_BYTES[cfg.model.dtype]
+    padded, h = arch.padded_vocab_size(tp), arch.hidden_size
+    n = stage_params(arch, tp, pp, stage, padded)
+    shards = dp if cfg.optim.use_distributed_optimizer else 1
+    recompute = cfg.parallel.activation_recompute
+    activations = (
+        in_flight * arch.num_layers // pp * layer_activation_elements(arch, tp, tokens, kernels, recompute)
+    )
+    if recompute:  # the layer being recomputed holds its full activations
+        activations += layer_activation_elements(arch, tp, tokens, kernels, False)
+    columns, logprob = padded // tp, 0
+    transient = (2 * arch.intermediate_size // tp + h) * tokens * e  # one layer's backward working set
+    if stage == pp - 1:
+        activations += (3 if kernels == "cpu" else 2) * tokens * h  # final norm
+        logprob = logprob_bytes(tokens, columns, h, cfg.trainer.logprob_chunk_tokens, e)["chunked"]
+        transient = max(transient, (columns * h + tokens * h) * e)  # output-layer weight and input gradients
+    largest = max(columns * h, 2 * arch.intermediate_size // tp * h)
+    step_temp = 0  # GPU: fused Adam, NCCL all-gathers in place
+    if kernels == "cpu":  # torch's per-tensor AdamW; gloo's coalesced all-gather of the distributed optimizer
+        step_temp = max(2 * 4 * largest, 2 * e * n if cfg.optim.use_distributed_optimizer else 0)
+    return StageMemory(
+        stage=stage,
+        num_params=n,
+        params=e * n,
+        grads=4 * n,
+        optimizer_main=0 if e == 4 else 4 * n // shards,
+        optimizer_moments=8 * n // shards,
+        reference=e * n,
+        activations=activations * e,
+        logprob=logprob,
+        transient=transient,
+        step_temp=step_temp,
+        rollout_resident=engine,
+    )
+
+
+def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int | None = None) -> MemoryPlan:
+    """Per-GPU memory of ``cfg`` on ``world_size`` training GPUs (formulas: module docstring).
+
+    ``kernels``: "gpu" (TE spec, flash attention, fused Adam) or "cpu" (local spec, SDPA with a dense mask, torch
+    AdamW, gloo). ``gpu_bytes`` overrides ``cluster.gpu_memory_gb`` (the trainer passes the device's real size).
+    """
+    from spin_megatron.errors import ConfigError
+
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    tp, pp, r, e = cfg.parallel.tp, cfg.parallel.pp, cfg.rollout, _DTYPE_BYTES[cfg.model.dtype]
+    arch.check_parallel(tp, pp)
+    if world_size % (tp * pp):
+        raise ConfigError(f"{world_size} training GPUs do not split into parallel.tp × pp = {tp * pp}")
+    dp = world_size // (tp * pp)
+    gpu = gpu_bytes if gpu_bytes is not None else int(cfg.cluster.gpu_memory_gb * GB)
+    tokens, microbatches = micro_batch_tokens(cfg), num_microbatches(cfg, dp)
+    engine = r.engine if r.engine in ("sglang", "hf") else "none"
+    full, seq = full_model_params(arch), cfg.data.max_prompt_tokens + r.max_new_tokens
+    hf_engine = 0
+    if engine == "hf":  # a full model and its KV cache on the replica's first GPU
+        hf_engine = full * e + r.max_batch_size * seq * 2 * arch.num_layers * _kv(arch) * e
+    stages = [
+        _stage(cfg, arch, kernels, dp, s, tokens, min(pp - s, microbatches), hf_engine) for s in range(pp)
+    ]
+    worst = max(stages, key=lambda s: s.training_peak)
+    columns = arch.padded_vocab_size(tp) // tp
+    plan = MemoryPlan(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        kernels=kernels,
+        gpu_bytes=gpu,
+        usable_bytes=int(gpu * (1 - cfg.cluster.memory_headroom)),
+        micro_batch_tokens=tokens,
+        num_microbatches=microbatches,
+        in_flight=min(pp - worst.stage, microbatches),
+        layers_per_stage=arch.num_layers // pp,
+        stage=worst,
+        logprob_paths=logprob_bytes(tokens, columns, arch.hidden_size, cfg.trainer.logprob_chunk_tokens, e),
+        engine=engine,
+        placement=cfg.cluster.placement,
+        sync_every=r.sync_every,
+        full_model_params=full,
+        arch=arch,
+    )
+    if engine == "none":
+        return plan
+    engines = (len(r.sglang.urls) or dp * r.sglang.num_engines) if engine == "sglang" else dp
+    sync_bytes = full * e
+    plan = replace(
+        plan,
+        sync_bytes_per_engine=sync_bytes,
+        sync_engines=engines,
+        sync_buckets=math.ceil(sync_bytes / (r.sync_bucket_mb << 20)),
+        kv_min_tokens=r.n * seq,
+    )
+    return (
+        _with_sglang(plan, cfg, max(stages, key=lambda s: s.resident_at_launch))
+        if engine == "sglang"
+        else plan
+    )
+
+
+def _with_sglang(plan: MemoryPlan, cfg, heaviest: StageMemory) -> MemoryPlan:
+    """SGLang's terms (module docstring); ``heaviest``: the stage with the most memory when SGLang starts."""
+    arch, s, colocated = plan.arch, cfg.rollout.sglang, cfg.cluster.placement == "colocated"
+    weight_bytes = 4 if s.dtype == "float32" else 2  # auto: the HF checkpoint's dtype, bf16 for Qwen2.5/Llama
+    weights = plan.full_model_params * weight_bytes // s.tp_size
+    kv_token = 2 * arch.num_layers * math.ceil(arch.num_kv_heads / s.tp_size) * arch.head_dim * weight_bytes
+    pool = int(s.mem_fraction_static * plan.gpu_bytes)
+    trainer = heaviest.resident_at_launch + heaviest.rollout_resident if colocated else 0
+    moments = heaviest.optimizer_moments if colocated else 0
+    kv = pool - trainer - weights
+    stage, sync = plan.stage, 0
+    if colocated:
+        largest = max(arch.vocab_size, 2 * arch.intermediate_size) * arch.hidden_size
+        buffers = largest * _DTYPE_BYTES[cfg.model.dtype] + 2 * (cfg.rollout.sync_bucket_mb << 20)
+        sync = trainer + moments + weights + buffers + (0 if s.enable_memory_saver else max(kv, 0))
+        if not s.enable_memory_saver:  # weights and KV cache stay on the GPU while it trains
+            stage = replace(stage, rollout_resident=stage.rollout_resident + weights + max(kv, 0))
+    notes = list(plan.notes)
+    if s.sync_mode not in ("auto", plan.placement):
+        notes.append(f"rollout.sglang.sync_mode={s.sync_mode} but cluster.placement={plan.placement}")
+    return replace(
+        plan,
+        stage=stage,
+        sglang_weights=weights,
+        sglang_kv=kv,
+        sglang_runtime=SGLANG_RUNTIME_BYTES,
+        kv_bytes_per_token=kv_token,
+        sglang_gpus_needed=(len(s.urls) or plan.dp * s.num_engines) * s.tp_size,
+        sglang_gpus_available=plan.world_size if colocated else cfg.cluster.rollout_gpus,
+        generation_peak=max(pool, trainer + weights) + moments + SGLANG_RUNTIME_BYTES,
+        sync_peak=sync,
+        notes=notes,
+    )

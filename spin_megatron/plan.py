@@ -1,0 +1,369 @@
+"""``spin-plan``: will this configuration fit the cluster's GPUs? Per-GPU memory, the verdict, the cheapest fix.
+
+    spin-plan experiment=qwen2.5_3b_gsm8k cluster.gpu_memory_gb=80 parallel.tp=2
+    spin-plan --arch qwen2.5-32b experiment=qwen2.5_3b_gsm8k cluster.nodes=4 parallel.tp=8
+
+Takes spin-train's Hydra overrides plus the ``cluster`` section. The model shape comes from ``model.hf_path``'s
+config.json, ``model.mcore_ckpt``'s meta or ``model.tiny``; ``--arch NAME`` (or an ``hf_path`` that is not a local
+folder but names a known model, e.g. ``Qwen/Qwen2.5-3B-Instruct``) uses a built-in shape instead. The estimate is
+``spin_megatron.memory_model``. Exit code 0 when it fits; 2 with a one-line error (naming the cheapest change that
+fits) when it does not, or for any configuration mistake. The trainer runs the same check at start on GPU
+(:func:`check_training_memory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from spin_megatron.config import Config
+from spin_megatron.errors import ConfigError, UserError
+from spin_megatron.memory_model import GB, MemoryPlan, estimate, pair_tokens
+from spin_megatron.models.arch import ModelArch, arch_from_hf_config
+
+PROG = "spin-plan"
+_TINY_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+_TINY_KEYS += ("num_key_value_heads", "tie_word_embeddings")
+
+_QWEN = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
+BUILTIN_ARCHS = {
+    "qwen2.5-0.5b": dict(_QWEN, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "qwen2.5-3b": dict(_QWEN, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       tie_word_embeddings=False),
+    "qwen2.5-32b": dict(_QWEN, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, intermediate_size=27648, vocab_size=152064,
+                        tie_word_embeddings=False),
+    "llama3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}  # fmt: skip
+
+
+def builtin_arch(name: str) -> ModelArch:
+    if name not in BUILTIN_ARCHS:
+        raise ConfigError(
+            f"--arch {name!r} is not a built-in shape; choose one of {', '.join(BUILTIN_ARCHS)}"
+        )
+    family = "Llama" if name.startswith("llama") else "Qwen2"
+    return arch_from_hf_config(
+        {"architectures": [f"{family}ForCausalLM"], **BUILTIN_ARCHS[name]}, source=name
+    )
+
+
+def _builtin_named_like(path: str) -> str | None:
+    squashed = "".join(c for c in Path(path).name.lower() if c.isalnum())
+    matches = [n for n in BUILTIN_ARCHS if "".join(c for c in n if c.isalnum()) in squashed]
+    return max(matches, key=len) if matches else None
+
+
+def resolve_arch(cfg: Config, arch_name: str | None = None) -> tuple[ModelArch, str]:
+    """The model shape and where it came from. Mirrors ``train.preflight`` (duplicated there: ~15 lines)."""
+    from spin_megatron.models.arch import load_arch
+    from spin_megatron.models.mcore_io import arch_from_meta, read_meta
+
+    if arch_name is not None:
+        return builtin_arch(arch_name), f"built-in {arch_name}"
+    m = cfg.model
+    if m.tiny is not None:
+        t = m.tiny
+        hf = {key: getattr(t, key) for key in _TINY_KEYS}
+        hf["architectures"] = [f"{'Qwen2' if t.architecture == 'qwen2' else 'Llama'}ForCausalLM"]
+        return arch_from_hf_config(hf, source="model.tiny"), "model.tiny"
+    if m.mcore_ckpt is not None:
+        return arch_from_meta(read_meta(m.mcore_ckpt)), m.mcore_ckpt
+    named = _builtin_named_like(m.hf_path)
+    if not Path(m.hf_path).is_dir() and named is not None:
+        return builtin_arch(named), f"built-in {named} (model.hf_path={m.hf_path} is not a local folder)"
+    return load_arch(m.hf_path), m.hf_path
+
+
+def training_world_size(cfg: Config) -> int:
+    c = cfg.cluster
+    return c.nodes * c.gpus_per_node - (c.rollout_gpus if c.placement == "disaggregated" else 0)
+
+
+# ------------------------------------------------------------------------------------------------ the check
+def check_fits(plan: MemoryPlan, cfg: Config) -> None:
+    """Raise ConfigError naming the shortfall and the cheapest change that fits, unless ``plan`` fits."""
+    if plan.fits:
+        return
+    message = "does not fit: " + "; ".join(plan.problems())
+    fix = cheapest_fix(plan, cfg)
+    if fix is None:
+        raise ConfigError(message + "; no change tried fits (bigger GPUs, or fewer tokens per pair)")
+    changes, fixed = fix
+    raise ConfigError(f"{message}; cheapest fix: {changes} (→ {fixed.peak / GB:.1f} GB)")
+
+
+def check_training_memory(cfg: Config, arch: ModelArch, world_size: int) -> None:
+    """The trainer's check at start: a no-op on CPU or with ``cluster.check_at_start=false``; on GPU the plan
+    for the device's real memory, raising :class:`ConfigError` when it does not fit."""
+    import torch
+
+    if not cfg.cluster.check_at_start or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    check_fits(estimate(cfg, arch, world_size=world_size, gpu_bytes=total), cfg)
+
+
+def _with(cfg: Config, changes) -> Config:
+    """``cfg`` with ``changes`` (``(dotted key, value)`` pairs) applied, validated again."""
+    for key, value in changes:
+        *path, name = key.split(".")
+        sections = [cfg]
+        for part in path:
+            sections.append(getattr(sections[-1], part))
+        updated = replace(sections[-1], **{name: value})
+        for part, parent in zip(reversed(path), reversed(sections[:-1])):
+            updated = replace(parent, **{part: updated})
+        cfg = updated
+    return cfg
+
+
+def _shortfall(plan: MemoryPlan) -> float:
+    """How far from fitting (0 when it fits): bytes over budget, KV cache missing, GPUs missing."""
+    over = max(0, plan.peak - plan.usable_bytes)
+    if plan.engine == "sglang":
+        over += max(0, plan.kv_min_tokens * plan.kv_bytes_per_token - max(0, plan.sglang_kv))
+        over += max(0, plan.sglang_gpus_needed - plan.sglang_gpus_available) * plan.gpu_bytes
+    return over
+
+
+def _options(plan: MemoryPlan, cfg: Config) -> list[list[tuple]]:
+    """Changes in order of cost, in groups; an option is a tuple of ``(key, value)``; cheaper options first."""
+    arch, c, sglang, world = plan.arch, cfg.cluster, cfg.rollout.sglang, plan.world_size
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    groups = []
+    if plan.engine == "sglang" and c.placement == "colocated" and not sglang.enable_memory_saver:
+        groups.append([(("rollout.sglang.enable_memory_saver", True),)])
+    if plan.engine == "sglang":
+        fewer = [t for t in arch.valid_tp_sizes() if t > sglang.tp_size and t <= c.gpus_per_node]
+        engines = [
+            max(1, min(sglang.num_engines, plan.sglang_gpus_available // (plan.dp * t))) for t in fewer
+        ]
+        groups.append(
+            [
+                (("rollout.sglang.tp_size", t), ("rollout.sglang.num_engines", n))
+                for t, n in zip(fewer, engines)
+            ]
+        )
+    if not cfg.optim.use_distributed_optimizer and plan.dp > 1:
+        groups.append([(("optim.use_distributed_optimizer", True),)])
+    if not cfg.parallel.activation_recompute:
+        groups.append([(("parallel.activation_recompute", True),)])
+    budgets, budget = [], cfg.trainer.micro_batch_tokens // 2
+    while budget >= pair_tokens(cfg) // 2 and budget > 0:  # below one pair a smaller budget changes nothing
+        budgets.append((("trainer.micro_batch_tokens", budget),))
+        budget //= 2
+    groups.append(budgets)
+    tps = [t for t in arch.valid_tp_sizes() if t > tp and world % (t * pp) == 0 and t <= c.gpus_per_node]
+    groups.append([(("parallel.tp", t),) for t in tps])
+    groups.append([(("parallel.pp", q),) for q in arch.valid_pp_sizes() if q > pp and world % (tp * q) == 0])
+    groups.append([(("cluster.nodes", c.nodes + extra),) for extra in range(1, 4 * c.nodes + 1)])
+    return [g for g in groups if g]
+
+
+def _text(changes) -> str:
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes)
+
+
+def _evaluate(plan: MemoryPlan, cfg: Config, changes) -> tuple[Config, MemoryPlan] | None:
+    """``cfg`` with ``changes`` and its plan (None when the change does not apply to this model or cluster)."""
+    world = plan.world_size  # extra machines train (disaggregated: the rollout GPUs stay as they are)
+    for key, value in changes:
+        if key == "cluster.nodes":
+            world += (value - cfg.cluster.nodes) * cfg.cluster.gpus_per_node
+    try:
+        changed = _with(cfg, changes)
+        return changed, estimate(
+            changed, plan.arch, world_size=world, kernels=plan.kernels, gpu_bytes=plan.gpu_bytes
+        )
+    except UserError:
+        return None
+
+
+def _best_fraction(base: tuple[Config, MemoryPlan] | None):
+    """SGLang's ``mem_fraction_static`` re-chosen for ``base``: the largest that fits (the biggest KV cache), else
+    the one closest to fitting. Returns ``(fraction change or (), config, plan)``, or None for ``base=None``."""
+    if base is None:
+        return None
+    best = ((), *base)
+    if base[1].engine != "sglang" or base[1].fits:
+        return best
+    for fraction in (round(0.95 - 0.05 * i, 2) for i in range(19)):
+        tried = _evaluate(base[1], base[0], [("rollout.sglang.mem_fraction_static", fraction)])
+        if tried is not None and (tried[1].fits or _shortfall(tried[1]) < _shortfall(best[2])):
+            best = ((("rollout.sglang.mem_fraction_static", fraction),), *tried)
+            if tried[1].fits:
+                break
+    return best
+
+
+def _apply_all(state, options, *, most: bool = False):
+    """``state`` = (config, plan) with each option applied (``most``: per group, its last option that applies);
+    returns ``(changes, config, plan)`` or None when an option does not apply."""
+    changes = ()
+    for option in options:
+        for candidate in reversed(option) if most else (option,):
+            tried = _evaluate(state[1], state[0], candidate)
+            if tried is not None:
+                state, changes = tried, changes + candidate
+                break
+        else:
+            if not most:
+                return None
+    return changes, *state
+
+
+def cheapest_fix(plan: MemoryPlan, cfg: Config) -> tuple[str, MemoryPlan] | None:
+    """The first single option, in order of cost, that fits (SGLang's memory fraction re-chosen for each); else the
+    cheapest combination: from the most expensive group down, each group takes its cheapest option (or none)
+    that still fits when every cheaper group takes its strongest one. Returns ``(overrides, plan)`` or None."""
+    groups = _options(plan, cfg)
+    for group in [[()], *groups]:  # () first: only SGLang's memory fraction changes
+        for option in group:
+            result = _best_fraction(_evaluate(plan, cfg, option))
+            if result is not None and result[2].fits:
+                return _text(option + result[0]), result[2]
+    chosen = [()] * len(groups)
+    for i in reversed(range(len(groups))):
+        for option in ((), *groups[i]):
+            fixed = _apply_all((cfg, plan), [*chosen[i + 1 :], option])
+            if fixed is not None:
+                cheaper = _apply_all(fixed[1:], groups[:i], most=True)
+                result = _best_fraction(cheaper[1:])
+                if result[2].fits:
+                    chosen[i] = option
+                    break
+        else:
+            return None
+    final = _best_fraction(_apply_all((cfg, plan), chosen)[1:])
+    changes = tuple(change for option in chosen for change in option) + final[0]
+    return _text(changes), final[2]
+
+
+# ------------------------------------------------------------------------------------------------ printing
+def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
+    """The human-readable table: one line per component, GB per GPU, a note; then weight sync and the verdict."""
+    a, s, c, sg = plan.arch, plan.stage, cfg.cluster, cfg.rollout.sglang
+    e = "bf16" if cfg.model.dtype == "bf16" else "fp32"
+    shards = (
+        f"÷ DP {plan.dp} (distributed optimizer)" if cfg.optim.use_distributed_optimizer else "not sharded"
+    )
+    where = f"stage {s.stage + 1} of {plan.pp}"
+    acts = f"{plan.in_flight} micro-batch(es) × {plan.layers_per_stage} layers × {plan.micro_batch_tokens} tokens"
+    paths = {k: f"{v / GB:.2f}" for k, v in plan.logprob_paths.items()}
+    logprob = (
+        f"chunked: logits + grad [T, V/TP] + fp32 chunk (naive {paths['naive']}, fused head {paths['fused']})"
+    )
+    rows = [
+        ("actor parameters", s.params, f"{s.num_params / 1e9:.3g} B params on this GPU ({where}), {e}"),
+        ("actor gradients", s.grads, "fp32 grad buffer (grad_reduce_in_fp32)"),
+        (
+            "optimizer: fp32 main params",
+            s.optimizer_main,
+            shards if s.optimizer_main else "none: fp32 params",
+        ),
+        ("optimizer: Adam moments", s.optimizer_moments, f"exp_avg + exp_avg_sq, fp32, {shards}"),
+        ("reference model", s.reference, f"frozen copy, {e}"),
+        (
+            "activations",
+            s.activations,
+            f"{acts}, {'full' if cfg.parallel.activation_recompute else 'no'} recompute",
+        ),
+        ("log-prob buffers", s.logprob, logprob if s.logprob else "none on this stage"),
+        ("transients", max(s.transient, s.step_temp), "output-layer grads, backward working set"),
+    ]
+    if s.rollout_resident:
+        rows.append(
+            ("rollout engine (resident)", s.rollout_resident, "hf engine, or SGLang without memory saver")
+        )
+    rows.append(("= training peak", plan.training_peak, ""))
+    if plan.engine == "sglang":
+        seqs = plan.kv_tokens // max(1, plan.kv_min_tokens // cfg.rollout.n)
+        kv = f"→ {plan.kv_tokens:,} tokens ({seqs} full sequences)"
+        if plan.sglang_kv <= 0:
+            kv = "≤ 0: SGLang would not start"
+        pool = f"{sg.mem_fraction_static:.2f} × {plan.gpu_bytes / GB:.0f} GB"
+        colocated = plan.placement == "colocated"
+        rows += [
+            ("SGLang weights", plan.sglang_weights, f"÷ tp_size {sg.tp_size}"),
+            ("SGLang KV cache", max(0, plan.sglang_kv), f"{pool} − {'trainer − ' * colocated}weights {kv}"),
+            ("SGLang working memory", plan.sglang_runtime, "CUDA graphs, decode activations (assumed)"),
+            ("= generation peak", plan.generation_peak, "pool + Adam moments + working memory" * colocated),
+        ]
+        if plan.sync_peak:
+            rows.append(("= weight-sync peak", plan.sync_peak, "trainer + SGLang weights + sync buffers"))
+    headroom = f"{plan.gpu_bytes / GB:.0f} GB × (1 − {c.memory_headroom:.2f} headroom)"
+    rows.append(("available", plan.usable_bytes, headroom))
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"{PROG}: {a.architecture} h={a.hidden_size} L={a.num_layers} heads={a.num_attention_heads}/"
+        f"{a.num_kv_heads} V={a.vocab_size} ({source})",
+        f"cluster: {c.nodes} node(s) × {c.gpus_per_node} GPUs × {c.gpu_memory_gb:g} GB, {c.placement}, "
+        f"rollout engine {cfg.rollout.engine}",
+        f"layout: TP {plan.tp} × PP {plan.pp} × DP {plan.dp} = {plan.world_size} training GPUs; {e}; "
+        f"{plan.num_microbatches} micro-batches of ≤ {plan.micro_batch_tokens} tokens per DP rank per step",
+        "",
+        f"{'component'.ljust(width)}  {'GB/GPU':>8}  note",
+    ]
+    lines += [f"{name.ljust(width)}  {value / GB:8.2f}  {note}".rstrip() for name, value, note in rows]
+    if plan.sync_engines:
+        lines.append(
+            f"weight sync: {plan.sync_bytes_per_engine / GB:.2f} GB per engine × {plan.sync_engines} engine(s) "
+            f"every {plan.sync_every} step(s) = {plan.sync_bytes_per_step / GB:.1f} GB/step, "
+            f"{plan.sync_buckets} buckets of {cfg.rollout.sync_bucket_mb} MB per engine"
+        )
+    lines += [f"note: {n}" for n in plan.notes]
+    phase = max(plan.phases(), key=plan.phases().get)
+    share = f"{100 * plan.peak / plan.usable_bytes:.0f}% of available"
+    lines.append(
+        f"verdict: {'fits' if plan.fits else 'DOES NOT FIT'} — peak {plan.peak / GB:.1f} GB ({phase}), {share}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, as for spin-train (cluster.* included)"
+    )
+    parser.add_argument(
+        "--arch", choices=sorted(BUILTIN_ARCHS), help="a built-in model shape (no checkpoint needed)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from spin_megatron.train import load_config
+
+    try:
+        try:
+            cfg = load_config(args.overrides)
+        except ConfigError as exc:
+            if args.arch is None or "no model given" not in str(exc):
+                raise
+            cfg = load_config([*args.overrides, f"model.hf_path={args.arch}"])
+        arch, source = resolve_arch(cfg, args.arch)
+        plan = estimate(cfg, arch, world_size=training_world_size(cfg))
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, cfg, source), flush=True)
+    try:
+        check_fits(plan, cfg)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

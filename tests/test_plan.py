@@ -1,0 +1,397 @@
+"""spin-plan and the memory model: parameter counts against the real Megatron model, the formulas' behaviour, the
+fit check and its cheapest fix, the command line, and the estimate against the measured peak memory of tiny CPU
+training steps (each within ±25%)."""
+
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from spin_megatron.errors import ConfigError
+from spin_megatron.memory_model import GB, estimate, full_model_params, stage_params
+from spin_megatron.plan import _with, builtin_arch, check_fits, check_training_memory, main
+from spin_megatron.train import load_config
+from tests.helpers import REPO
+
+PRESET = ["experiment=qwen2.5_3b_gsm8k"]
+NO_ROLLOUT = ["rollout.engine=replay", "rollout.replay_path=unused.jsonl", "trainer.test_freq=0"]
+
+
+def _plan(arch_name, *overrides, world_size=8):
+    cfg = load_config([*PRESET, *overrides])
+    return estimate(cfg, builtin_arch(arch_name), world_size=world_size), cfg
+
+
+def _fix_message(arch_name, *overrides, world_size=8):
+    plan, cfg = _plan(arch_name, *overrides, world_size=world_size)
+    with pytest.raises(ConfigError) as info:
+        check_fits(plan, cfg)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ parameter counts
+def _megatron_counts(model, arch, tp, pp):
+    """Per pipeline stage, one TP rank's parameters, derived from a TP1/PP1 model's named parameters."""
+    per_stage, layers = [0] * pp, arch.num_layers // pp
+    for name, param in model.named_parameters():
+        n = param.numel() // tp if getattr(param, "tensor_model_parallel", False) else param.numel()
+        if name.startswith("embedding."):
+            per_stage[0] += n
+            if (
+                arch.tie_word_embeddings and pp > 1
+            ):  # a copy on the last stage (setup_embeddings_and_output_layer)
+                per_stage[-1] += n
+        elif name.startswith("decoder.layers."):
+            per_stage[int(name.split(".")[2]) // layers] += n
+        else:  # final norm, output layer
+            per_stage[-1] += n
+    return per_stage
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_parameter_counts_equal_the_megatron_model(fixture, request):
+    from spin_megatron.models import build_gpt_model, load_arch
+    from spin_megatron.parallel import init_parallel
+
+    hf_dir = request.getfixturevalue(fixture)
+    arch = load_arch(hf_dir)
+    model = build_gpt_model(arch, init_parallel(1, 1))
+    assert sum(p.numel() for p in model.parameters()) == stage_params(
+        arch, 1, 1, 0, arch.padded_vocab_size(1)
+    )
+    for tp, pp in ((2, 1), (1, 2), (2, 2)):
+        expected = [stage_params(arch, tp, pp, s, arch.padded_vocab_size(tp)) for s in range(pp)]
+        assert _megatron_counts(model, arch, tp, pp) == expected, (tp, pp)
+    with safe_open(hf_dir / "model.safetensors", "pt") as f:
+        assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) == full_model_params(arch)
+
+
+def test_builtin_shapes_have_the_published_sizes():
+    published = {"qwen2.5-0.5b": 0.494, "qwen2.5-3b": 3.086, "qwen2.5-7b": 7.616, "qwen2.5-32b": 32.76}
+    published["llama3.1-8b"] = 8.030
+    for name, billions in published.items():
+        assert full_model_params(builtin_arch(name)) / 1e9 == pytest.approx(billions, rel=3e-3), name
+
+
+# ------------------------------------------------------------------------------------------ formulas
+def test_distributed_optimizer_divides_the_optimizer_state_over_data_parallel_ranks():
+    sharded, _ = _plan("qwen2.5-3b")  # TP2 × DP4
+    full, _ = _plan("qwen2.5-3b", "optim.use_distributed_optimizer=false")
+    assert sharded.dp == 4
+    assert full.stage.optimizer_moments == pytest.approx(4 * sharded.stage.optimizer_moments, abs=8)
+    assert full.stage.optimizer_main == pytest.approx(4 * sharded.stage.optimizer_main, abs=8)
+    assert full.stage.grads == sharded.stage.grads == 4 * sharded.stage.num_params
+    assert (
+        sharded.stage.optimizer_main + sharded.stage.optimizer_moments == 12 * sharded.stage.num_params // 4
+    )
+    fp32, _ = _plan("qwen2.5-3b", "model.dtype=fp32")
+    assert fp32.stage.optimizer_main == 0  # fp32 parameters are their own main copy
+
+
+def test_recompute_keeps_only_the_layer_inputs():
+    plain, _ = _plan("qwen2.5-3b")
+    recomputed, _ = _plan("qwen2.5-3b", "parallel.activation_recompute=true")
+    assert recomputed.stage.activations < 0.1 * plain.stage.activations
+    tokens, arch = plain.micro_batch_tokens, plain.arch
+    assert recomputed.stage.activations > arch.num_layers * tokens * arch.hidden_size * 2
+
+
+def test_pipeline_stage_zero_holds_one_micro_batch_per_stage():
+    plan, _ = _plan("qwen2.5-3b", "parallel.pp=4", "parallel.tp=2", world_size=8)
+    assert plan.stage.stage == 0 and plan.in_flight == 4 and plan.layers_per_stage == 9
+    single, _ = _plan("qwen2.5-3b", "parallel.pp=1", world_size=8)
+    # 4 micro-batches × 9 layers = the activations of one micro-batch through all 36 layers
+    assert plan.stage.activations == pytest.approx(single.stage.activations, rel=0.05)
+
+
+def test_fused_log_probs_need_far_less_than_naive():
+    plan, _ = _plan("qwen2.5-3b")
+    paths = plan.logprob_paths
+    assert paths["fused"] < 0.2 * paths["chunked"] < paths["chunked"] < 0.5 * paths["naive"]
+    assert plan.stage.logprob == paths["chunked"]  # what the trainer runs
+
+
+def test_log_prob_formulas_match_the_logged_benchmark():
+    """bench/logprob.py in docs/LOG.md: T=4096, hidden 896, vocab 151936, fp32, chunk 512 — peak extra MiB."""
+    from spin_megatron.memory_model import logprob_bytes
+
+    paths = {k: v / 2**20 for k, v in logprob_bytes(4096, 151936, 896, 512, 4).items()}
+    measured = {"naive": 9007, "chunked": 4782, "fused": 851}
+    for path, mib in measured.items():
+        assert paths[path] == pytest.approx(mib, rel=0.15), path
+
+
+def test_colocated_sglang_shares_the_gpu_and_releases_memory_while_training():
+    plan, cfg = _plan("qwen2.5-3b")
+    s = plan.stage
+    assert plan.sglang_weights == plan.full_model_params * 2  # bf16, tp_size 1
+    assert plan.sglang_kv == int(0.4 * 80 * GB) - s.resident_at_launch - plan.sglang_weights
+    assert plan.generation_peak == int(0.4 * 80 * GB) + s.optimizer_moments + plan.sglang_runtime
+    assert plan.sync_bytes_per_step == plan.full_model_params * 2 * 8  # DP 4 × 2 engines
+    kept, _ = _plan("qwen2.5-3b", "rollout.sglang.enable_memory_saver=false")
+    assert kept.training_peak == plan.training_peak + plan.sglang_weights + plan.sglang_kv
+
+
+# ------------------------------------------------------------------------------------------ the check
+def test_preset_fits_one_node_of_80gb_gpus():
+    plan, cfg = _plan("qwen2.5-3b")
+    assert plan.fits and plan.peak <= plan.usable_bytes == int(72 * GB)
+    check_fits(plan, cfg)
+
+
+@pytest.mark.parametrize(
+    "arch_name, overrides, fix",
+    [
+        (
+            "qwen2.5-3b",
+            [*NO_ROLLOUT, "cluster.gpu_memory_gb=40", "trainer.micro_batch_tokens=4096"]
+            + ["optim.use_distributed_optimizer=false"],
+            "cheapest fix: optim.use_distributed_optimizer=true (→ ",
+        ),
+        (
+            "qwen2.5-3b",
+            [*NO_ROLLOUT, "cluster.gpu_memory_gb=40"],
+            "cheapest fix: parallel.activation_recompute=true",
+        ),
+        (
+            "qwen2.5-3b",
+            ["rollout.sglang.mem_fraction_static=0.2"],
+            "cheapest fix: rollout.sglang.mem_fraction_static=",
+        ),
+        (
+            "qwen2.5-7b",
+            [*NO_ROLLOUT, "cluster.gpu_memory_gb=40", "parallel.activation_recompute=true"],
+            "cheapest fix: parallel.tp=4 (→ ",
+        ),
+        ("qwen2.5-32b", [], "cluster.nodes=2"),
+    ],
+)
+def test_configurations_that_do_not_fit_name_the_cheapest_fix(arch_name, overrides, fix):
+    message = _fix_message(arch_name, *overrides)
+    assert message.startswith("does not fit: ") and fix in message, message
+    assert re.search(r"needs [\d.]+ GB per GPU > [\d.]+ GB available|KV cache would get", message), message
+    changes = message.split("cheapest fix: ")[1].split(" (→ ")[0].split()
+    plan, cfg = _plan(arch_name, *overrides)
+    fixed_cfg = _with(cfg, [(c.split("=")[0], yaml.safe_load(c.split("=")[1])) for c in changes])
+    world = fixed_cfg.cluster.nodes * fixed_cfg.cluster.gpus_per_node
+    assert estimate(fixed_cfg, plan.arch, world_size=world).fits  # the named fix really fits
+
+
+def test_the_trainer_check_is_skipped_without_cuda_and_runs_with_it(monkeypatch):
+    cfg = load_config([*PRESET, "model.hf_path=/not/used"])
+    arch = builtin_arch("qwen2.5-7b")  # does not fit at TP2 on 80 GB
+    check_training_memory(cfg, arch, 8)  # CPU: no-op
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * GB))
+    with pytest.raises(ConfigError, match="does not fit: the training phase needs"):
+        check_training_memory(cfg, arch, 8)
+    check_training_memory(_with(cfg, [("cluster.check_at_start", False)]), arch, 8)
+    check_training_memory(cfg, builtin_arch("qwen2.5-3b"), 8)  # fits
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_prints_the_table_and_exits_0_when_it_fits(capsys):
+    assert main(["--arch", "qwen2.5-3b", *PRESET, "cluster.nodes=1", "cluster.gpu_memory_gb=80"]) == 0
+    out = capsys.readouterr().out
+    for row in (
+        "actor parameters",
+        "optimizer: Adam moments",
+        "activations",
+        "log-prob buffers",
+        "SGLang KV cache",
+    ):
+        assert re.search(rf"^{re.escape(row)} +\d+\.\d\d ", out, re.M), row
+    assert "TP 2 × PP 1 × DP 4 = 8 training GPUs" in out and "weight sync: 5.75 GB per engine × 8" in out
+    assert re.search(r"^verdict: fits — peak \d+\.\d GB \(training\)", out, re.M), out
+
+
+def test_cli_refuses_what_does_not_fit_with_one_line_and_exit_2(capsys):
+    assert main(["--arch", "qwen2.5-7b", *PRESET]) == 2
+    captured = capsys.readouterr()
+    assert "verdict: DOES NOT FIT" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spin-plan: error: does not fit: the training phase needs "), (
+        err
+    )
+    assert "cheapest fix: parallel.activation_recompute=true" in err[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "no model given"),
+        (
+            ["experiment=tiny_cpu", "cluster.placement=rack"],
+            "cluster.placement='rack' is not allowed; choose one of",
+        ),
+        (
+            ["experiment=tiny_cpu", "cluster.rollout_gpus=2"],
+            "cluster.rollout_gpus=2 needs cluster.placement=",
+        ),
+        (["experiment=tiny_cpu", "cluster.memory_headroom=1.5"], "cluster.memory_headroom must be in [0, 1)"),
+        (["experiment=tiny_cpu", "cluster.nonsense=1"], "unknown config key cluster.nonsense"),
+        (
+            ["experiment=tiny_cpu", "parallel.tp=3"],
+            "parallel.tp=3 does not divide the model's 4 attention heads",
+        ),
+    ],
+)
+def test_cli_configuration_mistakes_are_one_line_errors(capsys, args, fragment):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spin-plan: error: ") and fragment in err[0], err
+
+
+def test_cli_finds_the_shape_of_a_known_model_name_and_runs_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_megatron.plan", *PRESET, "model.dtype=bf16"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "built-in qwen2.5-3b (model.hf_path=Qwen/Qwen2.5-3B-Instruct is not a local folder)" in result.stdout
+    )
+
+
+def test_disaggregated_placement_plans_rollout_gpus_apart(capsys):
+    args = ["--arch", "qwen2.5-3b", *PRESET, "cluster.placement=disaggregated", "cluster.rollout_gpus=4"]
+    assert (
+        main([*args, "parallel.tp=1", "rollout.sglang.mem_fraction_static=0.8"]) == 2
+    )  # 4 DP × 2 engines > 4
+    assert "the SGLang engines need 8 GPUs" in capsys.readouterr().err
+    assert (
+        main(
+            [*args, "parallel.tp=2", "rollout.sglang.num_engines=2", "rollout.sglang.sync_mode=disaggregated"]
+        )
+        == 0
+    )
+    assert "TP 2 × PP 1 × DP 2 = 4 training GPUs" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ measured on CPU
+# Tiny configurations whose dominant term differs: the logits (real Qwen2.5 vocabulary), the parameters and the
+# optimizer state (many wide layers, small vocabulary), the activations (long micro-batch, small vocabulary).
+PROBES = {
+    "logits": dict(arch="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, budget=512, pairs=2),
+    "params+optimizer": dict(arch="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                             num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
+                             tie_word_embeddings=False, budget=256, pairs=1),
+    "activations": dict(arch="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False,
+                        budget=1024, pairs=4),
+}  # fmt: skip
+PROMPT_TOKENS, RESPONSE_TOKENS = 32, 96  # a pair = 256 tokens
+
+
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) << 10
+
+
+def _probe_worker(spec_json):
+    """Child process: build policy + reference of a tiny model, run a reference pass and two DPO steps (the second
+    backward with the Adam moments), print the peak RSS growth measured and the estimate."""
+    from spin_megatron.config import (
+        AlgorithmConfig,
+        Config,
+        DataConfig,
+        ModelConfig,
+        RolloutConfig,
+        TrainerConfig,
+    )
+    from spin_megatron.parallel import init_parallel
+    from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
+    from spin_megatron.parallel.packing import ScoredSequence, pack_items
+    from spin_megatron.policy import build_policy, build_reference, resolve_model_source
+    from spin_megatron.trainer import dpo_settings
+
+    groups = init_parallel(1, 1)
+    name, hf_dir, budget, pairs = json.loads(spec_json)
+    cfg = Config(
+        model=ModelConfig(hf_path=hf_dir),
+        data=DataConfig(
+            train_files=[], val_files=[], max_prompt_tokens=PROMPT_TOKENS, max_gold_tokens=RESPONSE_TOKENS
+        ),
+        rollout=RolloutConfig(engine="replay", replay_path="unused", n=1, max_new_tokens=RESPONSE_TOKENS),
+        algorithm=AlgorithmConfig(mode="spin"),
+        trainer=TrainerConfig(test_freq=0, micro_batch_tokens=budget, prompts_per_step=pairs),
+    )
+    source = resolve_model_source(cfg, groups, 1)
+    gen, vocab = torch.Generator().manual_seed(0), source.arch.vocab_size
+    tokens = torch.randint(0, vocab, (pairs, 2, PROMPT_TOKENS + RESPONSE_TOKENS), generator=gen).tolist()
+    items = [[ScoredSequence(t[:PROMPT_TOKENS], t[PROMPT_TOKENS:]) for t in pair] for pair in tokens]
+    batches = pack_items(items, token_budget=budget)
+    settings = dpo_settings(cfg, source.arch.vocab_size)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    base = _status_bytes("VmRSS")
+    policy = build_policy(cfg, source, groups)
+    reference = build_reference(cfg, source, groups, policy)
+    compute_reference_logps(reference, groups, batches, settings)
+    for _ in range(2):
+        train_step(policy.model, policy.optimizer, groups, batches, settings,
+                   global_pairs=pairs, global_chosen_tokens=pairs * RESPONSE_TOKENS)  # fmt: skip
+    measured = _status_bytes("VmHWM") - base
+    predicted = estimate(cfg, source.arch, world_size=1, kernels="cpu").training_peak
+    print(json.dumps({"name": name, "measured": measured, "predicted": predicted}), flush=True)
+
+
+def _can_reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
+)
+def test_estimate_matches_measured_peak_memory_of_tiny_cpu_runs(tmp_path):
+    from spin_megatron.models.tiny import make_tiny_hf_model
+
+    specs = []
+    for name, spec in PROBES.items():
+        spec = dict(spec)
+        budget, pairs, arch = spec.pop("budget"), spec.pop("pairs"), spec.pop("arch")
+        hf_dir = make_tiny_hf_model(tmp_path / name.replace("+", "_"), arch, seed=0, **spec)
+        specs.append((name, str(hf_dir), budget, pairs))
+    # glibc's dynamic mmap threshold would keep freed activation-sized blocks in the heap (RSS that no tensor
+    # uses, the CPU analogue of allocator fragmentation, which cluster.memory_headroom covers): a fixed threshold
+    # returns them, so the peak RSS is what was allocated.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    children = []  # one process each (a later probe would reuse heap freed by an earlier one), side by side
+    for spec in specs:
+        code = f"from tests.test_plan import _probe_worker; _probe_worker({json.dumps(json.dumps(spec))})"
+        logs = [tmp_path / f"probe{len(children)}.{kind}" for kind in ("out", "err")]
+        with open(logs[0], "w") as out, open(logs[1], "w") as err:
+            child = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, cwd=REPO, env=env)
+        children.append((child, logs))
+    stdout = ""
+    for child, (out, err) in children:
+        assert child.wait(timeout=600) == 0, err.read_text()[-3000:]
+        stdout += out.read_text()
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == list(PROBES)
+    report = "; ".join(
+        f"{r['name']}: measured {r['measured'] / 2**20:.0f} MiB, predicted {r['predicted'] / 2**20:.0f} MiB"
+        for r in rows
+    )
+    print(report)
+    for r in rows:
+        assert r["predicted"] == pytest.approx(r["measured"], rel=0.25), report
