@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo demo-convert lint format bench gpu-smoke clean
+.PHONY: install test test-fast demo demo-convert lint format bench bench-gpu gpu-smoke clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench: install
 
 gpu-smoke: install
 	$(BIN)/python -m pytest -m gpu -v $(PYTEST_ARGS)
+
+bench-gpu: install
+	$(BIN)/python bench/mfu_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
