@@ -229,11 +229,13 @@ class TrainerConfig:
     export_hf: bool = True  # write the final policy as an HF folder to <output_dir>/hf
     max_consecutive_skips: int = 3  # stop (with a checkpoint) after this many NaN/Inf-skipped steps in a row
     logprob_chunk_tokens: int = 256  # tokens per chunk of the fp32 log-prob pass ([chunk, V/TP] buffer)
+    logprob_impl: str = "logits"  # logits (TE cross-entropy on GPU, chunked fp32 otherwise) | fused_head
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "micro_batch_tokens", "logprob_chunk_tokens"):
             _positive(f"trainer.{key}", getattr(self, key))
         _positive("trainer.max_consecutive_skips", self.max_consecutive_skips)
+        _choice("trainer.logprob_impl", self.logprob_impl, ("logits", "fused_head"))
         for key in ("ref_update_freq", "save_freq", "test_freq", "keep_last_n"):
             _positive(f"trainer.{key}", getattr(self, key), zero_ok=True)
         if not self.output_dir:

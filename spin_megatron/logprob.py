@@ -212,7 +212,7 @@ class _FusedHeadLogProb(torch.autograd.Function):
             z = _head_chunk(flat_h[rows], real_weight, temperature)
             grad_z = _grad_of_logits(z, lse[rows], g[rows], shard, rows, shard.columns, temperature)
             grad_h[rows] = grad_z.to(weight.dtype) @ real_weight
-            grad_w[: shard.columns] += grad_z.t().to(hidden.dtype) @ flat_h[rows]
+            grad_w[: shard.columns] += grad_z.t().to(weight.dtype) @ flat_h[rows].to(weight.dtype)
         # hidden is replicated over TP ranks, each saw only its vocabulary slice: sum the partial gradients
         # (what ColumnParallelLinear's copy_to_tensor_model_parallel_region does in backward).
         shard.all_reduce(grad_h)
@@ -229,7 +229,7 @@ class _FusedHeadLogProb(torch.autograd.Function):
 
 
 def _head_chunk(hidden_rows: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = (hidden_rows @ weight.t()).float()
+    z = (hidden_rows.to(weight.dtype) @ weight.t()).float()
     return z.div_(temperature) if temperature != 1.0 else z
 
 

@@ -273,7 +273,8 @@ def _stage(
     transient = (2 * arch.intermediate_size // tp + h) * tokens * e  # one layer's backward working set
     if stage == pp - 1:
         activations += (3 if kernels == "cpu" else 2) * tokens * h  # final norm
-        logprob = logprob_bytes(tokens, columns, h, cfg.trainer.logprob_chunk_tokens, e)["chunked"]
+        path = "fused" if cfg.trainer.logprob_impl == "fused_head" else "chunked"
+        logprob = logprob_bytes(tokens, columns, h, cfg.trainer.logprob_chunk_tokens, e)[path]
         transient = max(transient, (columns * h + tokens * h) * e)  # output-layer weight and input gradients
     largest = max(columns * h, 2 * arch.intermediate_size // tp * h)
     step_temp = 0  # GPU: fused Adam, NCCL all-gathers in place

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from spin_megatron.config import Config, default_tokenizer
 from spin_megatron.errors import ConfigError
 from spin_megatron.models.arch import ModelArch, load_arch
-from spin_megatron.models.builder import build_gpt_model, parse_dtype
+from spin_megatron.models.builder import build_gpt_model, expose_hidden_states, parse_dtype
 from spin_megatron.models.hf_io import HFReader
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.mcore_io import (
@@ -108,7 +108,7 @@ def _recompute_settings(cfg: Config) -> dict:
     return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
-def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype, **overrides):
+def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype, fused_head: bool, **overrides):
     model = build_gpt_model(
         source.arch,
         groups,
@@ -119,6 +119,8 @@ def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype, **ov
         **overrides,
     )
     _load_initial_weights(model, source, groups)
+    if fused_head:
+        expose_hidden_states(model)
     return model
 
 
@@ -140,7 +142,9 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
     from megatron.core.transformer.module import Float16Module
 
     dtype = parse_dtype(cfg.model.dtype)
-    model = _build(source, groups, dtype, **_recompute_settings(cfg))
+    model = _build(
+        source, groups, dtype, cfg.trainer.logprob_impl == "fused_head", **_recompute_settings(cfg)
+    )
     config = model.config
     if dtype != torch.float32:
         model = Float16Module(config, model)
@@ -199,6 +203,8 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
     )
     model.requires_grad_(False)
     model.eval()
+    if cfg.trainer.logprob_impl == "fused_head":
+        expose_hidden_states(model)
     refresh_reference(model, policy)
     return model
 

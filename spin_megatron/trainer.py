@@ -313,6 +313,7 @@ def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:
         vocab_size=vocab_size,
         chunk_tokens=cfg.trainer.logprob_chunk_tokens,
         sample_temperature=cfg.rollout.temperature,
+        fused_head=cfg.trainer.logprob_impl == "fused_head",
     )
 
 

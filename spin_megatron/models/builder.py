@@ -162,3 +162,15 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
             param = getattr(module, name, None)
             if isinstance(param, torch.nn.Parameter) and not getattr(param, "tensor_model_parallel", False):
                 set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+def expose_hidden_states(model: torch.nn.Module) -> None:
+    """Make the last stage return its final hidden states ``[b, s, h]`` instead of logits.
+
+    Used with :func:`spin_megatron.logprob.fused_head_logprobs`, which applies the output layer's weight
+    (``model.shared_embedding_or_output_weight()``) chunk by chunk, so the ``[T, V/TP]`` logits never exist. The
+    output layer keeps its parameter (tied or not): only its forward is bypassed.
+    """
+    head = getattr(model, "output_layer", None)
+    if head is not None:
+        head.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)

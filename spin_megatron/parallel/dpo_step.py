@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from spin_megatron.faults import kill_point, poison_loss
-from spin_megatron.logprob import vocab_parallel_logprobs
+from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.loss import dpo_loss
 from spin_megatron.parallel.packing import PackedMicroBatch, sequence_sums
 from spin_megatron.parallel.schedule import run_schedule
@@ -48,13 +48,25 @@ class DPOSettings:
     vocab_size: int  # real vocabulary: padded rows are excluded from the softmax
     chunk_tokens: int = 1024
     sample_temperature: float = 1.0  # rollout temperature, for the train-rollout log-prob agreement
+    fused_head: bool = False  # models return hidden states; log-probs come from fused_head_logprobs
 
 
 def _forward(batch: PackedMicroBatch, model):
     return model(batch.input_ids, batch.position_ids, None, packed_seq_params=batch.packed_seq_params())
 
 
-def _token_logps(output, batch, groups, settings, temperature: float = 1.0):
+def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None):
+    """Per-token log-probs from vocab-parallel logits, or (fused head) from hidden states and the head weight."""
+    if settings.fused_head:
+        return fused_head_logprobs(
+            output,
+            weight,
+            batch.targets,
+            tp_group=groups.tp,
+            temperature=temperature,
+            vocab_size=settings.vocab_size,
+            chunk_tokens=settings.chunk_tokens,
+        )
     return vocab_parallel_logprobs(
         output,
         batch.targets,
@@ -74,9 +86,9 @@ def _no_loss(output, stats=None):
     return zero, torch.tensor(0, dtype=torch.int, device=output.device), stats or {}
 
 
-def _reference_loss(batch, output, *, groups, settings):
+def _reference_loss(batch, output, *, groups, settings, weight=None):
     batch.ref_logps = _as_used(
-        sequence_sums(_token_logps(output, batch, groups, settings), batch), batch, settings
+        sequence_sums(_token_logps(output, batch, groups, settings, weight=weight), batch), batch, settings
     ).detach()
     return _no_loss(output)
 
@@ -95,9 +107,22 @@ def compute_reference_logps(
     )
 
 
+def settings_fused(loss_for_batch) -> bool:
+    settings = getattr(loss_for_batch, "keywords", {}).get("settings")
+    return bool(settings is not None and settings.fused_head)
+
+
+def _head_weight(model):
+    """The (vocab-parallel) output-layer weight of this stage, tied or not."""
+    from spin_megatron.models.weights import unwrap
+
+    return unwrap(model).shared_embedding_or_output_weight()
+
+
 def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
     def forward_step(batch, step_model):
-        return _forward(batch, step_model), partial(loss_for_batch, batch)
+        weight = _head_weight(step_model) if settings_fused(loss_for_batch) else None
+        return _forward(batch, step_model), partial(loss_for_batch, batch, weight=weight)
 
     return run_schedule(
         model,
@@ -113,7 +138,7 @@ def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
 
 @torch.no_grad()
 def _agreement(
-    output, token_logps, batch, groups, settings
+    output, token_logps, batch, groups, settings, weight=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ|Δ|, count and max of |trainer − engine| log-probs over sampled tokens (sampling temperature)."""
     engine = batch.engine_logprobs.reshape(-1)
@@ -124,14 +149,21 @@ def _agreement(
     ours = (
         token_logps
         if settings.sample_temperature == 1.0
-        else _token_logps(output.detach(), batch, groups, settings, settings.sample_temperature)
+        else _token_logps(
+            output.detach(),
+            batch,
+            groups,
+            settings,
+            settings.sample_temperature,
+            None if weight is None else weight.detach(),
+        )
     )
     diff = (ours.detach().reshape(-1)[known] - engine[known]).abs()
     return diff.sum(), torch.tensor(float(diff.numel()), device=output.device), diff.max()
 
 
-def _policy_loss(batch, output, *, groups, settings, pair_scale, step):
-    token_logps = _token_logps(output, batch, groups, settings)
+def _policy_loss(batch, output, *, groups, settings, pair_scale, step, weight=None):
+    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
     if batch.num_pairs == 0:  # a placeholder micro-batch of a rank without pairs: contributes nothing
         return _no_loss(output, {"sums": torch.zeros(len(METRIC_SUMS), device=output.device)})
     sums = sequence_sums(token_logps, batch)
@@ -163,7 +195,7 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale, step):
             used[1::2].detach().sum(),
             chosen_nll.detach(),
             batch.response_lengths[0::2].sum(),
-            *_agreement(output, token_logps, batch, groups, settings),
+            *_agreement(output, token_logps, batch, groups, settings, weight),
         ]
     )
     return loss, torch.tensor(batch.num_pairs, dtype=torch.int, device=output.device), {"sums": stats}
@@ -205,7 +237,7 @@ def train_step(
     )
     optimizer.zero_grad()
     model.zero_grad_buffer()
-    outputs = _run(model, groups, batches, lambda batch, output: loss_fn(batch, output), forward_only=False)
+    outputs = _run(model, groups, batches, loss_fn, forward_only=False)
     sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
     for reduced in outputs:
         stats = reduced["sums"]
@@ -220,8 +252,8 @@ def train_step(
     return sums, grad_norm, bool(update_ok)
 
 
-def _nll_loss(batch, output, *, groups, settings):
-    token_logps = _token_logps(output, batch, groups, settings)
+def _nll_loss(batch, output, *, groups, settings, weight=None):
+    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
     nll = -sequence_sums(token_logps, batch).sum()
     return _no_loss(output, {"nll": torch.stack([nll, batch.response_lengths.sum()])})
 
