@@ -31,8 +31,9 @@ def _command(out: Path, steps: int) -> list[str]:
 
 
 def _start(out: Path, steps: int) -> subprocess.Popen:
-    return subprocess.Popen(_command(out, steps), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(_command(out, steps), cwd=REPO, stdout=log, stderr=log, start_new_session=True)
 
 
 def _weights(out: Path) -> dict:
@@ -67,7 +68,8 @@ def trial(out: Path, steps: int, rng: random.Random, lo: float, hi: float) -> tu
         except ProcessLookupError:
             pass
         if code != 0:
-            raise SystemExit(f"run exited with {code}")
+            tail = (out.parent / f"{out.name}.log").read_text()[-3000:]
+            raise SystemExit(f"run exited with {code} after {kills} kills [{', '.join(notes)}]:\n{tail}")
         return kills, notes
 
 
