@@ -8,6 +8,8 @@ fp32), and in return the reference pass needs no copying of weights back and for
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +50,13 @@ def resolve_model_source(cfg: Config, groups: ParallelGroups | None, tp_size: in
     if model_cfg.tiny is not None:
         hf_dir = Path(cfg.trainer.output_dir) / "init_model"
         tiny = model_cfg.tiny
-        if (groups is None or groups.rank == 0) and not (hf_dir / "config.json").is_file():
+        if (groups is None or groups.rank == 0) and not hf_dir.is_dir():
+            # written aside and renamed: a run killed while writing it leaves no half-written model behind
+            staging = hf_dir.with_name(".init_model.partial")
+            if staging.exists():
+                shutil.rmtree(staging)
             make_tiny_hf_model(
-                hf_dir,
+                staging,
                 tiny.architecture,
                 seed=tiny.seed,
                 hidden_size=tiny.hidden_size,
@@ -62,6 +68,7 @@ def resolve_model_source(cfg: Config, groups: ParallelGroups | None, tp_size: in
                 tie_word_embeddings=tiny.tie_word_embeddings,
                 max_position_embeddings=4096,
             )
+            os.replace(staging, hf_dir)
         if groups is not None:
             dist.barrier()
         arch = load_arch(hf_dir)
