@@ -53,3 +53,21 @@ bench-gpu: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# TRL comparison in its own venv (.venv-bench): TRL is not a dependency of the project. CPU torch first, else pip
+# resolves a CUDA build; trl pinned because OnlineDPOTrainer lives in trl.experimental (unstable API).
+BENCH_VENV := .venv-bench
+TRL_VERSION ?= 1.16.0
+.PHONY: bench-trl bench-scaling
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q "$(CPU_TORCH)"
+	$(BENCH_VENV)/bin/pip install -q -e . "trl==$(TRL_VERSION)"
+	touch $@
+
+bench-trl: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/step_vs_trl.py
+
+bench-scaling: install
+	$(BIN)/python bench/scaling.py

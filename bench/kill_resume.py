@@ -1,7 +1,7 @@
 """Kill/resume trials: SIGKILL a tiny CPU run at random moments, resume with trainer.resume=auto until it finishes,
 and compare the final policy with an uninterrupted run (must be bit-identical). Prints one line per trial.
 
-    python bench/kill_resume.py [--trials 3] [--steps 8] [--min-s 3] [--max-s 25] [--seed 0]
+    python bench/kill_resume.py [--trials 3] [--steps 8] [--min-s 3] [--max-s SECONDS] [--seed 0]
 
 The deterministic per-phase version (generation, update, sync, checkpoint write) runs in CI:
 tests/test_fault_tolerance.py. This script adds kills at arbitrary times.
@@ -26,8 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _command(out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "logging.progress_bar=false",
-            "trainer.test_freq=0", f"trainer.total_steps={steps}", "trainer.save_freq=2", f"trainer.output_dir={out}"]
+    return [
+        sys.executable,
+        "-m",
+        "spin_megatron.train",
+        "experiment=tiny_cpu",
+        "logging.progress_bar=false",
+        "trainer.test_freq=0",
+        f"trainer.total_steps={steps}",
+        "trainer.save_freq=2",
+        f"trainer.output_dir={out}",
+    ]
 
 
 def _start(out: Path, steps: int) -> subprocess.Popen:
@@ -59,8 +68,11 @@ def trial(out: Path, steps: int, rng: random.Random, lo: float, hi: float) -> tu
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
-            partial = any(p.name.startswith(".") for p in (out / "checkpoints").glob("*")) \
-                if (out / "checkpoints").is_dir() else False
+            partial = (
+                any(p.name.startswith(".") for p in (out / "checkpoints").glob("*"))
+                if (out / "checkpoints").is_dir()
+                else False
+            )
             notes.append(f"{delay:.1f}s@{_steps_done(out)}steps" + ("(mid-checkpoint)" if partial else ""))
             continue
         try:
@@ -78,7 +90,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--min-s", type=float, default=3.0)
-    parser.add_argument("--max-s", type=float, default=25.0)
+    parser.add_argument("--max-s", type=float, default=0.0, help="0: the uninterrupted run's duration")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -87,11 +99,14 @@ def main() -> int:
         start = time.time()
         assert subprocess.run(_command(reference, args.steps), cwd=REPO, capture_output=True).returncode == 0
         expected = _weights(reference)
-        print(f"uninterrupted run: {args.steps} steps in {time.time() - start:.0f} s")
+        duration = time.time() - start
+        print(f"uninterrupted run: {args.steps} steps in {duration:.0f} s")
+        # kills uniformly up to a whole run's length: each restart still has a fair chance to make progress
+        max_s = args.max_s or duration
         total = 0
         for i in range(args.trials):
             out = Path(tmp) / f"trial{i}"
-            kills, notes = trial(out, args.steps, rng, args.min_s, args.max_s)
+            kills, notes = trial(out, args.steps, rng, args.min_s, max_s)
             got = _weights(out)
             same = sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
             total += kills

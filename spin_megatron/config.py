@@ -229,7 +229,9 @@ class TrainerConfig:
     export_hf: bool = True  # write the final policy as an HF folder to <output_dir>/hf
     max_consecutive_skips: int = 3  # stop (with a checkpoint) after this many NaN/Inf-skipped steps in a row
     logprob_chunk_tokens: int = 256  # tokens per chunk of the fp32 log-prob pass ([chunk, V/TP] buffer)
-    logprob_impl: str = "logits"  # logits (TE cross-entropy on GPU, chunked fp32 otherwise) | fused_head
+    # fused_head: the output layer applied chunk-wise to response positions only, no [T, V/TP] logits;
+    # logits: full logits, then TE's parallel cross-entropy (GPU) or a chunked fp32 pass
+    logprob_impl: str = "fused_head"
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "micro_batch_tokens", "logprob_chunk_tokens"):

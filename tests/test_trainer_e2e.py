@@ -77,7 +77,7 @@ def test_spin_run_learns_refreshes_the_reference_and_resumes_bit_exactly(tmp_pat
 
 
 @pytest.mark.dist
-def test_first_update_is_the_same_across_layouts_recompute_and_fused_head(tmp_path):
+def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp_path):
     # Adam's first step is lr·g/(|g|+eps): for the odd element with |g| ~ eps it turns the last-bit differences of
     # a TP/DP reduction order into lr-sized ones. A larger eps keeps the update Lipschitz in g (≤ lr/eps = 1), so
     # equal weights really mean equal gradients.
@@ -93,7 +93,7 @@ def test_first_update_is_the_same_across_layouts_recompute_and_fused_head(tmp_pa
         "pp2": (["parallel.pp=2"], 2),
         "dp2": ([], 2),
         "recompute": (["parallel.activation_recompute=true"], 1),
-        "fused_head_tp2": (["trainer.logprob_impl=fused_head", "parallel.tp=2"], 2),
+        "logits_tp2": (["trainer.logprob_impl=logits", "parallel.tp=2"], 2),
     }
     for name, (layout, nprocs) in layouts.items():
         run = tmp_path / name

@@ -54,19 +54,18 @@ class SDPACoreAttention(MegatronModule):
     ):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention_bias")
-        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if packed:
-            # [t, heads, d] -> [1, t, heads, d]: one batch row, masked block-diagonally.
-            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, packed_seq_params.cu_seqlens_q)
         # Megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d].
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         sq, sk = q.shape[2], k.shape[2]
-        mask = None
-        if packed:
-            mask = _packed_causal_mask(packed_seq_params.cu_seqlens_q, sq, q.device)
-        elif attention_mask is not None:
-            mask = (~attention_mask.bool()) & _causal_mask(sq, sk, q.device)
-        out = F.scaled_dot_product_attention(
+        mask = None if attention_mask is None else (~attention_mask.bool()) & _causal_mask(sq, sk, q.device)
+        out = self._sdpa(q, k, v, mask)
+        # [b, heads, sq, d] -> [sq, b, heads*d]
+        return out.permute(2, 0, 1, 3).reshape(sq, q.shape[0], self.num_heads * self.head_dim)
+
+    def _sdpa(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -76,24 +75,24 @@ class SDPACoreAttention(MegatronModule):
             scale=self.softmax_scale,
             enable_gqa=self.num_heads != self.num_query_groups,
         )
-        # [b, heads, sq, d] -> [sq, b, heads*d]
-        out = out.permute(2, 0, 1, 3).reshape(sq, q.shape[0], self.num_heads * self.head_dim)
-        if packed:
-            out = out.squeeze(1)
-        return out
+
+    def _packed(self, query, key, value, cu_seqlens):
+        """Causal attention within each packed sequence, one SDPA call per sequence: the cost is the sum of
+        the squared sequence lengths, not the square of the packed row (a block-diagonal mask would be)."""
+        total = query.shape[0]
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        if bounds[-1] < total:  # trailing padding: its own segment, attending only to itself
+            bounds.append(total)
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end <= start:
+                continue
+            # [t, heads, d] -> [1, heads, t, d]
+            q, k, v = (x[start:end].permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+            outs.append(self._sdpa(q, k, v, None).squeeze(0).permute(1, 0, 2))
+        return torch.cat(outs).reshape(total, self.num_heads * self.head_dim)
 
 
 def _causal_mask(sq: int, sk: int, device) -> torch.Tensor:
     """True where query i may attend key j (keys aligned to the end, as in decoding with a cache)."""
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
-
-
-def _packed_causal_mask(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
-    """Block-diagonal causal mask [t, t] for sequences packed back to back (cu_seqlens = [0, l0, l0+l1, ...])."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    if segment.numel() < total:  # padding after the last sequence attends only to itself
-        pad = torch.arange(len(lengths), len(lengths) + total - segment.numel(), device=device)
-        segment = torch.cat([segment, pad])
-    same = segment[:, None] == segment[None, :]
-    return same & _causal_mask(total, total, device)
