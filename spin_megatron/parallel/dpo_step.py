@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from spin_megatron.batching import IGNORE_INDEX
 from spin_megatron.faults import kill_point, poison_loss
 from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.loss import dpo_loss
@@ -58,15 +59,21 @@ def _forward(batch: PackedMicroBatch, model):
 def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None):
     """Per-token log-probs from vocab-parallel logits, or (fused head) from hidden states and the head weight."""
     if settings.fused_head:
-        return fused_head_logprobs(
-            output,
+        # Only the scored (response) positions go through the output layer: prompts and padding cost nothing.
+        targets = batch.targets.reshape(-1)
+        scored = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
+        hidden = output.reshape(-1, output.shape[-1]).index_select(0, scored)
+        picked = fused_head_logprobs(
+            hidden,
             weight,
-            batch.targets,
+            targets.index_select(0, scored),
             tp_group=groups.tp,
             temperature=temperature,
             vocab_size=settings.vocab_size,
             chunk_tokens=settings.chunk_tokens,
         )
+        logps = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
+        return logps.index_copy(0, scored, picked).view(batch.targets.shape)
     return vocab_parallel_logprobs(
         output,
         batch.targets,
