@@ -40,9 +40,10 @@ class HFEngine:
         self._calls = 0
         self._params = dict(model.named_parameters())
         # transformers ≥ 5.2x calls the KV cache `cache` (input and output); earlier versions `past_key_values`
-        self._cache_arg = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        # the prefill needs the logits of the last position only (saves a [prompt, vocab] matmul per prompt)
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
     @classmethod
     def from_pretrained(cls, hf_dir: str | Path, *, dtype=torch.float32, **kwargs) -> HFEngine:
@@ -131,7 +132,13 @@ class HFEngine:
             ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **self._last_logits_only,
+        )
         stop = set(params.stop_token_ids)
         tokens = [[] for _ in range(batch)]
         logps = [[] for _ in range(batch)]
@@ -178,5 +185,8 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: t
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token crossing top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
+    probs = (
+        log_probs.exp() if filtered is scaled else filtered.softmax(-1)
+    )  # no filter: reuse the log-softmax
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return token, log_probs.gather(1, token[:, None]).squeeze(1)
