@@ -67,24 +67,20 @@ def _builtin_named_like(path: str) -> str | None:
 
 
 def resolve_arch(cfg: Config, arch_name: str | None = None) -> tuple[ModelArch, str]:
-    """The model shape and where it came from. Mirrors ``train.preflight`` (duplicated there: ~15 lines)."""
-    from spin_megatron.models.arch import load_arch
-    from spin_megatron.models.mcore_io import arch_from_meta, read_meta
+    """The model shape and where it came from: a built-in shape, or what spin-train would train."""
+    from spin_megatron.train import model_arch
 
     if arch_name is not None:
         return builtin_arch(arch_name), f"built-in {arch_name}"
     m = cfg.model
     if m.tiny is not None:
-        t = m.tiny
-        hf = {key: getattr(t, key) for key in _TINY_KEYS}
-        hf["architectures"] = [f"{'Qwen2' if t.architecture == 'qwen2' else 'Llama'}ForCausalLM"]
-        return arch_from_hf_config(hf, source="model.tiny"), "model.tiny"
+        return model_arch(cfg), "model.tiny"
     if m.mcore_ckpt is not None:
-        return arch_from_meta(read_meta(m.mcore_ckpt)), m.mcore_ckpt
+        return model_arch(cfg), m.mcore_ckpt
     named = _builtin_named_like(m.hf_path)
     if not Path(m.hf_path).is_dir() and named is not None:
         return builtin_arch(named), f"built-in {named} (model.hf_path={m.hf_path} is not a local folder)"
-    return load_arch(m.hf_path), m.hf_path
+    return model_arch(cfg), m.hf_path
 
 
 def training_world_size(cfg: Config) -> int:

@@ -117,7 +117,9 @@ def test_fused_log_probs_need_far_less_than_naive():
     plan, _ = _plan("qwen2.5-3b")
     paths = plan.logprob_paths
     assert paths["fused"] < 0.2 * paths["chunked"] < paths["chunked"] < 0.5 * paths["naive"]
-    assert plan.stage.logprob == paths["chunked"]  # what the trainer runs
+    assert plan.stage.logprob == paths["fused"]  # the trainer's default path
+    logits, _ = _plan("qwen2.5-3b", "trainer.logprob_impl=logits")
+    assert logits.stage.logprob == paths["chunked"]
 
 
 def test_log_prob_formulas_match_the_logged_benchmark():
