@@ -28,6 +28,7 @@ from spin_megatron.rollout.sglang_buckets import pack_flat_buckets, unpack_flat_
 from spin_megatron.rollout.sglang_config import SGLangConfig
 from spin_megatron.rollout.sglang_engine import SGLangEngine, _with_policy_checkpoint, build_sglang_engine
 from spin_megatron.rollout.sglang_protocol import SGLangServerError, parse_generate_response
+from spin_megatron.rollout.sglang_server import _die_with_parent
 
 PARAMS = SamplingParams(n=3, temperature=0.8, max_new_tokens=3, seed=7)
 
@@ -563,8 +564,16 @@ def serve_double(argv: list[str]) -> None:
     parser.add_argument("--spawn-child", action="store_true")
     args, _ = parser.parse_known_args(argv)  # the real servers' other flags (--model-path, ...) are ignored
     print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
-    if args.spawn_child:  # like SGLang's scheduler process: must not outlive the server
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    if args.double_mode == "exit_on_start":
+        print(
+            "RuntimeError: not enough memory for the model weights (the double's scripted failure)",
+            flush=True,
+        )
+        sys.exit(3)
+    if args.spawn_child:  # like SGLang's scheduler process: must not outlive the server (nor its death)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=_die_with_parent
+        )
         print(f"child pid {child.pid}", flush=True)
     double_server(DoubleState(mode=args.double_mode), args.host, args.port).serve_forever()
 

@@ -14,6 +14,8 @@ from spin_megatron.errors import ConfigError
 SYNC_MODES = ("auto", "colocated", "disaggregated")
 ROUTER_POLICIES = ("round_robin", "cache_aware", "random", "power_of_two")
 SERVER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+LAUNCHERS = ("local", "ray")
+RAY_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 ResolvedSyncMode = Literal["colocated", "disaggregated"]
 
@@ -58,6 +60,15 @@ class SGLangConfig:
     log_dir: str = ""  # per-server log files go here ("" = a fresh temporary directory)
     extra_server_args: tuple[str, ...] = ()  # appended verbatim to every launch_server command line
     python_executable: str = ""  # interpreter that runs the servers ("" = the trainer's own)
+    # Where launched servers run: `local` = processes on the trainer's node (GPUs from gpu_ids), `ray` = Ray
+    # actors on a Ray cluster's GPUs (disaggregated: separate nodes), one placement-group bundle per server.
+    launcher: str = "local"
+    ray_address: str = (
+        "auto"  # ray.init(address=...): auto (RAY_ADDRESS or the local node's cluster) | host:port
+    )
+    ray_namespace: str = "spin_megatron"  # Ray namespace of the server actors and placement groups
+    ray_placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD over the bundles
+    ray_cpus_per_engine: float = 1.0  # CPUs reserved with each server's tp_size GPUs
 
     def __post_init__(self):
         for field in ("urls", "gpu_ids", "extra_server_args"):
@@ -73,12 +84,33 @@ class SGLangConfig:
             if not getattr(self, field) > 0:
                 raise _fail(field, "must be > 0 seconds", getattr(self, field))
         choices = {"sync_mode": SYNC_MODES, "router_policy": ROUTER_POLICIES, "dtype": SERVER_DTYPES}
+        choices |= {"launcher": LAUNCHERS, "ray_placement_strategy": RAY_STRATEGIES}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise _fail(field, f"must be one of {', '.join(map(repr, allowed))}", getattr(self, field))
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise _fail("urls", "must be full server addresses such as 'http://127.0.0.1:30000'", url)
+        if self.launcher == "ray":
+            self._check_ray()
+
+    def _check_ray(self) -> None:
+        """Ray chooses the servers' nodes, GPUs and ports: the options that pin them locally conflict."""
+        if self.urls:
+            raise _fail("launcher", "launches servers, which attaching to `urls` does not: drop one", "ray")
+        if self.gpu_ids:
+            raise _fail(
+                "gpu_ids", "must be empty with launcher=ray (Ray assigns each server its GPUs)", self.gpu_ids
+            )
+        if self.sync_mode == "colocated":
+            raise _fail(
+                "sync_mode",
+                "cannot be colocated with launcher=ray: Ray places the servers on GPUs of their own; use "
+                "disaggregated or auto (or launcher=local to share the trainer's GPUs)",
+                self.sync_mode,
+            )
+        if not self.ray_cpus_per_engine > 0:
+            raise _fail("ray_cpus_per_engine", "must be > 0", self.ray_cpus_per_engine)
 
     def _check_counts(self) -> None:
         for field in ("num_engines", "tp_size", "max_inflight_requests"):
@@ -149,11 +181,13 @@ def engine_urls(config: SGLangConfig) -> list[str]:
 
 
 def resolve_sync_mode(config: SGLangConfig, trainer_gpu_ids: Sequence[int] | None = None) -> ResolvedSyncMode:
-    """``auto`` → colocated when the servers release memory for training (memory saver) or when launched
-    servers share a GPU with the trainer; otherwise disaggregated. With attached servers the GPUs are unknown,
-    so only ``enable_memory_saver`` decides."""
+    """``auto`` → disaggregated for Ray-placed servers; colocated when the servers release memory for training
+    (memory saver) or when launched servers share a GPU with the trainer; otherwise disaggregated. With
+    attached servers the GPUs are unknown, so only ``enable_memory_saver`` decides."""
     if config.sync_mode != "auto":
         return config.sync_mode  # type: ignore[return-value]
+    if config.launcher == "ray":
+        return "disaggregated"  # on Ray's GPUs, never the trainer's (checked in SGLangConfig)
     if config.enable_memory_saver:
         return "colocated"
     if config.launches_servers and trainer_gpu_ids is not None:

@@ -68,7 +68,10 @@ class SGLangEngine:
             trainer_gpu_ids = current_trainer_gpus()
         self.sync_mode = resolve_sync_mode(config, trainer_gpu_ids)
         self._client = HttpClient(timeout_s=config.request_timeout_s, pool_size=config.max_inflight_requests)
-        self._fleet = ServerFleet(config, colocated=self.sync_mode == "colocated", client=self._client)
+        fleet_class = ServerFleet
+        if config.launcher == "ray":
+            from spin_megatron.rollout.sglang_ray import RayServerFleet as fleet_class
+        self._fleet = fleet_class(config, colocated=self.sync_mode == "colocated", client=self._client)
         self._client.describe_failure = self._fleet.describe_failure
         self._fleet.start()
         self._generate_pool = ThreadPoolExecutor(
@@ -256,8 +259,9 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
     Megatron checkpoint, its architecture with random (``--load-format dummy``) weights: the trainer's first
     weight sync overwrites them, as it does for the ``hf`` engine. Each replica gets its own servers: replica
     ``r`` shifts the launched ports by ``r × num_engines`` (router: ``r``) and ``gpu_ids`` (default 0..N-1) by
-    ``r × num_engines × tp_size`` (one node; multi-node placement is left to a scheduler such as Ray), and
-    ``urls`` are split evenly over the replicas.
+    ``r × num_engines × tp_size`` (one node), and ``urls`` are split evenly over the replicas. With
+    ``launcher=ray`` every replica gets its own placement group on the Ray cluster (see sglang_ray); the
+    policy checkpoint directory must then be on a file system the Ray nodes share.
     """
     raw = getattr(cfg.rollout, "sglang", None)
     config = raw if isinstance(raw, SGLangConfig) else SGLangConfig(**dict(raw or {}))
@@ -271,6 +275,10 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
         share = len(config.urls) // replicas
         mine = config.urls[replica * share : (replica + 1) * share]
         return SGLangEngine(replace(config, urls=mine, num_engines=1))
+    if config.launcher == "ray":  # Ray picks nodes, GPUs and ports: one placement group per replica
+        if not config.model_path:
+            config = _with_policy_checkpoint(config, source, Path(cfg.trainer.output_dir))
+        return SGLangEngine(config)
     gpus_per_replica = config.num_engines * config.tp_size
     # Default placement: the replica's engines start at the GPU of its engine rank on this node (its TP group's
     # GPUs when TP stays inside a node), not at a global offset that would run past the node's GPUs.

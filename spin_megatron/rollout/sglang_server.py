@@ -7,6 +7,7 @@ process group: SGLang forks scheduler and detokenizer processes, and killing onl
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -34,10 +35,32 @@ HEALTH_POLL_S = 0.5
 LOG_TAIL_LINES = 40
 
 
-class ManagedProcess:
-    """A child process in a new session whose stdout and stderr go to ``log_path``."""
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
-    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: Path):
+
+class ManagedProcess:
+    """A child process in a new session whose stdout and stderr go to ``log_path``.
+
+    ``die_with_parent``: the child gets SIGKILL when its parent dies (a Ray actor killed with its job must not
+    leave its server behind; SGLang's own subprocesses watch their parent the same way). The parent must be
+    the long-lived main thread: Linux sends the signal when the creating *thread* exits.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        die_with_parent: bool = False,
+    ):
         self.name = name
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +69,7 @@ class ManagedProcess:
             log.flush()
             self._popen = subprocess.Popen(
                 list(command), env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
             )  # fmt: skip
 
     @property
