@@ -164,11 +164,93 @@ def test_sbatch_uses_scontrol_hostnames_and_respects_overrides(tmp_path):
     assert f"--output=logs/spin-{JOB_ID}/node%n-%N.attempt2.out" in srun
 
 
+def test_sbatch_dry_run_with_two_rollout_nodes_for_a_ray_cluster(tmp_path):
+    out, (ray_srun, srun), nodes = _sbatch_dry_run(
+        tmp_path, ["experiment=qwen2.5_3b_gsm8k", "rollout.sglang.num_engines=4"], SPIN_ROLLOUT_NODES=2
+    )
+    # The Ray step covers every node; training nodes join without GPUs (drivers), the last two are rollout.
+    assert ray_srun[ray_srun.index("bash") + 1] == str(LAUNCH / "ray_node.sh")
+    assert {"--nodes=4", "--ntasks=4", "--overlap"} <= set(ray_srun)
+    assert f"--output=logs/spin-{JOB_ID}/ray-node%n-%N.attempt0.out" in ray_srun
+    roles = dict(line.split(": ", 1) for line in out.splitlines() if line.startswith("ray node"))
+    assert list(roles) == [f"ray node{i} (node00{i + 1})" for i in range(4)]
+    head = "node003:6379"  # no such host here: its name stands in for the address
+    assert roles["ray node0 (node001)"] == (
+        f"training node (driver only): ray start --address={head} --num-gpus=0 --num-cpus=0 --disable-usage-stats"
+    )
+    assert roles["ray node2 (node003)"].startswith(
+        "rollout node, Ray head: ray start --head --port=6379 --num-gpus=8"
+    )
+    assert roles["ray node3 (node004)"].startswith(f"rollout node: ray start --address={head} --num-gpus=8")
+    # Training runs on the first two nodes only, beside the Ray step, with the Ray overrides before the user's.
+    assert {"--nodes=2", "--ntasks=2", "--overlap", "--nodelist=node001,node002"} <= set(srun)
+    assert list(nodes) == ["node0 (node001", "node1 (node002"]
+    expected = [
+        "rollout.engine=sglang", "rollout.sglang.launcher=ray", f"rollout.sglang.ray_address={head}",
+        "rollout.sglang.sync_mode=auto", "rollout.sglang.enable_memory_saver=false",
+        "rollout.sglang.mem_fraction_static=0.85",
+        "cluster.nodes=4", "cluster.gpus_per_node=8", "cluster.placement=disaggregated", "cluster.rollout_gpus=16",
+        "experiment=qwen2.5_3b_gsm8k", "rollout.sglang.num_engines=4", "trainer.resume=auto",
+    ]  # fmt: skip
+    assert srun[srun.index("bash") + 2 :] == expected
+    for rank, argv in enumerate(nodes.values()):
+        _, args, passed = _torchrun_args(argv)
+        assert _flag(args, "--nnodes") == "2" and _flag(args, "--rdzv_conf") == f"is_host={int(rank == 0)}"
+        assert passed == expected
+    assert "rollout: Ray cluster on node003 node004 (head node003:6379)" in out
+
+
+FAKE_RAY = """echo "$*" >> "$FAKE_DIR/ray.calls"
+if [[ $1 == start && $* != *--head* ]]; then  # a worker: the head is up on the third try
+    n=$(($(cat "$FAKE_DIR/tries" 2>/dev/null || echo 0) + 1)); echo $n > "$FAKE_DIR/tries"
+    [[ $n -ge 3 ]] || { echo "ConnectionError: GCS at $RAY_HEAD_ADDR:$RAY_PORT not reachable" >&2; exit 1; }
+fi
+"""
+
+
+def test_ray_node_retries_until_the_head_is_up_and_stops_ray_on_sigterm(tmp_path):
+    fake = _write_script(tmp_path / "ray", FAKE_RAY)
+    env = _env(
+        RAY=fake, FAKE_DIR=tmp_path, RAY_HEAD_ADDR="10.0.0.3", RAY_PORT=6379, SPIN_ROLLOUT_FIRST_NODE=1,
+        SLURM_NODEID=2, SLURM_GPUS_ON_NODE=4, RAY_JOIN_RETRY_S=0.1,
+    )  # fmt: skip
+    process = subprocess.Popen(
+        ["bash", str(LAUNCH / "ray_node.sh")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while _read(tmp_path / "tries").strip() != "3" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert process.poll() is None  # joined: it holds the srun task
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    calls = (tmp_path / "ray.calls").read_text().splitlines()
+    worker = "start --address=10.0.0.3:6379 --num-gpus=4 --disable-usage-stats"
+    assert calls == [worker] * 3 + ["stop --force"]
+
+    env["SLURM_NODEID"] = "1"  # the head does not retry: its failure is the job's
+    env["RAY"] = _write_script(tmp_path / "broken", "exit 1")
+    result = subprocess.run(["bash", str(LAUNCH / "ray_node.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "ray_node.sh: error: '" in result.stderr and "--head" in result.stderr
+    env.pop("RAY_HEAD_ADDR")
+    result = subprocess.run(["bash", str(LAUNCH / "ray_node.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "RAY_HEAD_ADDR is not set" in result.stderr
+
+
 @pytest.mark.parametrize(
     "env_change, message",
     [
         ({"SLURM_JOB_ID": None}, "not inside a Slurm job"),
         ({"SLURM_NNODES": 3}, "has 4 hosts but SLURM_NNODES=3"),
+        (
+            {"SPIN_ROLLOUT_NODES": 4},
+            "SPIN_ROLLOUT_NODES must be in 0..3 (nodes left to the trainer: at least one)",
+        ),
+        ({"SPIN_ROLLOUT_NODES": "two"}, "SPIN_ROLLOUT_NODES must be in 0..3"),
     ],
 )
 def test_sbatch_refuses_an_inconsistent_environment(tmp_path, env_change, message):

@@ -158,3 +158,32 @@ def test_a_killed_actor_takes_its_server_down(ray_cluster, tmp_path):
         ):
             engine.generate([[5]], PARAMS)
     assert wait_all_gpus_free(ray_cluster)
+
+
+# ----- connecting --------------------------------------------------------------------------------------------
+def test_ray_addresses_that_name_a_gcs_endpoint(monkeypatch):
+    from spin_megatron.rollout.sglang_ray import gcs_endpoint
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert gcs_endpoint("10.0.0.3:6379") == ("10.0.0.3", 6379)
+    assert gcs_endpoint("auto") is None and gcs_endpoint("local") is None
+    assert gcs_endpoint("ray://head:10001") is None  # Ray Client: ray.init deals with it
+    monkeypatch.setenv("RAY_ADDRESS", "head-node:6380")
+    assert gcs_endpoint("auto") == ("head-node", 6380)
+
+
+def test_an_unreachable_ray_head_is_a_clear_error_within_the_timeout(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from spin_megatron.rollout.sglang_ray import connect_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # even beside the module's cluster
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init must wait for the head"))
+    config = SGLangConfig(
+        model_path="m", launcher="ray", ray_address=f"127.0.0.1:{free_port()}", health_timeout_s=3
+    )
+    started = time.monotonic()
+    with pytest.raises(
+        SGLangServerError, match=r"no Ray cluster answers at 127.0.0.1:\d+ .* within 3 s .*ray start --head"
+    ):
+        connect_ray(config)
+    assert time.monotonic() - started < 10

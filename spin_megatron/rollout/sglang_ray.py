@@ -50,27 +50,51 @@ def import_ray():
     return ray
 
 
+def gcs_endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of an explicit ``host:port`` Ray address (``RAY_ADDRESS`` for ``auto``), else None."""
+    if address in ("", "auto"):
+        address = os.environ.get("RAY_ADDRESS", "")
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None  # auto without RAY_ADDRESS (this node's cluster), local, or a ray:// client address
+    return host, int(port)
+
+
 def connect_ray(config: SGLangConfig):
-    """``ray.init`` against ``config.ray_address`` (reused when this process is connected already)."""
+    """``ray.init`` against ``config.ray_address`` (reused when this process is connected already).
+
+    The head may still be starting (spin.sbatch starts Ray and the trainer at once): its GCS port is polled
+    until it accepts connections or ``health_timeout_s`` passes, because ``ray.init`` against an address
+    nobody answers blocks for minutes in Ray's own retries.
+    """
     ray = import_ray()
     if ray.is_initialized():
         return ray
+    endpoint = gcs_endpoint(config.ray_address)
     deadline = time.monotonic() + config.health_timeout_s
-    while True:
+    fix = (
+        "start one with `ray start --head` (or SPIN_ROLLOUT_NODES=k with tools/launch/spin.sbatch), or point "
+        "rollout.sglang.ray_address (or RAY_ADDRESS) at its head"
+    )
+    while endpoint is not None:
         try:
-            ray.init(
-                address=config.ray_address or None, namespace=config.ray_namespace, log_to_driver=False,
-            )  # fmt: skip
-            return ray
-        except ConnectionError as exc:
-            # `ray start` on the rollout nodes may still be coming up (the sbatch starts both at once).
+            with socket.create_connection(endpoint, timeout=CONNECT_RETRY_S):
+                break
+        except OSError as exc:
             if time.monotonic() + CONNECT_RETRY_S > deadline:
                 raise SGLangServerError(
-                    f"could not connect to the Ray cluster at rollout.sglang.ray_address={config.ray_address!r} "
-                    f"within {config.health_timeout_s:g} s ({exc}); start one with `ray start --head` (or "
-                    "SPIN_ROLLOUT_NODES=k with tools/launch/spin.sbatch), or point ray_address/RAY_ADDRESS at it"
+                    f"no Ray cluster answers at {endpoint[0]}:{endpoint[1]} (rollout.sglang.ray_address="
+                    f"{config.ray_address!r}) within {config.health_timeout_s:g} s ({exc}); {fix}"
                 ) from exc
             time.sleep(CONNECT_RETRY_S)
+    try:
+        ray.init(address=config.ray_address or None, namespace=config.ray_namespace, log_to_driver=False)
+    except ConnectionError as exc:
+        raise SGLangServerError(
+            f"could not connect to the Ray cluster (rollout.sglang.ray_address={config.ray_address!r}): "
+            f"{str(exc).splitlines()[0]}; {fix}"
+        ) from exc
+    return ray
 
 
 def _bindable(host: str, port: int) -> bool:
