@@ -60,11 +60,29 @@ def test_tiny_cpu_preset_composes():
             ["experiment=tiny_cpu", "rollout.sglang.mem_fraction_static=1.5"],
             "rollout.sglang.mem_fraction_static",
         ),
+        (
+            ["experiment=qwen2.5_3b_gsm8k", "rollout.sglang.launcher=ray"],  # the preset says colocated
+            "rollout.sglang.sync_mode cannot be colocated with launcher=ray",
+        ),
         (["model.hf_path=/nonexistent/model"], "config.json not found"),
     ],
 )
 def test_mistakes_are_one_line_errors(capsys, overrides, fragment):
     assert fragment in _error(capsys, *overrides)
+
+
+def test_the_sbatch_ray_overrides_compose_over_a_colocated_preset():
+    cfg = load_config(
+        [
+            "experiment=qwen2.5_3b_gsm8k",
+            "rollout.sglang.launcher=ray",
+            "rollout.sglang.ray_address=10.0.0.3:6379",
+        ]
+        + ["rollout.sglang.sync_mode=auto", "rollout.sglang.enable_memory_saver=false"]
+        + ["cluster.nodes=4", "cluster.placement=disaggregated", "cluster.rollout_gpus=16"]
+    )
+    sglang = cfg.rollout.sglang
+    assert (sglang.launcher, sglang.ray_address, sglang.sync_mode) == ("ray", "10.0.0.3:6379", "auto")
 
 
 def test_parallel_sizes_are_checked_against_the_model(capsys, monkeypatch):

@@ -3,6 +3,7 @@ with two GPUs, disaggregated NCCL), sleep/wake. After a sync the server's greedy
 transformers model holding the pushed weights."""
 
 import importlib.util
+import os
 import socket
 
 import pytest
@@ -137,3 +138,31 @@ def _physical_gpu(index: int) -> int:
         return current_trainer_gpus()[0]
     finally:
         torch.cuda.set_device(0)
+
+
+def test_ray_placed_server_weight_sync_over_nccl(hf_dir, tmp_path):
+    """A one-node Ray cluster owning GPU 1 (the trainer keeps GPU 0): the actor launches the server there."""
+    ray = pytest.importorskip("ray")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: one for the trainer, one for the Ray-placed server")
+    torch.cuda.set_device(0)
+    server_gpu = _physical_gpu(1)
+    # Ray numbers the GPUs of CUDA_VISIBLE_DEVICES as its raylet saw it: show it the server's GPU only (the
+    # driver's CUDA context is already on GPU 0 and is not affected).
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(server_gpu)
+    try:
+        ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False, namespace="spin_megatron")
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    try:
+        config = _config(hf_dir, tmp_path, launcher="ray", ray_address="local")
+        with SGLangEngine(config) as engine:
+            assert engine.sync_mode == "disaggregated"
+            assert engine._fleet.servers[0]["gpus"] == str(server_gpu)
+            check_weight_sync(engine, hf_dir)
+    finally:
+        ray.shutdown()
