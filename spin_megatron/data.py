@@ -74,6 +74,8 @@ def _load_file(path: Path) -> datasets.Dataset:
             return datasets.Dataset.from_list(rows)
         except (ValueError, TypeError) as err:  # pyarrow's ArrowInvalid/ArrowTypeError derive from these
             raise ConfigError(f"{path}: rows do not share one schema ({_first_line(err)})") from err
+        except OverflowError as err:  # an integer beyond 64 bits
+            raise ConfigError(f"{path}: a number does not fit in 64 bits ({_first_line(err)})") from err
     try:
         return datasets.load_dataset("parquet", data_files=[str(path)], split="train")
     except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:

@@ -21,13 +21,27 @@ RUN_DIR = REPO / "runs" / "demo"
 
 def main() -> int:
     if not (REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl").is_file():
-        print("demo: ../shared/data (GSM8K + Qwen2.5 tokenizer) not found beside the checkout", file=sys.stderr)
+        print(
+            "demo: ../shared/data (GSM8K + Qwen2.5 tokenizer) not found beside the checkout", file=sys.stderr
+        )
         return 2
     if RUN_DIR.exists():
         shutil.rmtree(RUN_DIR)  # the demo's own run folder: every demo starts fresh
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "spin_megatron.train", "experiment=demo_cpu", f"trainer.output_dir={RUN_DIR}"]
-    print("$ torchrun --standalone --nproc_per_node 2 -m spin_megatron.train experiment=demo_cpu\n", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "spin_megatron.train",
+        "experiment=demo_cpu",
+        f"trainer.output_dir={RUN_DIR}",
+    ]
+    print(
+        "$ torchrun --standalone --nproc_per_node 2 -m spin_megatron.train experiment=demo_cpu\n", flush=True
+    )
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         return 1
     subprocess.run([sys.executable, "-m", "spin_megatron.plot", str(RUN_DIR)], cwd=REPO, check=True)
@@ -36,8 +50,10 @@ def main() -> int:
     print("\nheld-out gold NLL per token: " + ", ".join(f"step {s}: {v:.3f}" for s, v in nll))
     acc = [f"{m['rewards/accuracies']:.2f}" for m in metrics if "rewards/accuracies" in m]
     print(f"rewards/accuracies per step (reference refreshed every 4 steps): {' '.join(acc)}")
-    print(f"\nmetrics:     {RUN_DIR / 'metrics.jsonl'}\nplots:       {RUN_DIR / 'plots'}\n"
-          f"checkpoints: {RUN_DIR / 'checkpoints'}\nHF export:   {RUN_DIR / 'hf'}")
+    print(
+        f"\nmetrics:     {RUN_DIR / 'metrics.jsonl'}\nplots:       {RUN_DIR / 'plots'}\n"
+        f"checkpoints: {RUN_DIR / 'checkpoints'}\nHF export:   {RUN_DIR / 'hf'}"
+    )
     return 0 if nll and nll[-1][1] < nll[0][1] else 1
 
 
