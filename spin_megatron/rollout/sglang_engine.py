@@ -275,21 +275,19 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
         share = len(config.urls) // replicas
         mine = config.urls[replica * share : (replica + 1) * share]
         return SGLangEngine(replace(config, urls=mine, num_engines=1))
-    if config.launcher == "ray":  # Ray picks nodes, GPUs and ports: one placement group per replica
-        if not config.model_path:
-            config = _with_policy_checkpoint(config, source, Path(cfg.trainer.output_dir))
-        return SGLangEngine(config)
-    gpus_per_replica = config.num_engines * config.tp_size
-    # Default placement: the replica's engines start at the GPU of its engine rank on this node (its TP group's
-    # GPUs when TP stays inside a node), not at a global offset that would run past the node's GPUs.
-    local_base = int(os.environ.get("LOCAL_RANK", "0"))
-    gpus = config.gpu_ids or tuple(range(local_base, local_base + gpus_per_replica))
-    config = replace(
-        config,
-        base_port=config.base_port + replica * config.num_engines,
-        router_port=config.router_port + replica,
-        gpu_ids=gpus,
-    )
+    if (
+        config.launcher == "local"
+    ):  # (with Ray, Ray picks nodes, GPUs and ports: one placement group per replica)
+        # Default placement: the replica's engines start at the GPU of its engine rank on this node (its TP
+        # group's GPUs when TP stays inside a node), not at a global offset that would run past the node's GPUs.
+        local_base = int(os.environ.get("LOCAL_RANK", "0"))
+        gpus_per_replica = config.num_engines * config.tp_size
+        config = replace(
+            config,
+            base_port=config.base_port + replica * config.num_engines,
+            router_port=config.router_port + replica,
+            gpu_ids=config.gpu_ids or tuple(range(local_base, local_base + gpus_per_replica)),
+        )
     if not config.model_path:
         config = _with_policy_checkpoint(config, source, Path(cfg.trainer.output_dir))
     return SGLangEngine(config)

@@ -158,6 +158,10 @@ class SGLangServerActor:
             self.process.terminate(grace_s)
 
 
+class ActorGone(SGLangServerError):
+    """The Ray actor hosting a server has died (and, by ``PR_SET_PDEATHSIG``, the server with it)."""
+
+
 class RemoteServerProcess:
     """The :class:`ManagedProcess` interface the fleet uses, for a server that lives in a Ray actor."""
 
@@ -168,34 +172,38 @@ class RemoteServerProcess:
         self._gone: str | None = None  # why the actor cannot be asked any more
 
     def _call(self, method: str, *args):
+        """Ask the actor; :class:`ActorGone` once it has died, :class:`SGLangServerError` if it is only slow."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
         if self._gone is not None:
-            raise self._gone_error()
+            raise ActorGone(f"the Ray actor of {self.name} is gone ({self._gone})")
         try:
             return self._ray.get(getattr(self.actor, method).remote(*args), timeout=ACTOR_CALL_TIMEOUT_S)
-        except Exception as exc:  # RayActorError, GetTimeoutError, ...: the actor (or its node) is gone
+        except RayActorError as exc:  # the actor (or its node) died
             self._gone = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            raise self._gone_error() from exc
-
-    def _gone_error(self) -> SGLangServerError:
-        return SGLangServerError(f"the Ray actor of {self.name} is gone ({self._gone})")
+            raise ActorGone(f"the Ray actor of {self.name} is gone ({self._gone})") from exc
+        except GetTimeoutError as exc:
+            raise SGLangServerError(
+                f"the Ray actor of {self.name} did not answer {method}() within {ACTOR_CALL_TIMEOUT_S:g} s"
+            ) from exc
 
     def exit_code(self) -> int | None:
         try:
             return self._call("exit_code")
-        except SGLangServerError:
+        except ActorGone:
             return -1  # its actor died: PR_SET_PDEATHSIG took the server with it
 
     def describe(self) -> str:
         try:
             return f"{self.name}: {self._call('describe')}"
-        except SGLangServerError as exc:
+        except ActorGone as exc:
             return f"{exc}; its log was {self.info['log']} on {self.info['node_ip']}"
 
     def terminate(self, grace_s: float = 20.0) -> None:
         try:
             self._call("terminate", grace_s)
-        except SGLangServerError:
-            pass  # nothing left to stop: the actor's death took the server down
+        except ActorGone:
+            return  # nothing left to stop: the actor's death took the server down
 
 
 class RayServerFleet(ServerFleet):
@@ -249,14 +257,14 @@ class RayServerFleet(ServerFleet):
     def _check_capacity(self, ray, bundle: dict[str, float]) -> None:
         """Refuse at once what the whole cluster could never hold (waiting could not help)."""
         total = ray.cluster_resources()
+        knob = {"GPU": "tp_size", "CPU": "ray_cpus_per_engine"}
         for resource, per_server in bundle.items():
-            need = per_server * self.config.num_engines
-            if total.get(resource, 0.0) < need:
+            need, have = per_server * self.config.num_engines, total.get(resource, 0.0)
+            if have < need:
                 raise SGLangServerError(
-                    f"the Ray cluster has {total.get(resource, 0.0):g} {resource}(s) in all but "
-                    f"rollout.sglang.num_engines={self.config.num_engines} × "
-                    + ("tp_size" if resource == "GPU" else "ray_cpus_per_engine")
-                    + f"={per_server:g} need {need:g}: add Ray nodes or lower them"
+                    f"the Ray cluster has {have:g} {resource}(s) in all but rollout.sglang.num_engines="
+                    f"{self.config.num_engines} × {knob[resource]}={per_server:g} need {need:g}: add Ray nodes "
+                    "or lower them"
                 )
 
     def shutdown(self) -> None:
@@ -267,10 +275,7 @@ class RayServerFleet(ServerFleet):
             ray = import_ray()
             if ray.is_initialized():
                 for actor in self.actors:
-                    try:
-                        ray.kill(actor)
-                    except Exception:  # already dead
-                        pass
+                    ray.kill(actor)  # a no-op for an actor that died already
                 if self.placement_group is not None:
                     from ray.util.placement_group import remove_placement_group
 

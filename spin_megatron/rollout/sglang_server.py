@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,16 +33,19 @@ from spin_megatron.rollout.sglang_protocol import (
 )
 
 HEALTH_POLL_S = 0.5
+LINUX = sys.platform.startswith(
+    "linux"
+)  # die_with_parent needs prctl; elsewhere the actor's terminate() only
 LOG_TAIL_LINES = 40
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
+    """In the child before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``). A failure raises,
+    and Popen reports it in the parent: a server that could outlive its owner is not started silently."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG = 1
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
 
 
 class ManagedProcess:
@@ -69,7 +73,7 @@ class ManagedProcess:
             log.flush()
             self._popen = subprocess.Popen(
                 list(command), env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent and LINUX else None,
             )  # fmt: skip
 
     @property
