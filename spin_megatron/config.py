@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout.sglang_config import SGLangConfig
+from spin_megatron.rollout.sglang.config import SGLangConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

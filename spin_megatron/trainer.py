@@ -3,6 +3,7 @@ reference refresh every ``ref_update_freq`` steps → weight sync → metrics / 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from spin_megatron.faults import kill_point
 from spin_megatron.metrics import MetricsLogger, Timer
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
-from spin_megatron.parallel.collectives import max_over_world, sum_over_world
+from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
 from spin_megatron.parallel.dpo_step import METRIC_SUMS, DPOSettings, compute_reference_logps, train_step
 from spin_megatron.parallel.packing import pack_items
 from spin_megatron.parallel.state import ParallelGroups
@@ -141,8 +142,11 @@ class SPINTrainer:
             maybe_dump(
                 cfg.rollout, groups, self.step, samples or [], on_engine_rank=groups.rank == self.engine_src
             )
+        syncs_this_step = self.step % cfg.rollout.sync_every == 0
         if self.engine is not None:
-            self.engine.sleep()  # colocated SGLang: free its GPU memory for the update (no-op otherwise)
+            # Colocated SGLang: free its GPU memory for the update (no-op otherwise). Released weights come
+            # back empty, so they are released only when this step's sync reloads them.
+            self.engine.sleep(release_weights=syncs_this_step)
         kill_point("generate", self.step)
         counts = {
             "pairs": len(experience.items),
@@ -168,10 +172,12 @@ class SPINTrainer:
             )
         if cfg.trainer.ref_update_freq and self.step % cfg.trainer.ref_update_freq == 0:
             refresh_reference(self.reference, self.policy)
-        if self.step % cfg.rollout.sync_every == 0:
+        if syncs_this_step:
             kill_point("sync", self.step)
             with timer("sync"):
-                self._sync()
+                self._sync(save_on_failure=True)
+        if self.engine is not None:
+            self.engine.wake()  # validation, the next step and a checkpointed stop all find it awake
         return self._metrics(experience, dpo_sums, grad_norm, counts)
 
     def _update(self, experience, counts):
@@ -233,16 +239,39 @@ class SPINTrainer:
             skipped_steps=self.skipped_steps,
         )
 
-    def _sync(self) -> None:
-        sync_weights(
-            self.policy.model,
-            self.mapping,
-            self.groups,
-            self.engine,
-            bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
+    def _sync(self, save_on_failure: bool = False) -> None:
+        """Policy → engine. A sync that fails part-way (a server died, an update was refused) restarts the
+        engine and syncs again, ``rollout.max_restarts`` times; then the run saves (after an update) and stops.
+        Collective over the model-parallel group: every rank learns the engine rank's outcome."""
+        max_restarts = self.cfg.rollout.max_restarts
+        for attempt in range(max_restarts + 1):
+            sync_weights(
+                self.policy.model,
+                self.mapping,
+                self.groups,
+                self.engine,
+                bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
+            )
+            error = self.engine.take_sync_error() if self.engine is not None else None
+            error = broadcast_object(error, self.engine_src, self.groups.pgs.mp)
+            if error is None:
+                return
+            if attempt < max_restarts and self.engine is not None:
+                print(f"rollout: weight sync failed ({error}); restarting the engine", file=sys.stderr)
+                self.engine.restart()
+        saved = (
+            f"saved step {self.step} in {self.out / 'checkpoints'}" if save_on_failure else "nothing to save"
+        )
+        if save_on_failure:
+            self._save()
+        raise TrainingHalted(
+            f"weight sync into the rollout engine failed after {max_restarts} engine restart(s) ({error}); "
+            f"{saved}; fix the engine and resume (trainer.resume=auto)"
         )
 
     def _validate(self) -> dict[str, float]:
+        if self.engine is not None:
+            self.engine.wake()  # no-op when awake (train_one_step wakes it at its end)
         return validate(
             self.engine,
             self.policy.model,
@@ -312,7 +341,9 @@ def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:
         length_normalize=a.length_normalize,
         vocab_size=vocab_size,
         chunk_tokens=cfg.trainer.logprob_chunk_tokens,
-        sample_temperature=cfg.rollout.temperature,
+        # SGLang servers launched by the trainer return log-probs at temperature 1 (original log-probs: see
+        # rollout/sglang/protocol.py build_server_env); the hf engine at the sampling temperature.
+        sample_temperature=1.0 if cfg.rollout.engine == "sglang" else cfg.rollout.temperature,
         fused_head=cfg.trainer.logprob_impl == "fused_head",
     )
 

@@ -21,14 +21,14 @@ import pytest
 import torch
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout import sglang_config as cfg
-from spin_megatron.rollout import sglang_protocol as proto
+from spin_megatron.rollout.sglang import config as cfg
+from spin_megatron.rollout.sglang import protocol as proto
 from spin_megatron.rollout.protocol import SamplingParams
-from spin_megatron.rollout.sglang_buckets import pack_flat_buckets, unpack_flat_bucket
-from spin_megatron.rollout.sglang_config import SGLangConfig
-from spin_megatron.rollout.sglang_engine import SGLangEngine, _with_policy_checkpoint, build_sglang_engine
-from spin_megatron.rollout.sglang_protocol import SGLangServerError, parse_generate_response
-from spin_megatron.rollout.sglang_server import _die_with_parent
+from spin_megatron.rollout.sglang.buckets import pack_flat_buckets, unpack_flat_bucket
+from spin_megatron.rollout.sglang.config import SGLangConfig
+from spin_megatron.rollout.sglang.engine import SGLangEngine, _with_policy_checkpoint, build_sglang_engine
+from spin_megatron.rollout.sglang.protocol import SGLangServerError, parse_generate_response
+from spin_megatron.rollout.sglang.server import _die_with_parent
 
 PARAMS = SamplingParams(n=3, temperature=0.8, max_new_tokens=3, seed=7)
 
@@ -433,7 +433,7 @@ def fake_transport(monkeypatch):
     monkeypatch.setattr(dist, "destroy_process_group", lambda group: seen["destroyed"].append(group))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: argparse.Namespace(synchronize=lambda: None))
-    monkeypatch.setattr("spin_megatron.rollout.sglang_weights._to_current_gpu", lambda named: list(named))
+    monkeypatch.setattr("spin_megatron.rollout.sglang.weights._to_current_gpu", lambda named: list(named))
     return seen
 
 

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout.sglang_config import SGLangConfig, resolve_sync_mode
-from spin_megatron.rollout.sglang_engine import SGLangEngine
-from spin_megatron.rollout.sglang_protocol import SGLangServerError
+from spin_megatron.rollout.sglang.config import SGLangConfig, resolve_sync_mode
+from spin_megatron.rollout.sglang.engine import SGLangEngine
+from spin_megatron.rollout.sglang.protocol import SGLangServerError
 from tests.test_sglang_engine import PARAMS, SHIMS, expected_output, free_port, pid_gone
 
 GPUS = 4
@@ -162,7 +162,7 @@ def test_a_killed_actor_takes_its_server_down(ray_cluster, tmp_path):
 
 # ----- connecting --------------------------------------------------------------------------------------------
 def test_ray_addresses_that_name_a_gcs_endpoint(monkeypatch):
-    from spin_megatron.rollout.sglang_ray import gcs_endpoint
+    from spin_megatron.rollout.sglang.ray import gcs_endpoint
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert gcs_endpoint("10.0.0.3:6379") == ("10.0.0.3", 6379)
@@ -174,7 +174,7 @@ def test_ray_addresses_that_name_a_gcs_endpoint(monkeypatch):
 
 def test_an_unreachable_ray_head_is_a_clear_error_within_the_timeout(monkeypatch):
     ray = pytest.importorskip("ray")
-    from spin_megatron.rollout.sglang_ray import connect_ray
+    from spin_megatron.rollout.sglang.ray import connect_ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # even beside the module's cluster
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init must wait for the head"))

@@ -47,7 +47,7 @@ def build_engine(cfg, source, groups: ParallelGroups):
         )
         engine.model.to(groups.device)
         return engine
-    from spin_megatron.rollout.sglang_engine import build_sglang_engine
+    from spin_megatron.rollout.sglang.engine import build_sglang_engine
 
     return build_sglang_engine(cfg, source, groups)
 

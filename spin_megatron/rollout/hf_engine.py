@@ -77,7 +77,7 @@ class HFEngine:
     def finish_weight_update(self) -> None:
         pass  # no cache to flush: every generate starts from empty KV caches
 
-    def sleep(self) -> None:
+    def sleep(self, *, release_weights: bool = True) -> None:
         pass  # in-process on CPU: nothing to release
 
     def wake(self) -> None:

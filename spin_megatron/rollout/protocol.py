@@ -69,8 +69,9 @@ class RolloutEngine(Protocol):
 
     def finish_weight_update(self) -> None: ...
 
-    def sleep(self) -> None:
-        """Colocated mode: free GPU memory (weights, KV cache) before training."""
+    def sleep(self, *, release_weights: bool = True) -> None:
+        """Colocated mode: free GPU memory before training: the KV cache, and the weights when
+        ``release_weights`` (the trainer asks for it only when a weight sync follows, which reloads them)."""
         ...
 
     def wake(self) -> None: ...

@@ -109,7 +109,7 @@ class ReplayEngine:
     def finish_weight_update(self) -> None:
         pass
 
-    def sleep(self) -> None:
+    def sleep(self, *, release_weights: bool = True) -> None:
         pass
 
     def wake(self) -> None:

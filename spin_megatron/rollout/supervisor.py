@@ -4,6 +4,11 @@
 must finish within ``timeout_s``; an exception, a timeout or a malformed answer raises :class:`RolloutError`.
 ``restart`` shuts the engine down (its processes too, for SGLang) and builds a new one from the factory; the
 trainer then re-syncs the weights and retries, a bounded number of times.
+
+A weight sync that fails part-way is recorded, not raised: the other ranks of the model-parallel group keep
+streaming buckets to the engine rank, which must keep receiving them (and drop them) to stay in step. The
+trainer reads :meth:`EngineSupervisor.take_sync_error` after the sync, on every rank, and restarts and syncs
+again; the engine closed its update session when the failure happened.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class EngineSupervisor:
         self.vocab_size = vocab_size
         self.restarts = 0
         self.engine = factory()
+        self._sync_error: str | None = None
 
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, prompt_keys: list[Hashable] | None = None
@@ -86,15 +92,31 @@ class EngineSupervisor:
             )
         self.engine = self.factory()
         self.restarts += 1
+        self._sync_error = None
 
     def update_weights(self, named_tensors) -> None:
-        self.engine.update_weights(named_tensors)
+        if self._sync_error is not None:
+            return  # this sync already failed: its remaining buckets are received and dropped
+        try:
+            self.engine.update_weights(named_tensors)
+        except Exception as exc:
+            self._sync_error = f"{type(exc).__name__}: {exc}"
 
     def finish_weight_update(self) -> None:
-        self.engine.finish_weight_update()
+        if self._sync_error is not None:
+            return
+        try:
+            self.engine.finish_weight_update()
+        except Exception as exc:
+            self._sync_error = f"{type(exc).__name__}: {exc}"
 
-    def sleep(self) -> None:
-        self.engine.sleep()
+    def take_sync_error(self) -> str | None:
+        """The failure of the last sync (None if it succeeded), forgotten once read."""
+        error, self._sync_error = self._sync_error, None
+        return error
+
+    def sleep(self, *, release_weights: bool = True) -> None:
+        self.engine.sleep(release_weights=release_weights)
 
     def wake(self) -> None:
         self.engine.wake()

@@ -11,8 +11,8 @@ import torch
 
 from spin_megatron.models.tiny import make_tiny_hf_model
 from spin_megatron.rollout.protocol import SamplingParams
-from spin_megatron.rollout.sglang_config import SGLangConfig
-from spin_megatron.rollout.sglang_engine import SGLangEngine, current_trainer_gpus
+from spin_megatron.rollout.sglang.config import SGLangConfig
+from spin_megatron.rollout.sglang.engine import SGLangEngine, current_trainer_gpus
 
 pytestmark = pytest.mark.gpu
 

@@ -6,7 +6,7 @@ Written against SGLang ≥ 0.5 (HTTP server of ``python -m sglang.launch_server`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from spin_megatron.errors import ConfigError
@@ -55,10 +55,15 @@ class SGLangConfig:
     request_timeout_s: float = 600.0  # timeout of one HTTP request (a generation, a weight bucket)
     max_inflight_requests: int = 64  # generation requests in flight at once, over all servers
     sync_mode: str = "auto"  # colocated (CUDA IPC) | disaggregated (NCCL) | auto (see resolve_sync_mode)
-    weight_sync_master_address: str = ""  # disaggregated: where servers reach the trainer ("": this host)
-    weight_sync_master_port: int = 0  # disaggregated: rendezvous port of the NCCL group (0: a free one)
+    # disaggregated: where the servers reach the trainer's end of the weight-update group. "": 127.0.0.1 for
+    # servers on this host, the Ray node address under Ray, else this host's address on the route to the servers
+    weight_sync_master_address: str = ""
+    weight_sync_master_port: int = (
+        0  # disaggregated: rendezvous port (0: a free one; replica r uses port + r)
+    )
     log_dir: str = ""  # per-server log files go here ("" = a fresh temporary directory)
     extra_server_args: tuple[str, ...] = ()  # appended verbatim to every launch_server command line
+    extra_server_env: dict[str, str] = field(default_factory=dict)  # added to launched servers' environment
     python_executable: str = ""  # interpreter that runs the servers ("" = the trainer's own)
     # Where launched servers run: `local` = processes on the trainer's node (GPUs from gpu_ids), `ray` = Ray
     # actors on a Ray cluster's GPUs (disaggregated: separate nodes), one placement-group bundle per server.
@@ -71,23 +76,26 @@ class SGLangConfig:
     ray_cpus_per_engine: float = 1.0  # CPUs reserved with each server's tp_size GPUs
 
     def __post_init__(self):
-        for field in ("urls", "gpu_ids", "extra_server_args"):
+        for name in ("urls", "gpu_ids", "extra_server_args"):
             # Hydra/OmegaConf hand lists over; the engine treats these as immutable tuples.
-            object.__setattr__(self, field, tuple(getattr(self, field)))
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(
+            self, "extra_server_env", {str(k): str(v) for k, v in dict(self.extra_server_env).items()}
+        )
         self._check_counts()
         self._check_ports()
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise _fail(
                 "mem_fraction_static", "must be in the open interval (0, 1)", self.mem_fraction_static
             )
-        for field in ("health_timeout_s", "request_timeout_s"):
-            if not getattr(self, field) > 0:
-                raise _fail(field, "must be > 0 seconds", getattr(self, field))
+        for name in ("health_timeout_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise _fail(name, "must be > 0 seconds", getattr(self, name))
         choices = {"sync_mode": SYNC_MODES, "router_policy": ROUTER_POLICIES, "dtype": SERVER_DTYPES}
         choices |= {"launcher": LAUNCHERS, "ray_placement_strategy": RAY_STRATEGIES}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise _fail(field, f"must be one of {', '.join(map(repr, allowed))}", getattr(self, field))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise _fail(name, f"must be one of {', '.join(map(repr, allowed))}", getattr(self, name))
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise _fail("urls", "must be full server addresses such as 'http://127.0.0.1:30000'", url)
@@ -113,9 +121,9 @@ class SGLangConfig:
             raise _fail("ray_cpus_per_engine", "must be > 0", self.ray_cpus_per_engine)
 
     def _check_counts(self) -> None:
-        for field in ("num_engines", "tp_size", "max_inflight_requests"):
-            if getattr(self, field) < 1:
-                raise _fail(field, "must be ≥ 1", getattr(self, field))
+        for name in ("num_engines", "tp_size", "max_inflight_requests"):
+            if getattr(self, name) < 1:
+                raise _fail(name, "must be ≥ 1", getattr(self, name))
         if self.urls and self.num_engines not in (1, len(self.urls)):
             raise _fail(
                 "num_engines",

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout.sglang_config import SGLangConfig
-from spin_megatron.rollout.sglang_protocol import SGLangServerError, build_server_command
-from spin_megatron.rollout.sglang_server import HttpClient, ManagedProcess, ServerFleet
+from spin_megatron.rollout.sglang.config import SGLangConfig
+from spin_megatron.rollout.sglang.protocol import SGLangServerError, build_server_command
+from spin_megatron.rollout.sglang.server import HttpClient, ManagedProcess, ServerFleet
 
 CONNECT_RETRY_S = 2.0
 ACTOR_CALL_TIMEOUT_S = 60.0

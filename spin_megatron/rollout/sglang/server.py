@@ -23,8 +23,8 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from spin_megatron.rollout.sglang_config import SGLangConfig, engine_urls
-from spin_megatron.rollout.sglang_protocol import (
+from spin_megatron.rollout.sglang.config import SGLangConfig, engine_urls
+from spin_megatron.rollout.sglang.protocol import (
     SGLangServerError,
     build_router_command,
     build_server_command,

@@ -7,40 +7,57 @@ of ``n`` outputs, and the load spreads evenly. The prompt is still prefilled onc
 go to the same server, whose radix cache shares the prefix. At most ``max_inflight_requests`` requests are in
 flight.
 
-Lifecycle (colocated): ``sleep()`` releases KV cache and weights before training, ``update_weights`` resumes
-the weights and loads each bucket, ``finish_weight_update`` flushes the prefix cache, ``wake()`` resumes the
-KV cache.
+Weight sync: the first bucket of a sync opens a weight-update session on every server
+(``/begin_weight_update``), ``finish_weight_update`` closes it (``/end_weight_update``) and then flushes the
+prefix cache. A failure in between aborts the session (closed on every server that still answers) and
+raises; the trainer's supervisor then restarts the servers and syncs again, so no server keeps serving a
+half-updated model.
+
+Lifecycle (colocated, memory saver): ``sleep(release_weights=...)`` releases the KV cache, and the weights
+too when a sync follows (SGLang keeps no CPU copy of released weights: a resume without a sync would serve
+garbage); ``update_weights`` resumes the weights; ``wake()`` resumes whatever is still released. The trainer
+wakes the engine at the end of every step, so every path that generates finds it awake.
 """
 
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.protocol import Sample, SamplingParams
-from spin_megatron.rollout.sglang_config import SGLangConfig, resolve_sync_mode
-from spin_megatron.rollout.sglang_protocol import (
+from spin_megatron.rollout.sglang.config import SGLangConfig, resolve_sync_mode
+from spin_megatron.rollout.sglang.protocol import (
     MEMORY_TAGS,
+    SESSION_ALREADY_OPEN,
     GenerateOutput,
     SGLangServerError,
+    begin_weight_update_payload,
+    end_weight_update_payload,
     generate_payload,
     memory_payload,
     parse_generate_response,
     sample_seed,
     snippet,
 )
-from spin_megatron.rollout.sglang_server import HttpClient, ServerFleet, post_to_all
-from spin_megatron.rollout.sglang_weights import ColocatedWeightSync, DisaggregatedWeightSync
+from spin_megatron.rollout.sglang.server import HttpClient, ServerFleet, post_to_all
+from spin_megatron.rollout.sglang.weights import (
+    ColocatedWeightSync,
+    DisaggregatedWeightSync,
+    transport_device,
+)
 
 FLUSH_RETRY_S = 0.2
 
@@ -67,10 +84,17 @@ class SGLangEngine:
         if trainer_gpu_ids is None:
             trainer_gpu_ids = current_trainer_gpus()
         self.sync_mode = resolve_sync_mode(config, trainer_gpu_ids)
+        if self.sync_mode == "colocated" and config.tp_size > 1 and transport_device().type == "cuda":
+            raise ConfigError(
+                f"rollout.sglang.tp_size={config.tp_size} with colocated weight sync is not supported: every "
+                "TP rank of a server would map the engine rank's one GPU buffer and copy across GPUs, while "
+                "SGLang expects each rank's tensors on that rank's own GPU; use tp_size=1 with more "
+                "num_engines, or sync_mode=disaggregated"
+            )
         self._client = HttpClient(timeout_s=config.request_timeout_s, pool_size=config.max_inflight_requests)
         fleet_class = ServerFleet
         if config.launcher == "ray":
-            from spin_megatron.rollout.sglang_ray import RayServerFleet as fleet_class
+            from spin_megatron.rollout.sglang.ray import RayServerFleet as fleet_class
         self._fleet = fleet_class(config, colocated=self.sync_mode == "colocated", client=self._client)
         self._client.describe_failure = self._fleet.describe_failure
         self._fleet.start()
@@ -84,10 +108,12 @@ class SGLangEngine:
         else:
             self._weights = DisaggregatedWeightSync(
                 self._client, self._admin_pool, self.urls, config.tp_size,
-                master_address=config.weight_sync_master_address or _this_host(), master_port=config.weight_sync_master_port,
-                timeout_s=config.request_timeout_s,
+                master_address=config.weight_sync_master_address or self._default_master_address(),
+                master_port=config.weight_sync_master_port, timeout_s=config.request_timeout_s,
             )  # fmt: skip
         self._released: set[str] = set()  # memory tags released by sleep() and not resumed yet
+        self._in_session = False  # a weight-update session is open on the servers
+        self._sessions_supported: bool | None = None  # False: servers older than the session endpoints
         self._next_server = 0
         self._closed = False
         atexit.register(self.shutdown)
@@ -163,36 +189,92 @@ class SGLangEngine:
 
     # ----- weights ----------------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load one bucket of HF-named full tensors into every server."""
+        """Load one bucket of HF-named full tensors into every server (the first bucket opens the session)."""
         self._check_open()
         named = list(named_tensors)
         if not named:
             return
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "SGLang weight sync sends tensors over CUDA (IPC or NCCL); CUDA is not available"
-            )
-        if "weights" in self._released:
-            self._resume(["weights"])  # the KV cache stays released until wake()
-        self._weights.push(named)
+        try:
+            if "weights" in self._released:
+                self._resume(["weights"])  # the KV cache stays released until wake()
+            if not self._in_session:
+                self._begin_session()
+            self._weights.push(named)
+        except BaseException:
+            self.abort_weight_update()
+            raise
 
     def finish_weight_update(self) -> None:
-        """End of a sync: old weights' KV entries must not be reused, so the prefix cache is flushed."""
+        """End of a sync: close the session, then flush the prefix cache (old weights' KV entries must not be
+        reused). A released KV cache was flushed by the release itself and has served nothing since."""
         self._check_open()
-        # A released KV cache was flushed by the release itself and has served nothing since.
-        if "kv_cache" not in self._released:
-            self._flush_caches()
+        try:
+            if self._in_session:
+                self._end_session()
+            if "kv_cache" not in self._released:
+                self._flush_caches()
+        except BaseException:
+            self.abort_weight_update()
+            raise
         self._weights.finish()
 
+    def abort_weight_update(self) -> None:
+        """After a failed sync: close the session on every server that still answers (errors are reported,
+        not raised: the caller is already handling the failure) and drop what the sync holds."""
+        if self._in_session:
+            self._in_session = False
+            for url in self.urls:
+                try:
+                    self._client.post_json(url, "/end_weight_update", end_weight_update_payload())
+                except SGLangServerError as exc:
+                    print(
+                        f"sglang: closing the weight-update session of {url} failed: {exc}", file=sys.stderr
+                    )
+        if isinstance(self._weights, DisaggregatedWeightSync):
+            self._weights.drop_group()
+        self._weights.finish()
+
+    def _begin_session(self) -> None:
+        """POST /begin_weight_update everywhere. Servers that predate sessions (404) take updates without one;
+        a session left open by an earlier, failed sync of this trainer is closed and opened anew."""
+        if self._sessions_supported is False:
+            return
+        responses = [self._client.request("POST", url, "/begin_weight_update", begin_weight_update_payload())
+                     for url in self.urls]  # fmt: skip
+        if all(r.status_code == 404 for r in responses):
+            self._sessions_supported = False
+            print("sglang: the servers have no /begin_weight_update (SGLang < 0.5.23): updating without a "
+                  "session", file=sys.stderr)  # fmt: skip
+            return
+        self._in_session = True  # from here on a failure must close what was opened
+        for url, response in zip(self.urls, responses, strict=True):
+            if response.status_code == 400 and SESSION_ALREADY_OPEN in response.text:
+                self._client.post_json(url, "/end_weight_update", end_weight_update_payload())
+                response = self._client.request(
+                    "POST", url, "/begin_weight_update", begin_weight_update_payload()
+                )
+            if response.status_code != 200:
+                raise SGLangServerError(
+                    f"{url}/begin_weight_update answered HTTP {response.status_code}: {snippet(response.text)}"
+                )
+        self._sessions_supported = True
+
+    def _end_session(self) -> None:
+        self._post_all("/end_weight_update", end_weight_update_payload())
+        self._in_session = False
+
     # ----- memory -----------------------------------------------------------------------------------------
-    def sleep(self) -> None:
-        """Release KV cache and weights (memory-saver servers only; others keep their memory: no-op)."""
+    def sleep(self, *, release_weights: bool = True) -> None:
+        """Release the KV cache, and the weights when ``release_weights`` (only when a weight sync follows:
+        SGLang does not back released weights up). Memory-saver servers only; others keep their memory."""
         self._check_open()
-        if not self.config.enable_memory_saver or self._released:
+        tags = [tag for tag in MEMORY_TAGS if tag != "weights" or release_weights]
+        tags = [tag for tag in tags if tag not in self._released]
+        if not self.config.enable_memory_saver or not tags:
             return
         self._flush_caches()  # SGLang refuses to release memory while requests are still queued
-        self._post_all("/release_memory_occupation", memory_payload(MEMORY_TAGS))
-        self._released = set(MEMORY_TAGS)
+        self._post_all("/release_memory_occupation", memory_payload(tags))
+        self._released |= set(tags)
 
     def wake(self) -> None:
         self._check_open()
@@ -236,9 +318,35 @@ class SGLangEngine:
             self._admin_pool.shutdown(wait=False, cancel_futures=True)
             self._fleet.shutdown()
 
+    def _default_master_address(self) -> str:
+        """Where the servers reach the trainer's end of the weight-update group: the Ray node's address under
+        Ray; 127.0.0.1 when every server is on this host's loopback; otherwise this host's address on the
+        route to the first server (a connected UDP socket sends nothing). Not ``gethostbyname(gethostname())``:
+        that is 127.0.1.1 on many Debian/Ubuntu hosts, unreachable from other nodes."""
+        if self.config.launcher == "ray":
+            import ray
+
+            return ray.util.get_node_ip_address()
+        hosts = {urlparse(url).hostname or "" for url in self.urls}
+        if all(_is_loopback(host) for host in hosts):
+            return "127.0.0.1"
+        target = sorted(host for host in hosts if not _is_loopback(host))[0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))
+            return probe.getsockname()[0]
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this SGLangEngine was shut down; create a new one")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: resolved by the route lookup
 
 
 def _results(futures: list[Future]) -> list:
@@ -259,13 +367,16 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
     Megatron checkpoint, its architecture with random (``--load-format dummy``) weights: the trainer's first
     weight sync overwrites them, as it does for the ``hf`` engine. Each replica gets its own servers: replica
     ``r`` shifts the launched ports by ``r × num_engines`` (router: ``r``) and ``gpu_ids`` (default 0..N-1) by
-    ``r × num_engines × tp_size`` (one node), and ``urls`` are split evenly over the replicas. With
+    ``r × num_engines × tp_size`` (one node), a non-zero ``weight_sync_master_port`` by ``r``, and ``urls``
+    are split evenly over the replicas. With
     ``launcher=ray`` every replica gets its own placement group on the Ray cluster (see sglang_ray); the
     policy checkpoint directory must then be on a file system the Ray nodes share.
     """
     raw = getattr(cfg.rollout, "sglang", None)
     config = raw if isinstance(raw, SGLangConfig) else SGLangConfig(**dict(raw or {}))
     replica, replicas = groups.dp_rank, groups.dp_size
+    if config.weight_sync_master_port:  # replicas on one node must not share the rendezvous port
+        config = replace(config, weight_sync_master_port=config.weight_sync_master_port + replica)
     if config.urls:
         if len(config.urls) % replicas:
             raise ConfigError(
@@ -291,11 +402,6 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
     if not config.model_path:
         config = _with_policy_checkpoint(config, source, Path(cfg.trainer.output_dir))
     return SGLangEngine(config)
-
-
-def _this_host() -> str:
-    """An address of this machine other hosts can reach (for the disaggregated NCCL rendezvous)."""
-    return socket.gethostbyname(socket.gethostname())
 
 
 def _with_policy_checkpoint(config: SGLangConfig, source, output_dir: Path) -> SGLangConfig:

@@ -7,7 +7,10 @@ dataclasses in ``python/sglang/srt/managers/io_struct.py``, SGLang 0.5.x):
 - ``POST /generate`` takes a ``GenerateReqInput`` (``input_ids``, ``sampling_params``, ``return_logprob``,
   ...) and answers ``{"output_ids": [...], "meta_info": {"finish_reason": {"type": ...},
   "output_token_logprobs": [[logprob, token_id, text], ...], ...}}`` (a list of those for batched input);
-- the weight endpoints answer ``{"success": bool, "message": str}``;
+- the weight endpoints answer ``{"success": bool, "message": str}`` (HTTP 400 when ``success`` is false);
+  ``/update_weights_from_tensor`` and ``/update_weights_from_distributed`` run only inside a session opened by
+  ``/begin_weight_update`` and closed by ``/end_weight_update`` (``managers/scheduler_components/
+  weight_updater.py``, 0.5.23);
 - ``/release_memory_occupation`` / ``/resume_memory_occupation`` take ``{"tags": [...] | null}`` and answer
   ``null`` on success.
 """
@@ -22,12 +25,13 @@ from typing import Any
 import torch
 
 from spin_megatron.rollout.protocol import FinishReason, SamplingParams
-from spin_megatron.rollout.sglang_config import SGLangConfig, engine_gpu_groups
+from spin_megatron.rollout.sglang.config import SGLangConfig, engine_gpu_groups
 
 # Memory regions SGLang's memory saver can release. Releasing/resuming them by name (never `tags=None`, which
 # also covers version-specific regions such as cuda_graph) lets a weight update resume the weights alone.
 MEMORY_TAGS = ("kv_cache", "weights")
 WEIGHT_UPDATE_GROUP = "spin_megatron_weight_sync"
+ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
 SNIPPET_CHARS = 300
 
 
@@ -70,9 +74,13 @@ def build_server_command(config: SGLangConfig, engine_index: int, *, colocated: 
 def build_server_env(
     config: SGLangConfig, engine_index: int, base_env: Mapping[str, str], *, colocated: bool
 ) -> dict[str, str]:
-    """The server's environment: ``base_env`` with ``CUDA_VISIBLE_DEVICES`` set (see build_server_command)."""
+    """The server's environment: ``base_env``, ``CUDA_VISIBLE_DEVICES`` (see build_server_command), log-probs
+    before top-p/top-k renormalisation and temperature (``SGLANG_RETURN_ORIGINAL_LOGPROB``, read in SGLang's
+    ``srt/layers/sampler.py``: what the trainer recomputes for ``rollout/logp_diff``), then
+    ``extra_server_env``."""
     gpus = _visible_gpus(config) if colocated else engine_gpu_groups(config)[engine_index]
-    return {**base_env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    env = {**base_env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), ORIGINAL_LOGPROB_ENV: "1"}
+    return {**env, **config.extra_server_env}
 
 
 def _visible_gpus(config: SGLangConfig) -> list[int]:
@@ -237,16 +245,18 @@ def init_weights_update_group_payload(
     master_port: int,
     rank_offset: int,
     world_size: int,
+    backend: str = "nccl",
     group_name: str = WEIGHT_UPDATE_GROUP,
 ) -> dict:
-    """``InitWeightsUpdateGroupReqInput``: the server's TP rank ``r`` joins as rank ``rank_offset + r``."""
+    """``InitWeightsUpdateGroupReqInput``: the server's TP rank ``r`` joins as rank ``rank_offset + r``
+    (``backend``: nccl between GPUs, gloo between CPU processes)."""
     return {
         "master_address": master_address,
         "master_port": master_port,
         "rank_offset": rank_offset,
         "world_size": world_size,
         "group_name": group_name,
-        "backend": "nccl",
+        "backend": backend,
     }
 
 
@@ -264,6 +274,19 @@ def update_weights_from_distributed_payload(
         "group_name": group_name,
         "flush_cache": flush_cache,
     }
+
+
+def begin_weight_update_payload() -> dict:
+    """``BeginWeightUpdateReqInput``: open the session for every runner (target and draft models)."""
+    return {"selector": "all"}
+
+
+def end_weight_update_payload() -> dict:
+    """``EndWeightUpdateReqInput`` has no fields of its own."""
+    return {}
+
+
+SESSION_ALREADY_OPEN = "already open"  # in 0.5.23's refusal of a second /begin_weight_update
 
 
 def destroy_weights_update_group_payload(group_name: str = WEIGHT_UPDATE_GROUP) -> dict:

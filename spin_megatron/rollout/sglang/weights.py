@@ -1,0 +1,266 @@
+"""Weight sync into SGLang servers, one bucket of HF-named full tensors at a time, inside a weight-update
+session (``/begin_weight_update`` … ``/end_weight_update``, required since SGLang 0.5.23: the update
+endpoints answer HTTP 400 outside one).
+
+Two modes, each with a GPU and a CPU transport chosen by where the tensors live, so the same client code runs
+on both (the CPU transports are what the test suite drives against a real SGLang server on CPU):
+
+- Colocated (the servers share the trainer's devices): each bucket is packed into flat tensors, pickled with
+  torch's ``ForkingPickler`` (CUDA: an IPC handle naming the GPU by UUID; CPU: a shared-memory file under the
+  ``file_system`` sharing strategy) and posted to ``/update_weights_from_tensor`` with
+  ``load_format="flattened_bucket"``. SGLang's TP rank ``r`` deserializes entry ``r`` of the payload, and only
+  that one: a handle deserialized twice breaks the producer's CUDA-IPC refcounting, so every (server, TP rank)
+  gets a payload serialized for it alone.
+- Disaggregated (the servers have their own devices): the trainer and every server TP rank form a process
+  group (trainer = rank 0; NCCL on GPU, gloo on CPU) through ``/init_weights_update_group``; for each bucket the
+  trainer posts names, dtypes and shapes to ``/update_weights_from_distributed`` and broadcasts the tensors in
+  that order. The POST returns once the server has received them, so it runs in a thread while this one
+  broadcasts.
+
+SGLang is not imported here: the payloads use only types SGLang's restricted unpickler accepts (torch tensors,
+``types.SimpleNamespace`` for the bucket metadata), and the process group is created by
+:func:`new_weight_update_group`, the same rendezvous SGLang's ``init_custom_process_group`` performs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import sys
+import types
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
+
+import torch
+import torch.distributed as dist
+from torch.multiprocessing import reductions
+
+from spin_megatron.rollout.sglang.buckets import FlatBucket, pack_flat_buckets
+from spin_megatron.rollout.sglang.protocol import (
+    WEIGHT_UPDATE_GROUP,
+    SGLangServerError,
+    check_success_response,
+    destroy_weights_update_group_payload,
+    engine_rank_offsets,
+    init_weights_update_group_payload,
+    update_weights_from_distributed_payload,
+    update_weights_from_tensor_payload,
+)
+from spin_megatron.rollout.sglang.server import HttpClient, collect_all, post_to_all, submit_to_all
+
+# Index of the device in the argument tuple torch's reduce_tensor returns for a CUDA tensor (torch ≥ 2.0);
+# SGLang's consumer-side patch reads a GPU UUID string or an index at the same place.
+_CUDA_DEVICE_ARG = 6
+
+
+def transport_device() -> torch.device:
+    """Where the tensors of a sync travel from: this rank's GPU, or the CPU on machines without CUDA."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_device(named: Sequence[tuple[str, torch.Tensor]], device: torch.device):
+    return [(name, tensor.detach().to(device).contiguous()) for name, tensor in named]
+
+
+# ----- colocated ------------------------------------------------------------------------------------------
+def _reduce_tensor_naming_gpu_by_uuid(tensor: torch.Tensor):
+    """torch's reduction, with a CUDA tensor's device index replaced by its GPU's UUID: a server whose
+    CUDA_VISIBLE_DEVICES numbers the GPUs differently from the trainer still opens the right one."""
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if tensor.is_cuda:
+        uuid = str(torch.cuda.get_device_properties(args[_CUDA_DEVICE_ARG]).uuid)
+        args = (*args[:_CUDA_DEVICE_ARG], uuid, *args[_CUDA_DEVICE_ARG + 1 :])
+    return rebuild, args
+
+
+def serialize_for_one_consumer(obj) -> str:
+    """One base64 pickle of ``obj`` for ONE consumer process (what SGLang's ``MultiprocessingSerializer``
+    decodes). Each call shares the tensors anew, so each consumer holds its own handle."""
+    buffer = io.BytesIO()
+    pickler = ForkingPickler(buffer)
+    pickler.dispatch_table[torch.Tensor] = _reduce_tensor_naming_gpu_by_uuid
+    pickler.dump(obj)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def flattened_bucket_object(bucket: FlatBucket) -> dict:
+    """What SGLang's ``flattened_bucket`` loader reads: the flat tensor and, per weight, an object with
+    ``name, shape, dtype, start_idx, end_idx, numel`` (``SimpleNamespace`` is on its unpickler's allow-list)."""
+    metadata = [
+        types.SimpleNamespace(
+            name=e.name, shape=e.shape, dtype=e.dtype, start_idx=e.start_idx, end_idx=e.end_idx, numel=e.numel
+        )
+        for e in bucket.entries
+    ]
+    return {"flattened_tensor": bucket.flat, "metadata": metadata}
+
+
+def use_file_system_sharing() -> None:
+    """CPU tensors reach another process only as shared-memory files: with torch's default file-descriptor
+    passing the server cannot receive the descriptors over HTTP and rejects (then dies on) the payload."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class ColocatedWeightSync:
+    """``/update_weights_from_tensor`` with one payload per (server, TP rank)."""
+
+    def __init__(self, client: HttpClient, pool: ThreadPoolExecutor, urls: Sequence[str], tp_size: int):
+        self.client, self.pool, self.urls, self.tp_size = client, pool, list(urls), tp_size
+        self.device = transport_device()
+        if self.device.type == "cpu":
+            use_file_system_sharing()
+        # Buffers of the last bucket outlive its acknowledgement: SGLang answers once it has *enqueued* its
+        # copies, so they stay referenced until the next bucket (or the end of the sync).
+        self._retained: list[FlatBucket] = []
+        self.payloads_serialized = 0  # counted for tests: one per (server, TP rank, flat bucket)
+
+    def push(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        buckets = pack_flat_buckets(_on_device(named, self.device))
+        if self.device.type == "cuda":  # the server reads these buffers on its own stream, in another process
+            torch.cuda.current_stream().synchronize()
+        for bucket in buckets:
+            obj = flattened_bucket_object(bucket)
+            payloads = []
+            for _ in self.urls:
+                per_rank = [serialize_for_one_consumer(obj) for _ in range(self.tp_size)]
+                self.payloads_serialized += len(per_rank)
+                payloads.append(update_weights_from_tensor_payload(per_rank))
+            endpoint = "/update_weights_from_tensor"
+            post_to_all(self.client, self.pool, self.urls, endpoint, payloads, check_success_response)
+        self._retained = buckets
+
+    def finish(self) -> None:
+        self._retained = []
+
+    def close(self, notify_servers: bool) -> None:
+        self._retained = []
+
+
+# ----- disaggregated --------------------------------------------------------------------------------------
+def new_weight_update_group(
+    *, backend: str, master_address: str, master_port: int, world_size: int, rank: int, timeout_s: float
+):
+    """A process group of the trainer and the servers, beside (not replacing) the trainer's default group.
+
+    The rendezvous is the one SGLang's ``init_custom_process_group`` performs on the servers' side: a TCP
+    store at ``master_address:master_port`` (rank 0, the trainer, hosts it), keys under the group name as
+    prefix. torch has no public API for a group outside the default world, hence its internal helper
+    (SGLang, verl and slime use the same one)."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(
+        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    group, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), PrefixStore(WEIGHT_UPDATE_GROUP, store),
+        group_name=WEIGHT_UPDATE_GROUP, timeout=timeout,
+    )  # fmt: skip
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+class DisaggregatedWeightSync:
+    """``/update_weights_from_distributed`` over a trainer + servers group (NCCL on GPU, gloo on CPU)."""
+
+    def __init__(
+        self,
+        client: HttpClient,
+        pool: ThreadPoolExecutor,
+        urls: Sequence[str],
+        tp_size: int,
+        *,
+        master_address: str,
+        master_port: int,
+        timeout_s: float,
+    ):
+        self.client, self.pool, self.urls, self.tp_size = client, pool, list(urls), tp_size
+        self.master_address, self.master_port, self.timeout_s = master_address, master_port, timeout_s
+        self.device = transport_device()
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self._group = None
+
+    def _connect(self) -> None:
+        """Both sides block in the rendezvous, so the servers are asked to join before the trainer does."""
+        offsets, world_size = engine_rank_offsets(len(self.urls), self.tp_size)
+        port = self.master_port or free_port(self.master_address)
+        payloads = [
+            init_weights_update_group_payload(
+                master_address=self.master_address, master_port=port, rank_offset=offset,
+                world_size=world_size, backend=self.backend,
+            )
+            for offset in offsets
+        ]  # fmt: skip
+        futures = submit_to_all(self.client, self.pool, self.urls, "/init_weights_update_group", payloads)
+        try:
+            group = new_weight_update_group(
+                backend=self.backend, master_address=self.master_address, master_port=port,
+                world_size=world_size, rank=0, timeout_s=self.timeout_s,
+            )  # fmt: skip
+        except Exception as exc:
+            # The servers' answers say why they did not join (unreachable address, taken port, ...).
+            try:
+                collect_all(self.urls, futures, "/init_weights_update_group", check_success_response)
+            except SGLangServerError as server_error:
+                raise SGLangServerError(f"weight-update group did not form: {server_error}") from exc
+            raise
+        try:
+            collect_all(self.urls, futures, "/init_weights_update_group", check_success_response)
+        except BaseException:
+            dist.destroy_process_group(group)
+            raise
+        self._group = group
+
+    def push(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        if self._group is None:
+            self._connect()
+        tensors = _on_device(named, self.device)
+        payload = update_weights_from_distributed_payload(tensors)
+        endpoint = "/update_weights_from_distributed"
+        futures = submit_to_all(self.client, self.pool, self.urls, endpoint, [payload] * len(self.urls))
+        try:
+            for _, tensor in tensors:  # the order of `names`: each server receives them in that order
+                dist.broadcast(tensor, src=0, group=self._group)
+        except Exception:
+            self.drop_group()  # a broken group cannot carry the next sync: it is formed anew
+            raise
+        collect_all(self.urls, futures, endpoint, check_success_response)
+
+    def finish(self) -> None:
+        """Nothing is retained: the servers acknowledge only after receiving every broadcast."""
+
+    def drop_group(self) -> None:
+        """Forget the group after a failure (the servers of a restarted fleet are new anyway)."""
+        group, self._group = self._group, None
+        if group is not None:
+            try:
+                dist.destroy_process_group(group)
+            except Exception as exc:  # a group whose peers died may fail to tear down; it is gone either way
+                print(f"sglang: tearing down the broken weight-update group: {exc}", file=sys.stderr)
+
+    def close(self, notify_servers: bool) -> None:
+        if self._group is None:
+            return
+        try:
+            if notify_servers:
+                payloads = [destroy_weights_update_group_payload()] * len(self.urls)
+                endpoint = "/destroy_weights_update_group"
+                post_to_all(self.client, self.pool, self.urls, endpoint, payloads, check_success_response)
+        finally:
+            group, self._group = self._group, None
+            dist.destroy_process_group(group)
+
+
+def free_port(host: str = "") -> int:
+    """A port the OS says is free now on ``host``'s interface. The TCP store binds it a moment later; the
+    servers learn it from the request, so nobody else is told about it in between."""
+    with socket.socket() as sock:
+        sock.bind((host if host not in ("localhost",) else "127.0.0.1", 0))
+        return sock.getsockname()[1]
