@@ -58,3 +58,23 @@ def gsm8k_dir() -> Path:
     if not (path / "train.jsonl").is_file():
         pytest.skip(f"GSM8K not found at {path} (expected ../shared/data beside the checkout)")
     return path
+
+
+@pytest.fixture
+def double():
+    """``double(mode=..., delay_s=..., flush_busy=..., fail_update_at=..., state_class=...) -> (url, state)``:
+    an SGLang protocol double (tests/sglang_double.py) serving from a thread, stopped after the test."""
+    from tests.sglang_double import DoubleState, start_in_thread
+
+    servers = []
+
+    def start(state_class=None, **kwargs):
+        state = (state_class or DoubleState)(**kwargs)
+        server, url = start_in_thread(state)
+        servers.append(server)
+        return url, state
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

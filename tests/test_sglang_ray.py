@@ -16,7 +16,7 @@ from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.sglang.config import SGLangConfig, resolve_sync_mode
 from spin_megatron.rollout.sglang.engine import SGLangEngine
 from spin_megatron.rollout.sglang.protocol import SGLangServerError
-from tests.test_sglang_engine import PARAMS, SHIMS, expected_output, free_port, pid_gone
+from tests.sglang_double import PARAMS, SHIMS, expected_output, free_port, pid_gone
 
 GPUS = 4
 
