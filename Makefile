@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo demo-convert lint format bench bench-gpu gpu-smoke clean
+.PHONY: install test test-fast demo demo-convert lint format bench bench-gpu gpu-smoke clean sglang-venv
 
 install: $(STAMP)
 
@@ -21,7 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: install
+# A real sglang 0.5.23 server for the tests, in a venv of its own (it pins torch 2.14.1 / transformers 5.19.0).
+SGLANG_VENV := .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.installed-0.5.23
+
+sglang-venv: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP): tools/sglang_cpu/build_venv.sh
+	PYTHON=$(PYTHON) bash tools/sglang_cpu/build_venv.sh $(SGLANG_VENV)
+
+test: install sglang-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -52,7 +61,7 @@ bench-gpu: install
 	$(BIN)/python bench/mfu_gpu.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGLANG_VENV) .pytest_cache .ruff_cache
 
 # TRL comparison in its own venv (.venv-bench): TRL is not a dependency of the project. CPU torch first, else pip
 # resolves a CUDA build; trl pinned because OnlineDPOTrainer lives in trl.experimental (unstable API).

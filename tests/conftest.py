@@ -78,3 +78,24 @@ def double():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def sglang_python():
+    """Python of .venv-sglang (a real sglang 0.5.23 for CPU), built now if missing; skipped only when it
+    cannot be built here, with the reason."""
+    from tests.sglang_real_server import ensure_sglang_venv
+
+    python, why = ensure_sglang_venv()
+    if python is None:
+        pytest.skip(f"no SGLang server venv: {why}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vocab_model(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A tiny random Qwen2 (hidden 64, 2 layers) with the real Qwen2.5 vocabulary and tokenizer files."""
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("hf") / "qwen2_qwen_vocab", "qwen2", seed=5, tokenizer_dir=qwen_tokenizer_dir,
+        vocab_size=151936, num_hidden_layers=2,
+    )  # fmt: skip
