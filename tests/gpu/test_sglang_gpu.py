@@ -1,6 +1,9 @@
-"""GPU: a real SGLang server on a tiny random Qwen2 — greedy generation, weight sync (colocated CUDA IPC and,
-with two GPUs, disaggregated NCCL), sleep/wake. After a sync the server's greedy tokens must equal those of a
-transformers model holding the pushed weights."""
+"""GPU: a real SGLang server on a tiny random Qwen2 — greedy generation, weight sync in sessions (colocated
+CUDA IPC and, with two GPUs, disaggregated NCCL; TP 2 with three), sleep/wake, GPU memory over 20 syncs, and
+spin-train with the memory saver (validation after a training step, rollout/logp_diff bounded). After a sync
+the server's greedy tokens must equal those of a transformers model holding the pushed weights. Needs SGLang
+installed beside CUDA (not the case on the lent H200: see tools/gpu_check.py); CPU runs the same client code
+against a real CPU server (tests/test_sglang_real.py)."""
 
 import importlib.util
 import os
@@ -166,3 +169,80 @@ def test_ray_placed_server_weight_sync_over_nccl(hf_dir, tmp_path):
             check_weight_sync(engine, hf_dir)
     finally:
         ray.shutdown()
+
+
+def _gpu_used_bytes(device: int) -> int:
+    free, total = torch.cuda.mem_get_info(device)  # device-wide: counts the servers' processes too
+    return total - free
+
+
+def test_colocated_fleet_repeated_syncs_in_sessions_do_not_grow_gpu_memory(hf_dir, tmp_path):
+    """The flagship layout where the GPUs allow (num_engines 2): 20 syncs, each in a session, each bucket
+    serialized once per (server, TP rank). A payload shared between consumers would leave the trainer's
+    buckets referenced forever: memory would grow by a model copy per sync."""
+    engines = min(2, torch.cuda.device_count())
+    torch.cuda.set_device(0)
+    config = _config(
+        hf_dir, tmp_path, num_engines=engines, gpu_ids=tuple(range(engines)), sync_mode="colocated"
+    )
+    weights = [(name, t.cuda()) for name, t in perturbed_weights(hf_dir).items()]
+    with SGLangEngine(config, trainer_gpu_ids=[0]) as engine:
+        engine.update_weights(weights)  # warm-up: first sync allocates what every later one reuses
+        engine.finish_weight_update()
+        torch.cuda.synchronize()
+        before = [_gpu_used_bytes(d) for d in range(engines)]
+        for _ in range(20):
+            engine.update_weights(weights[: len(weights) // 2])
+            engine.update_weights(weights[len(weights) // 2 :])
+            engine.finish_weight_update()
+            assert not engine._in_session
+        torch.cuda.synchronize()
+        after = [_gpu_used_bytes(d) for d in range(engines)]
+        model_bytes = sum(t.numel() * t.element_size() for _, t in weights)
+        assert all(a - b < max(model_bytes, 64 << 20) for a, b in zip(after, before)), (before, after)
+        # all bf16, so one flat bucket per push: one payload per server (tp_size 1) per push
+        assert engine._weights.payloads_serialized == engines * (1 + 2 * 20)
+
+
+def test_colocated_tp2_is_refused_with_a_reason(hf_dir, tmp_path):
+    from spin_megatron.errors import ConfigError
+
+    config = _config(hf_dir, tmp_path, tp_size=2, sync_mode="colocated")
+    with pytest.raises(ConfigError, match="tp_size=2 with colocated weight sync is not supported"):
+        SGLangEngine(config, trainer_gpu_ids=[0])
+
+
+def test_disaggregated_tp2_server_weight_sync_over_nccl(hf_dir, tmp_path):
+    if torch.cuda.device_count() < 3:
+        pytest.skip("needs three GPUs: the trainer's and two for a tp_size=2 server")
+    torch.cuda.set_device(0)
+    config = _config(hf_dir, tmp_path, tp_size=2, gpu_ids=(_physical_gpu(1), _physical_gpu(2)),
+                     sync_mode="disaggregated")  # fmt: skip
+    with SGLangEngine(config, trainer_gpu_ids=[current_trainer_gpus()[0]]) as engine:
+        check_weight_sync(engine, hf_dir)
+
+
+def test_spin_train_with_colocated_sglang_and_the_memory_saver(hf_dir, tmp_path):
+    """The trainer's lifecycle on a real GPU server: sleep → update → sync (in a session) → wake, weights
+    released only on syncing steps (sync_every 2), validation after every training step."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    if importlib.util.find_spec("torch_memory_saver") is None:
+        pytest.skip("torch_memory_saver (SGLang's --enable-memory-saver backend) is not installed")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "rollout.engine=sglang",
+         "rollout.sglang.enable_memory_saver=true", "rollout.sglang.mem_fraction_static=0.3",
+         "rollout.sync_every=2", "trainer.total_steps=4", "trainer.test_freq=1", f"trainer.output_dir={out}",
+         f"rollout.sglang.base_port={_free_port()}", "logging.progress_bar=false"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert all("val/accuracy" in metrics[step] for step in (1, 2, 3, 4))
+    # fp32 policy, fp32 server: the server's log-probs of its samples match the trainer's after each sync
+    assert all(metrics[step]["rollout/logp_diff"] < 1e-3 for step in (1, 3)), metrics
