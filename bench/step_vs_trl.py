@@ -95,7 +95,7 @@ def make_setup(args, tmp: Path) -> dict:
     """The shared checkpoint, prompts and both trainers' settings, written once for both workers."""
     from transformers import AutoTokenizer
 
-    from spin_megatron.config import SHARED_DATA
+    from spin_megatron.config import shared_data_dir
     from spin_megatron.models.tiny import make_tiny_hf_model
     from tests.synthetic_task import make_char_tokenizer, make_prompt_file
 
@@ -103,7 +103,7 @@ def make_setup(args, tmp: Path) -> dict:
     if args.tokenizer == "char":
         tokenizer_dir = make_char_tokenizer(tmp / "tokenizer")
     else:
-        tokenizer_dir = SHARED_DATA / "qwen2.5-tokenizer"
+        tokenizer_dir = shared_data_dir() / "qwen2.5-tokenizer"
         if not (tokenizer_dir / "vocab.json").is_file():
             raise FileNotFoundError(f"{tokenizer_dir} is missing: use --tokenizer char")
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -7,6 +7,7 @@ starts (Hydra itself rejects unknown keys and wrong types).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.sglang.config import SGLangConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path:
+    """The team's data folder (tokenizer, GSM8K): ``$SPIN_SHARED_DATA``, else ``../shared/data`` beside the
+    checkout. Read at each call, so a GPU machine that carries the data elsewhere finds it without the hub."""
+    return Path(os.environ.get("SPIN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -29,12 +35,12 @@ def _positive(key: str, value, *, zero_ok: bool = False) -> None:
 
 
 def _default_files(split: str) -> list[str]:
-    path = SHARED_DATA / "gsm8k" / f"{split}.jsonl"
+    path = shared_data_dir() / "gsm8k" / f"{split}.jsonl"
     return [str(path)] if path.is_file() else []
 
 
 def default_tokenizer() -> str:
-    path = SHARED_DATA / "qwen2.5-tokenizer"
+    path = shared_data_dir() / "qwen2.5-tokenizer"
     return str(path) if (path / "vocab.json").is_file() else "Qwen/Qwen2.5-0.5B-Instruct"
 
 
@@ -232,12 +238,14 @@ class TrainerConfig:
     # fused_head: the output layer applied chunk-wise to response positions only, no [T, V/TP] logits;
     # logits: full logits, then TE's parallel cross-entropy (GPU) or a chunked fp32 pass
     logprob_impl: str = "fused_head"
+    device: str = "auto"  # auto: CUDA when available, else CPU | cuda: stop at start if CUDA is missing
 
     def __post_init__(self):
         for key in ("total_steps", "prompts_per_step", "micro_batch_tokens", "logprob_chunk_tokens"):
             _positive(f"trainer.{key}", getattr(self, key))
         _positive("trainer.max_consecutive_skips", self.max_consecutive_skips)
         _choice("trainer.logprob_impl", self.logprob_impl, ("logits", "fused_head"))
+        _choice("trainer.device", self.device, ("auto", "cuda"))
         for key in ("ref_update_freq", "save_freq", "test_freq", "keep_last_n"):
             _positive(f"trainer.{key}", getattr(self, key), zero_ok=True)
         if not self.output_dir:

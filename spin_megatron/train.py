@@ -17,89 +17,27 @@ import os
 import sys
 from pathlib import Path
 
-from spin_megatron.config import REPO, Config, register_configs
+from spin_megatron.compose import CONF_DIR, load_config, model_arch  # noqa: F401  (re-exported)
+from spin_megatron.config import Config
 from spin_megatron.errors import CheckpointError, ConfigError, UserError
 
 PROG = "spin-train"
-CONF_DIR = Path(os.environ.get("SPIN_CONF_DIR", REPO / "conf"))
 
 
-def load_config(overrides: list[str]) -> Config:
-    """Compose ``conf/config.yaml`` with ``overrides`` and return the validated :class:`Config`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+def check_device(cfg: Config) -> None:
+    """``trainer.device=cuda`` on a machine where torch sees no GPU stops here: without it the run would train
+    on CPU with the CPU shims on (a CPU-only torch build, a missing driver, CUDA_VISIBLE_DEVICES="")."""
+    import torch
 
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
-            composed = compose(config_name="config", overrides=overrides)
-        return OmegaConf.to_object(composed)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_describe_hydra_error(exc)) from None
-
-
-def _describe_hydra_error(exc: Exception) -> str:
-    cause = exc.__cause__ or exc
-    full_key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    if "not in struct" in str(cause) or "Key '" in first and "not in" in first:
-        return f"unknown config key {full_key or first!s}: check the spelling (see spin_megatron/config.py)"
-    if full_key:
-        return f"invalid value for {full_key}: {first}"
-    return f"invalid configuration: {first}"
-
-
-def model_arch(cfg: Config):
-    """The architecture the run will train, read without building anything (tiny config, checkpoint, HF)."""
-    from spin_megatron.models.arch import arch_from_hf_config, load_arch
-    from spin_megatron.models.mcore_io import arch_from_meta, read_meta
-
-    m = cfg.model
-    if m.tiny is not None:
-        t = m.tiny
-        family = "Qwen2" if t.architecture == "qwen2" else "Llama"
-        wanted = arch_from_hf_config(
-            {
-                "architectures": [f"{family}ForCausalLM"],
-                "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size,
-                "num_hidden_layers": t.num_hidden_layers,
-                "vocab_size": t.vocab_size,
-                "num_attention_heads": t.num_attention_heads,
-                "num_key_value_heads": t.num_key_value_heads,
-                "tie_word_embeddings": t.tie_word_embeddings,
-            }
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + (
+            f" built for CUDA {torch.version.cuda}" if torch.version.cuda else " (a CPU-only build)"
         )
-        created = Path(cfg.trainer.output_dir) / "init_model"
-        if not (created / "config.json").is_file():
-            return wanted
-        existing = load_arch(created)  # the tiny model this run directory was started with
-        shape = (
-            "architecture",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_attention_heads",
-            "num_kv_heads",
-            "vocab_size",
-            "tie_word_embeddings",
+        raise ConfigError(
+            f"trainer.device=cuda but CUDA is not available ({build}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); install a CUDA torch / check the driver, or "
+            "use trainer.device=auto to run on CPU"
         )
-        diffs = [
-            f"{k} {getattr(existing, k)} vs {getattr(wanted, k)}"
-            for k in shape
-            if getattr(existing, k) != getattr(wanted, k)
-        ]
-        if diffs:
-            raise CheckpointError(
-                f"trainer.output_dir={cfg.trainer.output_dir} was started with a different tiny "
-                f"model ({', '.join(diffs)}); choose a new trainer.output_dir"
-            )
-        return existing
-    if m.mcore_ckpt is not None:
-        return arch_from_meta(read_meta(m.mcore_ckpt))
-    return load_arch(m.hf_path)
 
 
 def preflight(cfg: Config, world_size: int) -> None:
@@ -113,6 +51,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from spin_megatron.rewards import get_reward_fn
     from spin_megatron.trainer import resume_path
 
+    check_device(cfg)
     dp = validate_parallel_sizes(world_size, cfg.parallel.tp, cfg.parallel.pp)
     arch = model_arch(cfg)
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)

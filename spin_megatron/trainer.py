@@ -21,6 +21,7 @@ from spin_megatron.experience import (
     stop_token_ids,
 )
 from spin_megatron.faults import kill_point
+from spin_megatron.memory_fit import check_training_memory
 from spin_megatron.metrics import MetricsLogger, Timer
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
@@ -29,7 +30,6 @@ from spin_megatron.parallel.dpo_step import METRIC_SUMS, DPOSettings, compute_re
 from spin_megatron.parallel.packing import pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
-from spin_megatron.plan import check_training_memory
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
 from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.rewards import get_reward_fn

@@ -99,3 +99,10 @@ def tiny_qwen_vocab_model(tmp_path_factory, qwen_tokenizer_dir) -> Path:
         tmp_path_factory.mktemp("hf") / "qwen2_qwen_vocab", "qwen2", seed=5, tokenizer_dir=qwen_tokenizer_dir,
         vocab_size=151936, num_hidden_layers=2,
     )  # fmt: skip
+
+
+# Nothing in the suite may reach a model hub (none is reachable here, and a GPU machine has no network): local
+# paths only, for this process and every subprocess it starts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

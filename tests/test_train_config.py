@@ -65,6 +65,10 @@ def test_tiny_cpu_preset_composes():
             "rollout.sglang.sync_mode cannot be colocated with launcher=ray",
         ),
         (["model.hf_path=/nonexistent/model"], "config.json not found"),
+        (
+            ["experiment=tiny_cpu", "trainer.device=tpu"],
+            "trainer.device='tpu' is not allowed; choose one of auto, cuda",
+        ),
     ],
 )
 def test_mistakes_are_one_line_errors(capsys, overrides, fragment):
@@ -110,3 +114,20 @@ def test_resume_never_refuses_an_existing_run(capsys, tmp_path):
 def test_every_preset_composes(preset):
     cfg = load_config([f"experiment={preset}"])
     assert cfg.trainer.output_dir.startswith("runs/")
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_a_run_that_expects_cuda_stops_where_there_is_none(capsys):
+    message = _error(capsys, "experiment=tiny_cpu", "trainer.device=cuda")
+    assert "trainer.device=cuda but CUDA is not available" in message and "trainer.device=auto" in message
+
+
+def test_shared_data_location_follows_spin_shared_data(tmp_path, monkeypatch):
+    from spin_megatron.config import default_tokenizer, shared_data_dir
+
+    (tmp_path / "qwen2.5-tokenizer").mkdir()
+    (tmp_path / "qwen2.5-tokenizer" / "vocab.json").write_text("{}")
+    monkeypatch.setenv("SPIN_SHARED_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path and default_tokenizer() == str(tmp_path / "qwen2.5-tokenizer")
