@@ -78,6 +78,7 @@ class ModelConfig:
     tokenizer_path: str | None = None  # default: hf_path, else the checkpoint's tokenizer/, else Qwen2.5's
     tiny: TinyModelConfig | None = None  # build a random tiny model instead of loading one
     dtype: str = "fp32"  # parameter dtype: fp32 | bf16
+    fused_swiglu: bool = True  # GPU: Megatron's fused bias-SwiGLU (compiled with torch.compile); CPU: never
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))

@@ -23,14 +23,48 @@ import torch.distributed as dist
 BACKENDS = ("auto", "te", "chunked")
 
 
+# TE's parallel_cross_entropy: added in 2.2, ignore_idx in 2.4; before 2.8 its backward scales every row by
+# grad_output[0] (a per-row gradient, as DPO needs, comes out wrong): 2.8 is the floor for this path. Up to 2.18
+# the forward writes the gradient into its input; from 2.19 it keeps the input unless asked to overwrite it.
+TE_CROSS_ENTROPY_MIN = (2, 8)
+TE_KEEPS_INPUT_FROM = (2, 19)
+
+
+def te_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed TransformerEngine, or None when it is absent."""
+    from importlib import metadata
+
+    for dist_name in ("transformer-engine", "transformer_engine", "transformer-engine-torch"):
+        try:
+            return parse_version(metadata.version(dist_name))
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def te_cross_entropy_usable(version: tuple[int, int] | None) -> bool:
+    """The TE log-prob path needs TE ≥ 2.8 (per-row gradients right)."""
+    return version is not None and version >= TE_CROSS_ENTROPY_MIN
+
+
+def te_overwrites_input(version: tuple[int, int] | None) -> bool:
+    return version is None or version < TE_KEEPS_INPUT_FROM
+
+
 def te_cross_entropy_available() -> bool:
+    """CUDA, TE's parallel_cross_entropy importable, and a TE recent enough for per-row DPO gradients."""
     if not torch.cuda.is_available():
         return False
     try:
         from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy  # noqa: F401
     except ImportError:
         return False
-    return True
+    return te_cross_entropy_usable(te_version())
 
 
 class _VocabShard:
@@ -147,8 +181,8 @@ def _te_logprobs(logits, target, group, temperature, ignore_index, vocab_size):
     if shard.columns < x.shape[-1]:
         pad = torch.arange(x.shape[-1], device=x.device) >= shard.columns
         x = x.masked_fill(pad, float("-inf"))
-    if x is logits:
-        x = logits.clone()  # TE's backward writes the gradient into its input buffer
+    if x is logits and te_overwrites_input(te_version()):
+        x = logits.clone()  # TE < 2.19 writes the gradient into its input: the logits must survive it
     # positional: (input, target, label_smoothing, reduce_loss, dist_process_group, ignore_idx)
     return -parallel_cross_entropy(x, target, 0.0, False, shard.group, ignore_index)
 
@@ -174,6 +208,13 @@ def vocab_parallel_logprobs(
         raise ValueError(f"temperature must be > 0 to score samples, got {temperature}")
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree")
+    if backend == "te" and not te_cross_entropy_usable(te_version()):
+        found = te_version()
+        raise ValueError(
+            f"backend='te' needs TransformerEngine ≥ {'.'.join(map(str, TE_CROSS_ENTROPY_MIN))} (earlier "
+            "parallel_cross_entropy backward scales every row by the first row's gradient); found "
+            f"{'none' if found is None else '.'.join(map(str, found))}: upgrade TE or use backend='chunked'"
+        )
     if backend == "te" or (backend == "auto" and logits.is_cuda and te_cross_entropy_available()):
         return _te_logprobs(logits, target, tp_group, temperature, ignore_index, vocab_size).float()
     return _ChunkedVocabParallelLogProb.apply(

@@ -150,8 +150,9 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
 
     dtype = parse_dtype(cfg.model.dtype)
     model = _build(
-        source, groups, dtype, cfg.trainer.logprob_impl == "fused_head", **_recompute_settings(cfg)
-    )
+        source, groups, dtype, cfg.trainer.logprob_impl == "fused_head",
+        fused_swiglu=cfg.model.fused_swiglu, **_recompute_settings(cfg),
+    )  # fmt: skip
     config = model.config
     if dtype != torch.float32:
         model = Float16Module(config, model)
@@ -207,6 +208,7 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
         dtype=parse_dtype(cfg.model.dtype),
         padded_vocab_size=source.padded_vocab_size,
         perform_initialization=False,
+        fused_swiglu=cfg.model.fused_swiglu,
     )
     model.requires_grad_(False)
     model.eval()

@@ -105,3 +105,21 @@ def test_tensor_parallel_two_ranks(tmp_path):
             for path, errors in paths.items():
                 for what, err in errors.items():
                     assert err <= TOL, (temperature, path, what, err)
+
+
+def test_te_version_rules():
+    from spin_megatron import logprob
+
+    assert logprob.parse_version("2.10.0+cu130") == (2, 10) and logprob.parse_version("2.9.0a0") == (2, 9)
+    assert not logprob.te_cross_entropy_usable(None) and not logprob.te_cross_entropy_usable((2, 7))
+    assert logprob.te_cross_entropy_usable((2, 8))  # per-row backward fixed in 2.8
+    assert logprob.te_overwrites_input((2, 11)) and not logprob.te_overwrites_input((2, 19))
+
+
+def test_te_backend_without_a_usable_te_is_a_clear_error():
+    from spin_megatron import logprob
+
+    if logprob.te_cross_entropy_usable(logprob.te_version()):
+        pytest.skip("a usable TransformerEngine is installed")
+    with pytest.raises(ValueError, match=r"backend='te' needs TransformerEngine ≥ 2.8"):
+        logprob.vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), backend="te")

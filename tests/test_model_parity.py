@@ -77,3 +77,44 @@ def test_bf16_model_builds_and_runs(tiny_llama, groups):
     ids = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = forward_logits(model, groups, ids, arch.vocab_size)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_final_norm_is_given_explicitly_not_left_to_apex(tiny_qwen2, groups, monkeypatch):
+    """With apex installed and TE absent, Megatron's default final norm is apex FusedLayerNorm, which rejects
+    RMSNorm: the local spec names its own norm for the whole block."""
+    from megatron.core.transformer import transformer_block
+
+    class ApexStandIn(torch.nn.Module):  # what Megatron would pick with apex present
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the final norm was left to Megatron's apex/TE default")
+
+    monkeypatch.setattr(transformer_block, "LayerNormImpl", ApexStandIn)
+    model, arch, _ = _load(tiny_qwen2, groups)
+    norm = model.decoder.final_layernorm
+    assert type(norm) is type(model.decoder.layers[0].input_layernorm)
+
+
+def test_te_spec_choice_by_dtype_and_version():
+    from spin_megatron.models.builder import te_spec_usable
+
+    assert not te_spec_usable(torch.float32, None) and not te_spec_usable(torch.bfloat16, None)
+    assert te_spec_usable(torch.bfloat16, (2, 9)) and not te_spec_usable(torch.float32, (2, 10))
+    assert te_spec_usable(torch.float32, (2, 11))  # fp32 THD attention from TE 2.11
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_swiglu_switch(groups, fused):
+    from spin_megatron.models.builder import transformer_config
+
+    arch = load_arch_from_tiny()
+    config = transformer_config(arch, groups, fused_swiglu=fused)
+    assert config.bias_activation_fusion == (fused and torch.cuda.is_available())
+
+
+def load_arch_from_tiny():
+    from spin_megatron.models.arch import arch_from_hf_config
+
+    return arch_from_hf_config({
+        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "vocab_size": 250, "num_attention_heads": 4, "num_key_value_heads": 2,
+    })  # fmt: skip

@@ -33,8 +33,25 @@ def te_available() -> bool:
     return True
 
 
+# fp32 with packed (THD) sequences has no TE attention backend before 2.11: the unfused backend refuses THD and
+# flash/cuDNN attention need 16-bit inputs. So TE layers are used in fp32 only from TE 2.11 on.
+TE_FP32_THD_FROM = (2, 11)
+
+
+def te_spec_usable(dtype: torch.dtype, version: tuple[int, int] | None) -> bool:
+    return version is not None and (dtype != torch.float32 or version >= TE_FP32_THD_FROM)
+
+
+def default_use_te(dtype: torch.dtype) -> bool:
+    """The TE spec when TE + CUDA are there and TE can attend over packed sequences in ``dtype``."""
+    from spin_megatron.logprob import te_version
+
+    return te_available() and te_spec_usable(dtype, te_version())
+
+
 def layer_spec(use_te: bool):
-    """The transformer-layer ModuleSpec: TE's fused layers, or the local spec with SDPA core attention."""
+    """The transformer-layer ModuleSpec: TE's fused layers, or the local spec with SDPA core attention (its
+    norms are Megatron's torch RMSNorm wrapper; see block_spec for the final norm)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -46,10 +63,36 @@ def layer_spec(use_te: bool):
     return spec
 
 
+def block_spec(layer, config, groups: ParallelGroups):
+    """The local spec's whole block, with the final norm given explicitly: left to Megatron, the final norm is
+    apex's ``FusedLayerNorm`` whenever apex is installed without TE, and that rejects RMSNorm."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layers = get_num_layers_to_build(config, pp_rank=groups.pp_rank)
+    norm = layer.submodules.input_layernorm  # the layers' own RMSNorm class
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=norm),
+    )
+
+
 def transformer_config(
-    arch: ModelArch, groups: ParallelGroups, dtype: torch.dtype = torch.float32, **overrides
+    arch: ModelArch,
+    groups: ParallelGroups,
+    dtype: torch.dtype = torch.float32,
+    *,
+    fused_swiglu: bool = True,
+    **overrides,
 ):
-    """Translate the architecture into a Megatron ``TransformerConfig`` (fusions off unless TE provides them)."""
+    """Translate the architecture into a Megatron ``TransformerConfig`` (fusions off unless TE provides them).
+
+    ``fused_swiglu``: Megatron's fused bias-SwiGLU on GPU (it goes through ``torch.compile``; turn it off where
+    compiling fails or is not wanted: ``model.fused_swiglu=false``). Never on CPU."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch.check_parallel(groups.tp_size, groups.pp_size)
@@ -78,7 +121,7 @@ def transformer_config(
         fp16=dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         attention_softmax_in_fp32=True,
-        bias_activation_fusion=torch.cuda.is_available(),  # fused SwiGLU on GPU saves an activation copy
+        bias_activation_fusion=fused_swiglu and torch.cuda.is_available(),  # saves an activation copy
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -102,7 +145,7 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     if use_te is None:
-        use_te = te_available()
+        use_te = default_use_te(dtype)
     config = transformer_config(arch, groups, dtype, **config_overrides)
     vocab = padded_vocab_size or arch.padded_vocab_size(groups.tp_size)
     if vocab % groups.tp_size or vocab < arch.vocab_size:
@@ -112,7 +155,7 @@ def build_gpt_model(
     rope = arch.rope_scaling
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(True) if use_te else block_spec(layer_spec(False), config, groups),
         vocab_size=vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=groups.is_first_stage,

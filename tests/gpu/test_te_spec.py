@@ -44,5 +44,10 @@ def test_te_spec_matches_local_spec_and_transformers(fixture, groups, request):
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits
     scale = ref.abs().max()
-    assert ((logits[True] - ref).abs().max() / scale).item() <= 1e-4
-    assert ((logits[True] - logits[False]).abs().max() / scale).item() <= 1e-4
+    # TE runs fp32 GEMMs in TF32 whatever allow_tf32 says: its error is bounded by TF32's unit roundoff
+    # (2**-11 ≈ 4.9e-4) times a small factor (an emulation of the tiny fixtures gave 5.6e-4 to 9.4e-4); the
+    # local spec, pure fp32, stays at 1e-4.
+    tf32_tolerance = 6 * 2.0**-11
+    assert ((logits[False] - ref).abs().max() / scale).item() <= 1e-4
+    assert ((logits[True] - ref).abs().max() / scale).item() <= tf32_tolerance
+    assert ((logits[True] - logits[False]).abs().max() / scale).item() <= tf32_tolerance
