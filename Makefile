@@ -11,11 +11,14 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# On a CUDA machine the venv sees the system's packages (--system-site-packages): the image's CUDA torch,
+# TransformerEngine and SGLang, which are built against it and cannot be pip-installed here.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "CUDA machine: keeping pip's default (CUDA) torch"; \
+		test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV); \
+		echo "CUDA machine: keeping the system's (CUDA) torch, TE and SGLang"; \
 	else \
+		test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 		$(BIN)/pip install -q "$(CPU_TORCH)"; \
 	fi
 	$(BIN)/pip install -q -e '.[test]'
@@ -54,6 +57,7 @@ bench: install
 	$(BIN)/python bench/logprob.py
 	$(BIN)/python bench/weight_sync.py
 
+# SPIN_REQUIRE_TE=1 / SPIN_REQUIRE_SGLANG=1: a missing TE / SGLang fails the GPU tests instead of skipping them
 gpu-smoke: install
 	$(BIN)/python -m pytest -m gpu -v $(PYTEST_ARGS)
 

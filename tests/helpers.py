@@ -24,3 +24,16 @@ def run_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         timeout=timeout_s,
         cwd=str(REPO),
     )
+
+
+def missing(component: str, reason: str) -> None:
+    """Skip a test whose optional component is absent, unless ``SPIN_REQUIRE_<COMPONENT>=1`` says it must be
+    there (a GPU image that should carry TE or SGLang): then the absence is a failure, not a skip."""
+    import os
+
+    import pytest
+
+    variable = f"SPIN_REQUIRE_{component.upper()}"
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{reason} (and {variable}=1 requires it)")
+    pytest.skip(reason)

@@ -16,6 +16,7 @@ from spin_megatron.models.tiny import make_tiny_hf_model
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.engine import SGLangEngine, current_trainer_gpus
+from tests.helpers import missing
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +33,7 @@ MIN_GAP = 0.5  # a reference step whose top-2 logits are closer than this may le
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     if importlib.util.find_spec("sglang") is None:
-        pytest.skip("SGLang is not installed (pip install 'spin-megatron[gpu]')")
+        missing("sglang", "SGLang is not installed (pip install 'spin-megatron[sglang]')")
     return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "qwen2", "qwen2", seed=3, **TINY)
 
 

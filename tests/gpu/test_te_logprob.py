@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spin_megatron.logprob import te_cross_entropy_available, vocab_parallel_logprobs
+from tests.helpers import missing
 
 pytestmark = pytest.mark.gpu
 
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_te_matches_chunked(temperature):
     if not te_cross_entropy_available():
-        pytest.skip("TransformerEngine is not installed")
+        missing("te", "TransformerEngine is not installed")
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(2, 64, 1024, device="cuda", generator=gen) * 2
     target = torch.randint(0, 1000, (2, 64), device="cuda", generator=gen)

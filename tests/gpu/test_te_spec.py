@@ -11,6 +11,7 @@ from spin_megatron.models.weights import load_hf_weights
 from spin_megatron.parallel import init_parallel
 from spin_megatron.parallel.schedule import forward_logits
 from spin_megatron.parallel.weight_export import export_hf_weights
+from tests.helpers import missing
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +26,7 @@ def groups():
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
 def test_te_spec_matches_local_spec_and_transformers(fixture, groups, request):
     if not te_available():
-        pytest.skip("TransformerEngine is not installed")
+        missing("te", "TransformerEngine is not installed")
     from transformers import AutoModelForCausalLM
 
     hf_dir = request.getfixturevalue(fixture)
