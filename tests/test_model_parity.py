@@ -118,3 +118,34 @@ def load_arch_from_tiny():
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "vocab_size": 250, "num_attention_heads": 4, "num_key_value_heads": 2,
     })  # fmt: skip
+
+
+def test_bf16_policy_skips_the_fp32_upcast_for_the_fused_head_without_changing_anything(tiny_qwen2, groups):
+    """Float16Module upcasts a bf16 model's output to fp32; the fused head casts hidden states back to the
+    head's dtype, so the trainer asks for bf16 output: same log-probs and gradients, bit for bit."""
+    from megatron.core.transformer.module import Float16Module
+
+    from spin_megatron.models.builder import expose_hidden_states
+    from spin_megatron.parallel.dpo_step import DPOSettings, _forward, _head_weight, _token_logps
+    from spin_megatron.parallel.packing import ScoredSequence, pack_items
+
+    arch = load_arch(tiny_qwen2)
+    mapping = mapping_for(arch, arch.padded_vocab_size(groups.tp_size))
+    model = build_gpt_model(arch, groups, dtype=torch.bfloat16, perform_initialization=False)
+    load_hf_weights(model, HFReader(tiny_qwen2), mapping, groups)
+    expose_hidden_states(model)
+    wrapped = Float16Module(model.config, model)
+    items = [[ScoredSequence([1, 2, 3], [4, 5, 6, 7]), ScoredSequence([1, 2, 3], [8, 9])]]
+    (batch,) = pack_items(items, token_budget=64)
+    settings = DPOSettings(beta=0.1, vocab_size=arch.vocab_size, fused_head=True)
+    results = []
+    for keep in (False, True):
+        wrapped.zero_grad(set_to_none=True)
+        output = _forward(batch, wrapped, keep_dtype=keep)
+        assert output.dtype == (torch.bfloat16 if keep else torch.float32)
+        logps = _token_logps(output, batch, groups, settings, weight=_head_weight(wrapped))
+        logps.sum().backward()
+        grads = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
+        results.append((logps.detach(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

@@ -52,8 +52,22 @@ class DPOSettings:
     fused_head: bool = False  # models return hidden states; log-probs come from fused_head_logprobs
 
 
-def _forward(batch: PackedMicroBatch, model):
-    return model(batch.input_ids, batch.position_ids, None, packed_seq_params=batch.packed_seq_params())
+def _forward(batch: PackedMicroBatch, model, *, keep_dtype: bool = False):
+    """The model's output for one micro-batch. ``keep_dtype``: a bf16 policy (Float16Module) returns its output
+    in bf16 instead of upcasting it to fp32 — for the fused head, whose hidden states are cast back to the head's
+    dtype anyway, so the upcast only costs memory (it is exact either way)."""
+    kwargs = {"packed_seq_params": batch.packed_seq_params()}
+    if keep_dtype and _is_float16_wrapped(model):
+        kwargs["fp32_output"] = False
+    return model(batch.input_ids, batch.position_ids, None, **kwargs)
+
+
+def _is_float16_wrapped(model) -> bool:
+    from megatron.core.transformer.module import Float16Module
+
+    while not isinstance(model, Float16Module) and hasattr(model, "module"):
+        model = model.module
+    return isinstance(model, Float16Module)
 
 
 def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None):
@@ -128,8 +142,9 @@ def _head_weight(model):
 
 def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
     def forward_step(batch, step_model):
-        weight = _head_weight(step_model) if settings_fused(loss_for_batch) else None
-        return _forward(batch, step_model), partial(loss_for_batch, batch, weight=weight)
+        fused = settings_fused(loss_for_batch)
+        weight = _head_weight(step_model) if fused else None
+        return _forward(batch, step_model, keep_dtype=fused), partial(loss_for_batch, batch, weight=weight)
 
     return run_schedule(
         model,
