@@ -149,3 +149,32 @@ def test_bf16_policy_skips_the_fp32_upcast_for_the_fused_head_without_changing_a
         results.append((logps.detach(), grads))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])  # untied head, tied head
+def test_fused_head_uses_the_output_layer_of_an_untied_model(fixture, groups, request):
+    """The fused head's weight is the output layer's: for an untied model, Megatron's
+    shared_embedding_or_output_weight() on a stage with the embedding returns the input embedding instead."""
+    from spin_megatron.models.builder import expose_hidden_states
+    from spin_megatron.parallel.dpo_step import DPOSettings, _forward, _head_weight, _token_logps
+    from spin_megatron.parallel.packing import IGNORE_INDEX, ScoredSequence, pack_items
+
+    hf_dir = request.getfixturevalue(fixture)
+    model, arch, _ = _load(hf_dir, groups)
+    gen = torch.Generator().manual_seed(1)
+    prompt, response = (
+        torch.randint(0, arch.vocab_size, (12,), generator=gen),
+        torch.randint(0, arch.vocab_size, (9,), generator=gen),
+    )
+    full = torch.cat([prompt, response])[None]
+    with torch.no_grad():
+        expected_all = torch.log_softmax(forward_logits(model, groups, full, arch.vocab_size)[0].float(), -1)
+    positions = torch.arange(len(prompt) - 1, full.shape[1] - 1)
+    expected = expected_all[positions, full[0, positions + 1]]
+    expose_hidden_states(model)
+    (batch,) = pack_items([[ScoredSequence(prompt.tolist(), response.tolist())]], token_budget=64)
+    settings = DPOSettings(beta=0.1, vocab_size=arch.vocab_size, fused_head=True)
+    with torch.no_grad():
+        logps = _token_logps(_forward(batch, model), batch, groups, settings, weight=_head_weight(model))
+    got = logps.reshape(-1)[batch.targets.reshape(-1) != IGNORE_INDEX]
+    assert (got - expected).abs().max().item() < 1e-4

@@ -211,7 +211,7 @@ def expose_hidden_states(model: torch.nn.Module) -> None:
     """Make the last stage return its final hidden states ``[b, s, h]`` instead of logits.
 
     Used with :func:`spin_megatron.logprob.fused_head_logprobs`, which applies the output layer's weight
-    (``model.shared_embedding_or_output_weight()``) chunk by chunk, so the ``[T, V/TP]`` logits never exist. The
+    (``output_layer.weight``, or the tied embedding) chunk by chunk, so the ``[T, V/TP]`` logits never exist. The
     output layer keeps its parameter (tied or not): only its forward is bypassed.
     """
     head = getattr(model, "output_layer", None)

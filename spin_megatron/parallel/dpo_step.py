@@ -137,7 +137,13 @@ def _head_weight(model):
     """The (vocab-parallel) output-layer weight of this stage, tied or not."""
     from spin_megatron.models.weights import unwrap
 
-    return unwrap(model).shared_embedding_or_output_weight()
+    # Not shared_embedding_or_output_weight() alone: on a stage that holds the embedding it returns the INPUT
+    # embedding even when the head is untied (Qwen2.5-7B, Llama), and the log-probs would be computed with it.
+    model = unwrap(model)
+    head = getattr(model, "output_layer", None)
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight  # untied, or the last stage's copy of a tied head
+    return model.shared_embedding_or_output_weight()
 
 
 def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
