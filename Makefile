@@ -64,6 +64,14 @@ gpu-smoke: install
 bench-gpu: install
 	$(BIN)/python bench/mfu_gpu.py
 
+# The GPU proof (tools/gpu_check.py) for a GPU machine without network: wheels and data into .whl/ and .gpucheck/
+.PHONY: gpu-check-prepare gpu-check
+gpu-check-prepare: install
+	$(BIN)/python tools/gpu_check_prepare.py
+
+gpu-check: install
+	$(BIN)/python tools/gpu_check.py --out gpu_check_out
+
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) .pytest_cache .ruff_cache
 
