@@ -149,8 +149,8 @@ def test_supervisor_recovers_from_a_server_killed_mid_generate_mid_sync_and_by_a
     state = perturbed_state(tiny_qwen_vocab_model, seed=4)
     try:
         # 1. killed while generating: a clear RolloutError, then a new server that serves the synced weights
-        long = SamplingParams(n=4, temperature=1.0, max_new_tokens=200, seed=0)
-        threading.Timer(2.0, _kill_server, args=(supervisor.engine,)).start()
+        long = SamplingParams(n=4, temperature=1.0, max_new_tokens=500, seed=0)  # > 1 s on this CPU
+        threading.Timer(1.0, _kill_server, args=(supervisor.engine,)).start()
         with pytest.raises(RolloutError, match="connection failed or dropped"):
             supervisor.generate(PROMPTS, long)
         supervisor.restart()
