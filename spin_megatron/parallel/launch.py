@@ -4,6 +4,9 @@ Used when a multi-process command (``spin-convert --tp 2``) is started plainly: 
 WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT exactly as under ``torchrun --nproc_per_node N``, so
 the code path is the same. If any child fails the others are terminated and its exit code is returned (without
 torchrun's multi-screen traceback around a one-line user error).
+
+The rendezvous store is hosted here, as torchrun's agent hosts it: bound to port 0 by the OS and handed to the
+ranks (``TORCHELASTIC_USE_AGENT_STORE``), so no port is picked, released and raced for before the ranks bind it.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
-from spin_megatron.parallel.state import _free_port
+from torch.distributed import TCPStore
 
 
 def spawn_local(
     nprocs: int, module: str, args: list[str], *, timeout_s: float | None = None, cwd: str | None = None
 ) -> int:
     """Run ``python -m module *args`` as ``nprocs`` ranks on this machine; return the first non-zero exit code."""
-    port = _free_port()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(minutes=30))
+    port = store.port  # kept open (and bound) by this process until the ranks are done
     procs = []
     for rank in range(nprocs):
         env = dict(os.environ)
@@ -33,6 +38,8 @@ def spawn_local(
             GROUP_RANK="0",
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
+            TORCHELASTIC_USE_AGENT_STORE="True",  # every rank is a client of the store above
+            TORCHELASTIC_RESTART_COUNT="0",
         )
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd))

@@ -94,14 +94,8 @@ def _init_process_group(timeout_minutes: int) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     else:
-        # Plain `python ...`: a world of one process.
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            world_size=1,
-            rank=0,
-            timeout=timeout,
-        )
+        # Plain `python ...`: a world of one process; an in-memory store (no port to pick and race for).
+        dist.init_process_group(backend=backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout)
 
 
 def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes: int = 30) -> ParallelGroups:
