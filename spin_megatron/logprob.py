@@ -17,6 +17,8 @@ Sampled responses must be scored at the sampling ``temperature``. Positions whos
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -30,15 +32,16 @@ TE_CROSS_ENTROPY_MIN = (2, 8)
 TE_KEEPS_INPUT_FROM = (2, 19)
 
 
+@functools.lru_cache(maxsize=1)
 def te_version() -> tuple[int, int] | None:
-    """(major, minor) of the installed TransformerEngine, or None when it is absent."""
+    """(major, minor) of the installed TransformerEngine, or None when it is absent. Read once per process: the
+    TE path asks on every call."""
     from importlib import metadata
 
-    for dist_name in ("transformer-engine", "transformer_engine", "transformer-engine-torch"):
-        try:
-            return parse_version(metadata.version(dist_name))
-        except metadata.PackageNotFoundError:
-            continue
+    names = {"transformer-engine", "transformer-engine-torch"}
+    for package in metadata.distributions():
+        if (package.metadata["Name"] or "").lower().replace("_", "-") in names:
+            return parse_version(package.version)
     return None
 
 

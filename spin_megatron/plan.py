@@ -20,7 +20,7 @@ from pathlib import Path
 from spin_megatron.compose import load_config, model_arch
 from spin_megatron.config import Config
 from spin_megatron.errors import ConfigError, UserError
-from spin_megatron.memory_fit import _with, cheapest_fix, check_fits, check_training_memory  # noqa: F401
+from spin_megatron.memory_fit import check_fits
 from spin_megatron.memory_model import GB, MemoryPlan, estimate
 from spin_megatron.models.arch import ModelArch, arch_from_hf_config
 

@@ -17,7 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from spin_megatron.compose import CONF_DIR, load_config, model_arch  # noqa: F401  (re-exported)
+from spin_megatron.compose import (  # load_config: also spin-train's API for tools/tests
+    load_config,
+    model_arch,
+)
 from spin_megatron.config import Config
 from spin_megatron.errors import CheckpointError, ConfigError, UserError
 

@@ -33,7 +33,7 @@ from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
 from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.rewards import get_reward_fn
-from spin_megatron.rollout import build_engine, maybe_dump
+from spin_megatron.rollout import build_engine, maybe_dump, reported_logprob_temperature
 from spin_megatron.rollout.supervisor import EngineSupervisor
 from spin_megatron.step_metrics import step_metrics
 from spin_megatron.validation import validate
@@ -341,9 +341,7 @@ def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:
         length_normalize=a.length_normalize,
         vocab_size=vocab_size,
         chunk_tokens=cfg.trainer.logprob_chunk_tokens,
-        # SGLang servers launched by the trainer return log-probs at temperature 1 (original log-probs: see
-        # rollout/sglang/protocol.py build_server_env); the hf engine at the sampling temperature.
-        sample_temperature=1.0 if cfg.rollout.engine == "sglang" else cfg.rollout.temperature,
+        sample_temperature=reported_logprob_temperature(cfg.rollout),
         fused_head=cfg.trainer.logprob_impl == "fused_head",
     )
 

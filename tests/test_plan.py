@@ -17,8 +17,9 @@ import yaml
 from safetensors import safe_open
 
 from spin_megatron.errors import ConfigError
+from spin_megatron.memory_fit import _with, check_fits, check_training_memory
 from spin_megatron.memory_model import GB, estimate, full_model_params, stage_params
-from spin_megatron.plan import _with, builtin_arch, check_fits, check_training_memory, main
+from spin_megatron.plan import builtin_arch, main
 from spin_megatron.train import load_config
 from tests.helpers import REPO
 

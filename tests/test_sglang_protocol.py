@@ -17,7 +17,8 @@ from spin_megatron.rollout.sglang import config as cfg
 from spin_megatron.rollout.sglang import protocol as proto
 from spin_megatron.rollout.sglang.buckets import pack_flat_buckets, unpack_flat_bucket
 from spin_megatron.rollout.sglang.config import SGLangConfig
-from spin_megatron.rollout.sglang.engine import SGLangEngine, _with_policy_checkpoint, build_sglang_engine
+from spin_megatron.rollout.sglang.engine import SGLangEngine
+from spin_megatron.rollout.sglang.factory import _with_policy_checkpoint, build_sglang_engine
 from spin_megatron.rollout.sglang.protocol import SGLangServerError, parse_generate_response
 from tests.sglang_double import PARAMS, fake_generation
 

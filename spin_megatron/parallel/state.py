@@ -95,7 +95,9 @@ def _init_process_group(timeout_minutes: int) -> None:
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     else:
         # Plain `python ...`: a world of one process; an in-memory store (no port to pick and race for).
-        dist.init_process_group(backend=backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout
+        )
 
 
 def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes: int = 30) -> ParallelGroups:

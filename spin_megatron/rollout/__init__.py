@@ -25,6 +25,13 @@ def dump_files(path: str) -> list[Path]:
     return replicas or [p]  # a missing file: ReplayEngine reports it
 
 
+def reported_logprob_temperature(rollout_cfg) -> float:
+    """The temperature at which the configured engine's returned log-probs are taken (what ``rollout/logp_diff``
+    compares against): SGLang servers launched by the trainer return the model's own log-probs (temperature 1,
+    ``SGLANG_RETURN_ORIGINAL_LOGPROB``); the hf engine and replayed samples, those of the sampling temperature."""
+    return 1.0 if rollout_cfg.engine == "sglang" else rollout_cfg.temperature
+
+
 def build_engine(cfg, source, groups: ParallelGroups):
     """The configured engine, on this replica's engine rank (the caller decides where)."""
     rollout = cfg.rollout
@@ -47,7 +54,7 @@ def build_engine(cfg, source, groups: ParallelGroups):
         )
         engine.model.to(groups.device)
         return engine
-    from spin_megatron.rollout.sglang.engine import build_sglang_engine
+    from spin_megatron.rollout.sglang.factory import build_sglang_engine
 
     return build_sglang_engine(cfg, source, groups)
 

@@ -8,5 +8,6 @@ Tested against sglang 0.5.23 and sglang-router 0.3.2 (a real server on CPU in th
 - ``server``: processes, HTTP client, health, the fleet;
 - ``ray``: the fleet placed by Ray actors;
 - ``buckets``, ``weights``: weight sync (sessions, one payload per consumer rank, both transports);
-- ``engine``: the :class:`~spin_megatron.rollout.protocol.RolloutEngine` the trainer drives.
+- ``engine``: the :class:`~spin_megatron.rollout.protocol.RolloutEngine` the trainer drives;
+- ``factory``: one engine per data-parallel replica (``rollout.engine=sglang``).
 """

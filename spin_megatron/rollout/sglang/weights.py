@@ -118,7 +118,6 @@ class ColocatedWeightSync:
         # Buffers of the last bucket outlive its acknowledgement: SGLang answers once it has *enqueued* its
         # copies, so they stay referenced until the next bucket (or the end of the sync).
         self._retained: list[FlatBucket] = []
-        self.payloads_serialized = 0  # counted for tests: one per (server, TP rank, flat bucket)
 
     def push(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
         buckets = pack_flat_buckets(_on_device(named, self.device))
@@ -129,7 +128,6 @@ class ColocatedWeightSync:
             payloads = []
             for _ in self.urls:
                 per_rank = [serialize_for_one_consumer(obj) for _ in range(self.tp_size)]
-                self.payloads_serialized += len(per_rank)
                 payloads.append(update_weights_from_tensor_payload(per_rank))
             endpoint = "/update_weights_from_tensor"
             post_to_all(self.client, self.pool, self.urls, endpoint, payloads, check_success_response)
@@ -262,5 +260,5 @@ def free_port(host: str = "") -> int:
     """A port the OS says is free now on ``host``'s interface. The TCP store binds it a moment later; the
     servers learn it from the request, so nobody else is told about it in between."""
     with socket.socket() as sock:
-        sock.bind((host if host not in ("localhost",) else "127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
