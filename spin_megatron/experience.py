@@ -16,7 +16,8 @@ from spin_megatron.parallel.collectives import broadcast_object
 from spin_megatron.parallel.packing import ScoredSequence
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.rewards import score_samples
-from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
+from spin_megatron.types import Sample
 
 ROLLOUT_SUMS = (
     "prompts",

@@ -15,7 +15,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout.protocol import Sample
+from spin_megatron.types import Sample
 
 TIE_POLICIES = ("drop", "keep")
 TIE_BREAKS = ("shorter", "longer", "first")

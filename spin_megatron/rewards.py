@@ -17,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout.protocol import Sample
+from spin_megatron.types import Sample
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 

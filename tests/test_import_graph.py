@@ -27,3 +27,52 @@ def test_no_module_imports_an_entry_point():
         if bad:
             offenders[module] = sorted(bad)
     assert offenders == {}
+
+
+PURE_MATH = ("spin_megatron.pairs", "spin_megatron.rewards")
+
+
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")[1:]
+    candidate = PACKAGE.joinpath(*parts)
+    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _project_imports(module: str) -> set[str]:
+    """The spin_megatron modules ``module`` imports, with the packages each import runs first."""
+    path = _module_file(module)
+    if path is None:
+        return set()
+    found = set()
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "spin_megatron":
+            found.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+    return found
+
+
+def _reachable(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        for imported in _project_imports(todo.pop()) - seen:
+            seen.add(imported)
+            todo.append(imported)
+    return seen
+
+
+def test_pairs_and_rewards_import_no_engine_module():
+    # Pure maths over Sample records: importing a rollout module would drag in the engines (and through
+    # rollout/__init__, Megatron's process groups). Sample lives in spin_megatron.types.
+    offenders = {
+        module: sorted(m for m in _reachable(module) if m.startswith("spin_megatron.rollout"))
+        for module in PURE_MATH
+    }
+    assert offenders == {module: [] for module in PURE_MATH}
+
+
+def test_the_import_walk_sees_an_engine_import():
+    # The check above must be able to fail: the engine protocol reaches the rollout package.
+    assert "spin_megatron.rollout" in _reachable("spin_megatron.experience")

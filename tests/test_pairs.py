@@ -7,7 +7,7 @@ import pytest
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.pairs import PairStats, build_online_pairs, build_spin_pairs
-from spin_megatron.rollout.protocol import Sample
+from spin_megatron.types import Sample
 
 
 def _sample(prompt_id, sample_index, reward, *, length=3, finish="stop"):

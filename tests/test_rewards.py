@@ -20,7 +20,7 @@ from spin_megatron.rewards import (
     register_reward,
     score_samples,
 )
-from spin_megatron.rollout.protocol import Sample
+from spin_megatron.types import Sample
 
 ROW = {
     "question": "Natalia sold 48 clips in April and half as many in May. How many?",

@@ -9,8 +9,9 @@ from spin_megatron.batching import response_logps, scoring_batch
 from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.agreement import logprob_agreement
 from spin_megatron.rollout.hf_engine import HFEngine, sample_next_token
-from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.replay import ReplayEngine, RolloutDump
+from spin_megatron.types import Sample
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9], [10]]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_megatron.rollout.protocol import Sample
+from spin_megatron.types import Sample
 
 
 def logprob_agreement(samples: list[Sample], trainer_logps: list[torch.Tensor]) -> dict[str, float]:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
+from spin_megatron.types import Sample
 
 
 class HFEngine:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-FinishReason = Literal["stop", "length"]
+from spin_megatron.types import FinishReason, Sample  # re-exported: the engines' records live in types.py
+
+__all__ = ["FinishReason", "RolloutEngine", "Sample", "SamplingParams"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,25 +36,6 @@ class SamplingParams:
             raise ValueError(f"rollout.top_k must be -1 (off) or ≥ 1, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-
-
-@dataclass(kw_only=True)
-class Sample:
-    """One generated response. Pairing groups samples by ``prompt_id``, never by position in a list."""
-
-    prompt_id: Hashable  # stable id of the prompt (e.g. its dataset index)
-    prompt_ids: list[int]
-    response_ids: list[int]
-    finish_reason: FinishReason  # "stop": ended with a stop/EOS token; "length": cut at max_new_tokens
-    sample_index: int = 0  # 0..n-1 within its prompt
-    logprobs: list[float] | None = None  # engine's per-token log-probs of response_ids, when it returns them
-    response_text: str | None = None
-    reward: float | None = None
-    metadata: dict = field(default_factory=dict)  # e.g. the dataset row (gold answer) the reward needs
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reason == "length"
 
 
 class RolloutEngine(Protocol):

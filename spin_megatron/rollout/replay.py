@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from spin_megatron.errors import ConfigError, MissingPathError
-from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
+from spin_megatron.types import Sample
 
 _FIELDS = (
     "prompt_id",

@@ -19,7 +19,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Hashable
 
-from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
+from spin_megatron.types import Sample
 
 
 class RolloutError(RuntimeError):

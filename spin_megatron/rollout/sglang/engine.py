@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import torch
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.rollout.protocol import Sample, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang.config import SGLangConfig, resolve_sync_mode
 from spin_megatron.rollout.sglang.protocol import (
     MEMORY_TAGS,
@@ -56,6 +56,7 @@ from spin_megatron.rollout.sglang.weights import (
     DisaggregatedWeightSync,
     transport_device,
 )
+from spin_megatron.types import Sample
 
 FLUSH_RETRY_S = 0.2
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from spin_megatron.rollout.protocol import FinishReason, SamplingParams
+from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang.config import SGLangConfig, engine_gpu_groups
+from spin_megatron.types import FinishReason
 
 # Memory regions SGLang's memory saver can release. Releasing/resuming them by name (never `tags=None`, which
 # also covers version-specific regions such as cuda_graph) lets a weight update resume the weights alone.
