@@ -171,7 +171,9 @@ class AlgorithmConfig:
     length_normalize: bool = False  # average instead of sum token log-probs (IPO wants True)
     reward: str = "gsm8k"  # registered reward name or 'package.module:function'
     tie_policy: str = "drop"  # online: what to do when every sample of a prompt scores the same
-    tie_break: str = "shorter"  # online, tie_policy=keep: shorter | longer | first is preferred
+    # online: order of equal scores (picks among equally good/bad samples, and the pair of a kept tie):
+    # first (lowest sample index; samples are i.i.d., so unbiased) | shorter | longer (both length-biased)
+    tie_break: str = "first"
     missing_eos: str = "keep"  # truncated samples: keep | penalize | exclude
     missing_eos_penalty: float = 1.0  # subtracted from a truncated sample's reward (penalize)
     pairs_per_prompt: int = 1  # spin: pairs built per prompt (≤ rollout.n)
@@ -184,7 +186,7 @@ class AlgorithmConfig:
             raise ConfigError(f"algorithm.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         _positive("algorithm.rpo_alpha", self.rpo_alpha, zero_ok=True)
         _choice("algorithm.tie_policy", self.tie_policy, ("drop", "keep"))
-        _choice("algorithm.tie_break", self.tie_break, ("shorter", "longer", "first"))
+        _choice("algorithm.tie_break", self.tie_break, ("first", "shorter", "longer"))
         _choice("algorithm.missing_eos", self.missing_eos, ("keep", "penalize", "exclude"))
         _positive("algorithm.pairs_per_prompt", self.pairs_per_prompt)
 

@@ -18,7 +18,9 @@ from spin_megatron.errors import ConfigError
 from spin_megatron.types import Sample
 
 TIE_POLICIES = ("drop", "keep")
-TIE_BREAKS = ("shorter", "longer", "first")
+# "first" (the default) is length-neutral: the n samples of a prompt are i.i.d., so their index order says
+# nothing about them. "shorter"/"longer" are opt-in and length-biased (see build_online_pairs).
+TIE_BREAKS = ("first", "shorter", "longer")
 MISSING_EOS_POLICIES = ("keep", "penalize", "exclude")
 
 
@@ -103,7 +105,7 @@ def build_online_pairs(
     samples: Iterable[Sample],
     *,
     tie_policy: str = "drop",
-    tie_break: str = "shorter",
+    tie_break: str = "first",
     missing_eos: str = "keep",
     missing_eos_penalty: float = 1.0,
     correct_threshold: float = 1.0,
@@ -112,9 +114,13 @@ def build_online_pairs(
 
     Ranking score = reward, minus ``missing_eos_penalty`` for a truncated sample when ``missing_eos="penalize"``
     (TRL's ``missing_eos_penalty``); ``"exclude"`` removes truncated samples first. Equal scores are ordered by
-    ``tie_break`` ("shorter": the shorter response is better) and then by ``sample_index`` (lower is better),
-    which makes the choice independent of input order. When every sample of a prompt has the same score,
-    ``tie_policy="drop"`` skips the prompt and ``"keep"`` pairs the tie-break's best against its worst.
+    ``tie_break`` and then by ``sample_index`` (lower is better), which makes the choice independent of input
+    order. ``"first"`` (default) orders by ``sample_index`` alone: samples are i.i.d., so this adds no bias.
+    ``"shorter"``/``"longer"`` put length first among equal scores and are **length-biased**: with n ≥ 3 they
+    decide which correct sample is chosen and which wrong one is rejected even when the prompt is not tied
+    ("shorter": the shortest correct vs the longest wrong), a preference for length the reward does not hold.
+    When every sample of a prompt has the same score, ``tie_policy="drop"`` skips the prompt and ``"keep"``
+    pairs the tie-break's best against its worst.
     ``correct_threshold`` only classifies tied prompts as all-correct / all-wrong for the statistics.
 
     A prompt with fewer than 2 (remaining) samples is skipped and counted; if *every* prompt came with a single

@@ -48,13 +48,41 @@ def test_chosen_is_best_and_rejected_is_worst():
 
 
 def test_equal_best_scores_use_tie_break_then_sample_index():
-    # Two correct and two wrong: the shorter correct one is chosen, the longer wrong one rejected.
+    # Two correct and two wrong, opt-in tie_break="shorter": the shorter correct one is chosen, the longer
+    # wrong one rejected.
     samples = _group(0, [1.0, 1.0, 0.0, 0.0], lengths=[5, 2, 4, 6])
-    pair = build_online_pairs(samples)[0][0]
+    pair = build_online_pairs(samples, tie_break="shorter")[0][0]
     assert (pair.chosen_sample_index, pair.rejected_sample_index) == (1, 3)
     samples = _group(0, [1.0, 1.0, 0.0, 0.0])  # equal lengths: lowest index chosen, highest rejected
+    pair = build_online_pairs(samples, tie_break="shorter")[0][0]
+    assert (pair.chosen_sample_index, pair.rejected_sample_index) == (0, 3)
+
+
+@pytest.mark.parametrize("lengths", [[9, 2, 1, 8], [1, 2, 9, 8], [3, 3, 3, 3], [2, 9, 8, 1]])
+def test_default_tie_break_ranks_by_reward_then_index_never_by_length(lengths):
+    # n=4, a non-tied prompt: two correct, two wrong. The default picks the lowest-index correct sample and the
+    # highest-index wrong one whatever the lengths; the length-biased opt-in would follow the lengths instead.
+    samples = _group(0, [1.0, 0.0, 1.0, 0.0], lengths=lengths)
     pair = build_online_pairs(samples)[0][0]
     assert (pair.chosen_sample_index, pair.rejected_sample_index) == (0, 3)
+    assert build_online_pairs(samples, tie_break="first")[0][0] == pair
+    shorter = build_online_pairs(samples, tie_break="shorter")[0][0]
+    correct, wrong = [0, 2], [1, 3]
+    assert shorter.chosen_sample_index == min(correct, key=lambda i: (lengths[i], i))
+    assert shorter.rejected_sample_index == max(wrong, key=lambda i: (lengths[i], i))
+
+
+def test_default_tie_break_matches_the_config_default():
+    import dataclasses
+
+    from spin_megatron.config import AlgorithmConfig
+
+    config_default = {f.name: f.default for f in dataclasses.fields(AlgorithmConfig)}["tie_break"]
+    assert config_default == "first"
+    samples = _group(0, [1.0, 1.0, 0.0, 0.0], lengths=[5, 2, 4, 6])
+    default = build_online_pairs(samples)[0][0]
+    assert default == build_online_pairs(samples, tie_break=config_default)[0][0]
+    assert (default.chosen_sample_index, default.rejected_sample_index) == (0, 3)
 
 
 def test_ties_are_dropped_and_counted():
@@ -204,7 +232,7 @@ def test_malformed_groups_are_errors():
     "options, fragment",
     [
         (dict(tie_policy="random"), "algorithm.tie_policy must be one of 'drop', 'keep'; got 'random'"),
-        (dict(tie_break="shortest"), "algorithm.tie_break must be one of 'shorter', 'longer', 'first'"),
+        (dict(tie_break="shortest"), "algorithm.tie_break must be one of 'first', 'shorter', 'longer'"),
         (dict(missing_eos="drop"), "algorithm.missing_eos must be one of 'keep', 'penalize', 'exclude'"),
         (dict(missing_eos_penalty=-1.0), "algorithm.missing_eos_penalty"),
         (dict(missing_eos_penalty=float("inf")), "algorithm.missing_eos_penalty"),
