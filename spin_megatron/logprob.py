@@ -13,6 +13,9 @@ Padded vocabulary rows (Megatron pads the embedding to a multiple of 128·…) a
 given, so the result equals ``log_softmax`` over the real vocabulary (what HF and the rollout engine compute).
 Sampled responses must be scored at the sampling ``temperature``. Positions whose target is ``ignore_index``
 (prompt, padding) get log-prob 0 and no gradient.
+
+``stats=`` asks for detached per-token statistics over the real vocabulary (:data:`TOKEN_STATS`), for metrics and
+WPO weights; the chunked and fused paths compute them inside their forward chunk loop, from the chunk's logits.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "te", "chunked")
+# entropy and log Σ p² of softmax(logits / temperature); mean of the raw logits; 1.0 where the target's logit is
+# the maximum (ties count); all over the real vocabulary, 0 at ignored positions
+TOKEN_STATS = ("entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
 
 
 # TE's parallel_cross_entropy: added in 2.2, ignore_idx in 2.4; before 2.8 its backward scales every row by
@@ -83,6 +89,7 @@ class _VocabShard:
         vocab_size = total if vocab_size is None else vocab_size
         if not 0 < vocab_size <= total:
             raise ValueError(f"vocab_size {vocab_size} must be in (0, {total}] (the sharded logits' width)")
+        self.vocab_size = vocab_size
         # real (non-padding) columns held here
         self.columns = max(0, min(local_vocab, vocab_size - self.start))
         self.valid = target != ignore_index
@@ -97,7 +104,7 @@ class _VocabShard:
 
 
 def _chunk_logsumexp_and_target(z: torch.Tensor, shard: _VocabShard, rows: slice):
-    """For fp32 scaled logits ``z`` [c, V/TP] of real columns: global logsumexp and target logit per row."""
+    """For fp32 scaled logits ``z`` [c, V/TP] of real columns: global max, logsumexp and target logit per row."""
     if z.shape[1]:
         local_max = z.max(dim=-1).values
     else:  # every column of this shard is padding
@@ -110,7 +117,81 @@ def _chunk_logsumexp_and_target(z: torch.Tensor, shard: _VocabShard, rows: slice
         picked = torch.zeros_like(global_max)
     target_logit = torch.where(shard.in_shard[rows], picked, torch.zeros_like(picked))
     reduced = shard.all_reduce(torch.stack([sum_exp, target_logit]))
-    return global_max + reduced[0].log(), reduced[1]
+    return global_max, global_max + reduced[0].log(), reduced[1]
+
+
+class _TokenStats:
+    """The requested :data:`TOKEN_STATS`, filled chunk by chunk in a forward loop (autograd is off there)."""
+
+    def __init__(self, names: tuple[str, ...], target: torch.Tensor, ignore_index: int):
+        self.valid, self.shape = target.reshape(-1) != ignore_index, target.shape
+        self.values = {name: torch.zeros(self.valid.shape, device=target.device) for name in names}
+
+    def add_chunk(self, z, global_max, lse, target_logit, shard: _VocabShard, rows: slice, temperature):
+        """From one chunk's fp32 scaled logits ``z`` and the rows' reduced max, logsumexp and target logit."""
+        if "is_top1" in self.values:
+            # exact: the rank holding the maximum contributes that very element to both sides
+            self.values["is_top1"][rows] = (target_logit >= global_max).float()
+        sums = {}
+        if "mean_logit" in self.values:
+            sums["mean_logit"] = z.sum(dim=-1).mul_(temperature / shard.vocab_size)
+        if "entropy" in self.values or "log_sum_sq_probs" in self.values:
+            surprise = z.neg().add_(lse[:, None])  # −log p ≥ 0: the entropy's terms never cancel
+            prob = surprise.neg().exp_()
+            if "entropy" in self.values:
+                sums["entropy"] = surprise.mul_(prob).sum(dim=-1)
+            if "log_sum_sq_probs" in self.values:
+                sums["log_sum_sq_probs"] = prob.mul_(prob).sum(dim=-1)
+        if sums:
+            reduced = shard.all_reduce(torch.stack(list(sums.values())))
+            for name, total in zip(sums, reduced):
+                self.values[name][rows] = total.log() if name == "log_sum_sq_probs" else total
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.where(self.valid, value, torch.zeros_like(value)).view(self.shape)
+            for name, value in self.values.items()
+        }
+
+
+def _token_stats(stats: tuple[str, ...], target: torch.Tensor, ignore_index: int) -> _TokenStats | None:
+    if isinstance(stats, str) or any(name not in TOKEN_STATS for name in stats):
+        raise ValueError(f"stats must be a tuple of names from {TOKEN_STATS}, got {stats!r}")
+    return _TokenStats(tuple(dict.fromkeys(stats)), target, ignore_index) if stats else None
+
+
+def _forward_chunks(chunk_logits, tokens: int, chunk: int, shard: _VocabShard, temperature: float, stats):
+    """The forward loop of both paths: ``chunk_logits(rows)`` gives a fresh fp32 ``[c, columns]`` buffer of scaled
+    logits. Returns the logsumexp (kept for backward) and the log-probs, 0 at ignored positions."""
+    lse = torch.empty(tokens, dtype=torch.float32, device=shard.valid.device)
+    logp = torch.zeros_like(lse)
+    for start in range(0, tokens, chunk):
+        rows = slice(start, start + chunk)
+        z = chunk_logits(rows)
+        global_max, lse[rows], target_logit = _chunk_logsumexp_and_target(z, shard, rows)
+        logp[rows] = target_logit - lse[rows]
+        if stats is not None:
+            stats.add_chunk(z, global_max, lse[rows], target_logit, shard, rows, temperature)
+    return lse, torch.where(shard.valid, logp, torch.zeros_like(logp))
+
+
+def _chunked_forward(logits, target, group, temperature, ignore_index, vocab_size, chunk, stats):
+    width = logits.shape[-1]
+    flat, flat_target = logits.reshape(-1, width), target.reshape(-1)
+    shard = _VocabShard(width, group, vocab_size, flat_target, ignore_index)
+
+    def scaled_rows(rows):
+        return _scaled(flat[rows, : shard.columns], temperature)
+
+    lse, logp = _forward_chunks(scaled_rows, flat.shape[0], chunk, shard, temperature, stats)
+    return shard, lse, logp.view(target.shape)
+
+
+@torch.no_grad()
+def _token_stats_pass(logits, target, group, temperature, ignore_index, vocab_size, chunk, stats):
+    """The TE backend's statistics (TE gives only the log-probs): the chunked forward once more, without autograd."""
+    _chunked_forward(logits, target, group, temperature, ignore_index, vocab_size, chunk, stats)
+    return stats.result()
 
 
 def _grad_of_logits(
@@ -141,20 +222,13 @@ def _grad_of_logits(
 
 class _ChunkedVocabParallelLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, temperature, ignore_index, vocab_size, chunk):
-        width = logits.shape[-1]
-        flat, flat_target = logits.reshape(-1, width), target.reshape(-1)
-        shard = _VocabShard(width, group, vocab_size, flat_target, ignore_index)
-        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        logp = torch.zeros_like(lse)
-        for start in range(0, flat.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            z = _scaled(flat[rows, : shard.columns], temperature)
-            lse[rows], target_logit = _chunk_logsumexp_and_target(z, shard, rows)
-            logp[rows] = target_logit - lse[rows]
+    def forward(ctx, logits, target, group, temperature, ignore_index, vocab_size, chunk, stats):
+        shard, lse, logp = _chunked_forward(
+            logits, target, group, temperature, ignore_index, vocab_size, chunk, stats
+        )
         ctx.save_for_backward(logits, lse)
         ctx.shard, ctx.temperature, ctx.chunk = shard, temperature, chunk
-        return torch.where(shard.valid, logp, torch.zeros_like(logp)).view(target.shape)
+        return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
@@ -167,7 +241,7 @@ class _ChunkedVocabParallelLogProb(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk)
             z = _scaled(flat[rows, : shard.columns], ctx.temperature)
             grad[rows] = _grad_of_logits(z, lse[rows], g[rows], shard, rows, width, ctx.temperature)
-        return grad.view(logits.shape), None, None, None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None, None, None
 
 
 def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -200,10 +274,13 @@ def vocab_parallel_logprobs(
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
     backend: str = "auto",
-) -> torch.Tensor:
+    stats: tuple[str, ...] = (),
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``log softmax(logits/temperature)[target]`` per token (fp32, shape of ``target``) from ``[..., V/TP]`` logits.
 
-    ``backend``: "auto" (TE on CUDA when installed, else chunked), "te" or "chunked".
+    ``backend``: "auto" (TE on CUDA when installed, else chunked), "te" or "chunked". With ``stats`` (names from
+    :data:`TOKEN_STATS`) returns ``(logps, {name: detached fp32 tensor shaped like logps})``; the TE backend then
+    makes one extra no-grad chunked pass over the logits for them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -218,29 +295,34 @@ def vocab_parallel_logprobs(
             "parallel_cross_entropy backward scales every row by the first row's gradient); found "
             f"{'none' if found is None else '.'.join(map(str, found))}: upgrade TE or use backend='chunked'"
         )
+    token_stats = _token_stats(stats, target, ignore_index)
+    chunk = max(1, chunk_tokens)
     if backend == "te" or (backend == "auto" and logits.is_cuda and te_cross_entropy_available()):
-        return _te_logprobs(logits, target, tp_group, temperature, ignore_index, vocab_size).float()
-    return _ChunkedVocabParallelLogProb.apply(
-        logits, target, tp_group, float(temperature), ignore_index, vocab_size, max(1, chunk_tokens)
+        logp = _te_logprobs(logits, target, tp_group, temperature, ignore_index, vocab_size).float()
+        if token_stats is None:
+            return logp
+        args = (logits, target, tp_group, float(temperature), ignore_index, vocab_size, chunk)
+        return logp, _token_stats_pass(*args, token_stats)
+    logp = _ChunkedVocabParallelLogProb.apply(
+        logits, target, tp_group, float(temperature), ignore_index, vocab_size, chunk, token_stats
     )
+    return logp if token_stats is None else (logp, token_stats.result())
 
 
 class _FusedHeadLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, group, temperature, ignore_index, vocab_size, chunk):
+    def forward(ctx, hidden, weight, target, group, temperature, ignore_index, vocab_size, chunk, stats):
         flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         shard = _VocabShard(weight.shape[0], group, vocab_size, flat_t, ignore_index)
         real_weight = weight[: shard.columns]
-        lse = torch.empty(flat_h.shape[0], dtype=torch.float32, device=hidden.device)
-        logp = torch.zeros_like(lse)
-        for start in range(0, flat_h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            z = _head_chunk(flat_h[rows], real_weight, temperature)
-            lse[rows], target_logit = _chunk_logsumexp_and_target(z, shard, rows)
-            logp[rows] = target_logit - lse[rows]
+
+        def head_rows(rows):
+            return _head_chunk(flat_h[rows], real_weight, temperature)
+
+        lse, logp = _forward_chunks(head_rows, flat_h.shape[0], chunk, shard, temperature, stats)
         ctx.save_for_backward(hidden, weight, lse)
         ctx.shard, ctx.temperature, ctx.chunk, ctx.target_shape = shard, temperature, chunk, target.shape
-        return torch.where(shard.valid, logp, torch.zeros_like(logp)).view(target.shape)
+        return logp.view(target.shape)
 
     @staticmethod
     def backward(ctx, grad_logp):
@@ -269,6 +351,7 @@ class _FusedHeadLogProb(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -287,12 +370,15 @@ def fused_head_logprobs(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
-) -> torch.Tensor:
+    stats: tuple[str, ...] = (),
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Log-probs of ``target`` under ``softmax(hidden @ weightᵀ / temperature)`` without materialising the logits.
 
     ``hidden`` [..., H] is the output layer's input (replicated across the TP group; no sequence parallelism),
     ``weight`` [V/TP, H] this rank's shard of the output layer (or the tied embedding). Peak extra memory is one
-    ``[chunk_tokens, V/TP]`` fp32 buffer plus the weight gradient.
+    ``[chunk_tokens, V/TP]`` fp32 buffer (three with ``stats``) plus the weight gradient. With ``stats`` (names from
+    :data:`TOKEN_STATS`) returns ``(logps, {name: detached fp32 tensor shaped like logps})``, computed in the same
+    forward chunk loop.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score samples, got {temperature}")
@@ -300,6 +386,16 @@ def fused_head_logprobs(
         raise ValueError(
             f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and target {tuple(target.shape)} disagree"
         )
-    return _FusedHeadLogProb.apply(
-        hidden, weight, target, tp_group, float(temperature), ignore_index, vocab_size, max(1, chunk_tokens)
+    token_stats = _token_stats(stats, target, ignore_index)
+    args = (
+        hidden,
+        weight,
+        target,
+        tp_group,
+        float(temperature),
+        ignore_index,
+        vocab_size,
+        max(1, chunk_tokens),
     )
+    logp = _FusedHeadLogProb.apply(*args, token_stats)
+    return logp if token_stats is None else (logp, token_stats.result())

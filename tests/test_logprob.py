@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
+from spin_megatron.logprob import TOKEN_STATS, fused_head_logprobs, vocab_parallel_logprobs
 from tests.helpers import run_ranks
+from tests.workers.logprob import stats_case
 
 TOL = 1e-6  # max|Δ| / max(1, max|reference|), fp32
 
@@ -94,6 +95,31 @@ def test_input_checks():
         vocab_parallel_logprobs(h @ w.t(), target, backend="triton")
     with pytest.raises(ValueError, match="vocab_size 80"):
         vocab_parallel_logprobs(h @ w.t(), target, vocab_size=80)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("chunk", [1, 8, 1000])
+def test_token_stats_match_dense_reference(temperature, chunk):
+    # fused, chunked and the TE backend's no-grad pass; padded rows, ignored positions and a tie in the data
+    for path, errors in stats_case(None, 0, 1, temperature, chunk).items():
+        for what, err in errors.items():
+            assert err <= TOL, (path, what, err)
+
+
+def test_token_stats_are_opt_in_and_checked():
+    h, w, target, _ = _data()
+    assert isinstance(fused_head_logprobs(h, w, target, vocab_size=50), torch.Tensor)
+    assert isinstance(
+        vocab_parallel_logprobs(h @ w.t(), target, vocab_size=50, backend="chunked"), torch.Tensor
+    )
+    logp, stats = fused_head_logprobs(h, w, target, vocab_size=50, stats=("is_top1", "entropy"))
+    assert list(stats) == ["is_top1", "entropy"] and all(v.shape == logp.shape for v in stats.values())
+    for bad in (("entropy", "perplexity"), "entropy"):
+        with pytest.raises(ValueError, match="stats must be a tuple of names from .*log_sum_sq_probs"):
+            vocab_parallel_logprobs(h @ w.t(), target, backend="chunked", stats=bad)
+        with pytest.raises(ValueError, match="stats must be a tuple of names"):
+            fused_head_logprobs(h, w, target, stats=bad)
+    assert TOKEN_STATS == ("entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
 
 
 @pytest.mark.dist
