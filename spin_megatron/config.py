@@ -170,6 +170,8 @@ class AlgorithmConfig:
     rpo_alpha: float = 0.0  # weight of the NLL term on chosen tokens (RPO); 0: off
     length_normalize: bool = False  # average instead of sum token log-probs (IPO wants True)
     reward: str = "gsm8k"  # registered reward name or 'package.module:function'
+    # more reward names scored on every sample and LOGGED only (reward/<name>/accuracy), never used for pairing
+    reward_metrics: list[str] = field(default_factory=list)
     tie_policy: str = "drop"  # online: what to do when every sample of a prompt scores the same
     # online: order of equal scores (picks among equally good/bad samples, and the pair of a kept tie):
     # first (lowest sample index; samples are i.i.d., so unbiased) | shorter | longer (both length-biased)
@@ -187,6 +189,10 @@ class AlgorithmConfig:
         _positive("algorithm.rpo_alpha", self.rpo_alpha, zero_ok=True)
         _choice("algorithm.tie_policy", self.tie_policy, ("drop", "keep"))
         _choice("algorithm.tie_break", self.tie_break, ("first", "shorter", "longer"))
+        if len(set(self.reward_metrics)) != len(self.reward_metrics) or not all(self.reward_metrics):
+            raise ConfigError(
+                f"algorithm.reward_metrics must list distinct reward names; got {self.reward_metrics}"
+            )
         _choice("algorithm.missing_eos", self.missing_eos, ("keep", "penalize", "exclude"))
         _positive("algorithm.pairs_per_prompt", self.pairs_per_prompt)
 

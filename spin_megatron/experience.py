@@ -15,7 +15,7 @@ from spin_megatron.pairs import build_online_pairs, build_spin_pairs
 from spin_megatron.parallel.collectives import broadcast_object
 from spin_megatron.parallel.packing import ScoredSequence
 from spin_megatron.parallel.state import ParallelGroups
-from spin_megatron.rewards import score_samples
+from spin_megatron.rewards import RewardFn, get_reward_fn, score_samples
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.types import Sample
 
@@ -33,6 +33,19 @@ ROLLOUT_SUMS = (
     "pairs/dropped_too_few",
     "pairs/excluded_truncated",
 )
+
+
+def rollout_sum_keys(cfg: AlgorithmConfig) -> tuple[str, ...]:
+    """The rollout counters summed over the world: ROLLOUT_SUMS, then ``reward/<name>/correct`` for each of
+    ``algorithm.reward_metrics`` in config order, so every rank reduces the same keys in the same order."""
+    return ROLLOUT_SUMS + tuple(f"reward/{name}/correct" for name in cfg.reward_metrics)
+
+
+def metric_reward_fns(cfg: AlgorithmConfig) -> dict[str, RewardFn]:
+    """The logged-only rewards of ``algorithm.reward_metrics`` (name → function), for ``generate_scored``."""
+    return {name: get_reward_fn(name) for name in cfg.reward_metrics}
+
+
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
@@ -64,7 +77,7 @@ def sampling_params(cfg: RolloutConfig, stop_ids: tuple[int, ...], seed: int, *,
     )
 
 
-def _attempt(engine, examples, params, reward_fn, tokenizer):
+def _attempt(engine, examples, params, reward_fn, tokenizer, metric_fns=None):
     """On the engine rank: ("ok", samples) | ("rollout_failed", message) | ("error", exception)."""
     from spin_megatron.rollout.supervisor import RolloutError
 
@@ -81,7 +94,11 @@ def _attempt(engine, examples, params, reward_fn, tokenizer):
     try:
         rows = {ex.prompt_id: ex.row for ex in examples}
         score_samples(
-            samples, reward_fn, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), rows=rows
+            samples,
+            reward_fn,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            rows=rows,
+            metric_fns=metric_fns,
         )
     except Exception as exc:  # re-raised on every rank of the group below, so none of them waits forever
         return "error", exc
@@ -99,8 +116,12 @@ def generate_scored(
     engine_src: int,
     max_restarts: int = 0,
     resync=None,
+    metric_fns: dict[str, RewardFn] | None = None,
 ) -> tuple[list[Sample] | None, str | None]:
     """Samples (with rewards) of this replica's prompts, on every rank of its model-parallel group.
+
+    ``metric_fns`` (``metric_reward_fns(cfg.algorithm)``) are scored beside ``reward_fn``, on the same decoded
+    text, into ``Sample.metric_rewards``: logged, never paired on.
 
     A failed generation (engine error, timeout, malformed samples) restarts the engine, re-syncs the weights
     (``resync()``, collective over the model-parallel group) and retries, ``max_restarts`` times; then returns
@@ -108,7 +129,9 @@ def generate_scored(
     """
     for attempt in range(max_restarts + 1):
         outcome = (
-            _attempt(engine, examples, params, reward_fn, tokenizer) if groups.rank == engine_src else None
+            _attempt(engine, examples, params, reward_fn, tokenizer, metric_fns)
+            if groups.rank == engine_src
+            else None
         )
         status, payload = broadcast_object(outcome, engine_src, groups.pgs.mp)
         if status == "ok":
@@ -133,7 +156,7 @@ def generate_scored(
 class Experience:
     samples: list[Sample]
     items: list[list[ScoredSequence]]  # [chosen, rejected] per pair
-    sums: dict[str, float]  # ROLLOUT_SUMS of this replica
+    sums: dict[str, float]  # rollout_sum_keys(cfg) of this replica
 
 
 def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: AlgorithmConfig) -> Experience:
@@ -172,5 +195,19 @@ def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: Algori
         "response_length/sum": float(sum(len(s.response_ids) for s in samples)),
         "response/truncated": float(sum(s.truncated for s in samples)),
         **{k: metrics.get(k, 0.0) for k in ROLLOUT_SUMS if k.startswith("pairs/")},
+        **_metric_correct(samples, cfg.reward_metrics),
     }
     return Experience(samples=samples, items=items, sums=sums)
+
+
+def _metric_correct(samples: list[Sample], names: list[str]) -> dict[str, float]:
+    """``reward/<name>/correct``: samples scoring ≥ 1 under each logged-only reward metric."""
+    unscored = [name for name in names if any(name not in s.metric_rewards for s in samples)]
+    if unscored:
+        raise ValueError(
+            f"algorithm.reward_metrics {unscored} were not scored: pass "
+            "metric_fns=metric_reward_fns(cfg.algorithm) to generate_scored"
+        )
+    return {
+        f"reward/{name}/correct": float(sum(s.metric_rewards[name] >= 1.0 for s in samples)) for name in names
+    }

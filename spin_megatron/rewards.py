@@ -95,6 +95,15 @@ def numbers_equal(a: object, b: object) -> bool:
 
 def gold_answer(sample_or_row: Sample | Mapping[str, Any] | str) -> str:
     """The gold number of a GSM8K row: from a row mapping, a :class:`Sample`'s metadata, or the answer text."""
+    solution = _solution_text(sample_or_row)
+    gold = extract_answer(solution, mode="strict")
+    if gold is None:
+        raise ValueError(f"gold answer has no '#### <number>' line (GSM8K format): ...{solution[-120:]!r}")
+    return gold
+
+
+def _solution_text(sample_or_row: Sample | Mapping[str, Any] | str) -> str:
+    """The GSM8K solution text (``row["answer"]``) of a row mapping, a :class:`Sample`'s metadata, or itself."""
     if isinstance(sample_or_row, Sample):
         sample_or_row = sample_or_row.metadata
     if isinstance(sample_or_row, Mapping):
@@ -106,12 +115,7 @@ def gold_answer(sample_or_row: Sample | Mapping[str, Any] | str) -> str:
         sample_or_row = sample_or_row["answer"]
     if not isinstance(sample_or_row, str):
         raise TypeError(f"gold_answer expects a row mapping, a Sample or a string, got {type(sample_or_row)}")
-    gold = extract_answer(sample_or_row, mode="strict")
-    if gold is None:
-        raise ValueError(
-            f"gold answer has no '#### <number>' line (GSM8K format): ...{sample_or_row[-120:]!r}"
-        )
-    return gold
+    return sample_or_row
 
 
 def has_answer_line(response: str) -> bool:
@@ -206,6 +210,38 @@ register_reward("gsm8k_format")(make_gsm8k_reward(format_reward=0.1))
 register_reward("gsm8k_strict_format")(make_gsm8k_reward(mode="strict", format_reward=0.1))
 
 
+# ------------------------------------------------------------------------------------ verl's GSM8K rule
+
+# The seed project scored GSM8K with verl's rule (verl 0.5.0, ``verl/utils/reward_score/gsm8k.py``,
+# ``compute_score`` with method="strict", format_score=0, score=1). Restated: only the last 300 characters of
+# the response are searched; an answer is "####", ONE space, an optional "-", then a run of digits, "." and ","
+# (so "####72", "#### $72" and "####  72" have none); the last one found wins; its commas are removed and it is
+# compared with the gold as a STRING ("72.00", "72." and "072" are not "72"). The gold is the first such run in
+# the dataset's solution, commas removed (verl's examples/data_preprocess/gsm8k.py).
+VERL_TAIL_CHARS = 300
+_VERL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
+
+
+def verl_gold_answer(solution: str) -> str:
+    """The gold string verl's GSM8K preprocessing stores: the first ``#### <run>`` of ``solution``, no commas."""
+    found = _VERL_ANSWER.search(solution)
+    if found is None:
+        raise ValueError(f"gold answer has no '#### <number>' (verl's GSM8K format): ...{solution[-120:]!r}")
+    return found.group(1).replace(",", "")
+
+
+def verl_extract_answer(response: str) -> str | None:
+    """verl's strict GSM8K answer of ``response`` (last ``#### <run>`` in its last 300 characters), or None."""
+    found = _VERL_ANSWER.findall(response[-VERL_TAIL_CHARS:])
+    return found[-1].replace(",", "") if found else None
+
+
+@register_reward("gsm8k_verl")
+def gsm8k_verl(prompt: str, response: str, sample: Mapping[str, Any]) -> float:
+    """1.0 when verl's strict GSM8K rule accepts ``response`` for the row's gold answer, else 0.0."""
+    return float(verl_extract_answer(response) == verl_gold_answer(_solution_text(sample)))
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 
 
@@ -215,11 +251,14 @@ def score_samples(
     *,
     decode: Callable[[list[int]], str],
     rows: Mapping[Hashable, Mapping[str, Any]] | None = None,
+    metric_fns: Mapping[str, RewardFn] | None = None,
 ) -> list[float]:
     """Set every ``sample.reward`` in place and return the rewards in input order.
 
     The response text is ``sample.response_text`` when the engine filled it, else ``decode(response_ids)``.
     The dataset row is ``rows[sample.prompt_id]`` when ``rows`` is given, else ``sample.metadata``.
+    ``metric_fns`` (name → reward function) score the same text and row into ``sample.metric_rewards[name]``,
+    for logging only.
     """
     prompt_texts: dict[Hashable, str] = {}
     rewards = []
@@ -238,6 +277,9 @@ def score_samples(
         reward = reward_fn(prompt_texts[sample.prompt_id], response, row)
         sample.reward = _checked_reward(reward, reward_fn, sample)
         rewards.append(sample.reward)
+        for name, metric_fn in (metric_fns or {}).items():
+            metric = metric_fn(prompt_texts[sample.prompt_id], response, row)
+            sample.metric_rewards[name] = _checked_reward(metric, metric_fn, sample)
     return rewards
 
 

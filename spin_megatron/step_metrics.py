@@ -32,6 +32,12 @@ def step_metrics(
         "train/tokens": counts["tokens"],
         "rollout/restarts": counts.get("restarts", 0.0),
         **{k: v for k, v in rollout.items() if k.startswith("pairs/")},
+        # algorithm.reward_metrics (logged only): the summed reward/<name>/correct → reward/<name>/accuracy
+        **{
+            k.removesuffix("/correct") + "/accuracy": _ratio(v, rollout["samples"])
+            for k, v in rollout.items()
+            if k.startswith("reward/") and k.endswith("/correct") and k != "reward/correct"
+        },
         **times,
     }
     busy = sum(times.values())

@@ -79,7 +79,8 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"checkpoint {resume} is from a different model than the configured one; point "
                 "trainer.output_dir (or trainer.resume) elsewhere, or configure that model"
             )
-    get_reward_fn(cfg.algorithm.reward)
+    for reward in [cfg.algorithm.reward, *cfg.algorithm.reward_metrics]:
+        get_reward_fn(reward)
     if ":" in cfg.rollout.engine:
         module, _, name = cfg.rollout.engine.partition(":")
         try:

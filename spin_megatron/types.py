@@ -25,6 +25,8 @@ class Sample:
     logprobs: list[float] | None = None  # engine's per-token log-probs of response_ids, when it returns them
     response_text: str | None = None
     reward: float | None = None
+    # scores of algorithm.reward_metrics by name: logged only, never used for pairing
+    metric_rewards: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)  # e.g. the dataset row (gold answer) the reward needs
 
     @property

@@ -337,3 +337,118 @@ def test_real_lines_wrong_and_strict(gsm8k_dir):
         flexible_hits += gsm8k_reward(row["question"], body, row)
     # Without "####", flexible falls back to the last number, which is the result in most GSM8K solutions.
     assert flexible_hits >= 0.9 * len(rows)
+
+
+# ------------------------------------------------------------------------------------ verl's GSM8K rule
+
+# What verl 0.5.0's strict GSM8K scorer (compute_score, format_score=0, score=1) says of each response, and what
+# our flexible "gsm8k" and our "gsm8k_strict" say, side by side: (case, response, gold solution, verl, gsm8k,
+# gsm8k_strict). "72\n#### 72" is the gold unless a case gives its own.
+PAD = "x" * 300  # pushes text before it out of the last 300 characters verl searches
+VERL_CASES = [
+    ("marker", "So 48 + 24 = 72.\n#### 72", None, 1, 1, 1),
+    ("no space after ####", "####72", None, 0, 1, 1),
+    ("two spaces after ####", "####  72", None, 0, 1, 1),
+    ("dollar sign", "#### $72", None, 0, 1, 1),
+    ("trailing period", "#### 72.", None, 0, 1, 1),
+    ("decimal zeros", "#### 72.00", None, 0, 1, 1),
+    ("leading zero", "#### 072", None, 0, 1, 1),
+    ("words after the number", "#### 72 clips", None, 1, 1, 1),
+    ("trailing comma", "#### 72,", None, 1, 1, 1),
+    ("thousands comma vs plain gold", "#### 1,000", "#### 1000", 1, 1, 1),
+    ("plain vs comma gold", "#### 1000", "#### 1,000", 1, 1, 1),
+    ("misplaced comma", "#### 1,2", "#### 12", 1, 0, 0),  # verl drops every comma; we read "1" then ",2"
+    ("negative", "#### -5", "#### -5", 1, 1, 1),
+    ("negative zero", "#### -0", "#### 0", 0, 1, 1),
+    ("wrong number", "#### 71", None, 0, 0, 0),
+    ("no marker", "The answer is 72", None, 0, 1, 0),
+    ("no marker, last number", "48 + 24 = 72", None, 0, 1, 0),
+    ("several markers, last right", "#### 71\nno wait\n#### 72", None, 1, 1, 1),
+    ("several markers, last wrong", "#### 72\nno wait\n#### 71", None, 0, 0, 0),
+    ("marker beyond the last 300 chars", "#### 72\n" + PAD, None, 0, 1, 1),
+    ("marker inside the last 300 chars", PAD + "\n#### 72", None, 1, 1, 1),
+    ("marker cut by the 300-char window", "#### 72" + "x" * 296, None, 0, 1, 1),
+    ("empty response", "", None, 0, 0, 0),
+]
+_VERL_RUN_CHARS = set("0123456789.,")
+
+
+def _verl_restated(response: str, solution: str) -> float:
+    """verl's strict rule written out by hand (no regex), to check ours against an independent statement."""
+
+    def runs(text):  # every "#### " + optional "-" + a non-empty run of digits/./, (left to right)
+        found, start = [], text.find("#### ")
+        while start != -1:
+            end = begin = start + 5
+            if text[end : end + 1] == "-":
+                end += 1
+            run_end = end
+            while run_end < len(text) and text[run_end] in _VERL_RUN_CHARS:
+                run_end += 1
+            if run_end > end:
+                found.append(text[begin:run_end].replace(",", ""))
+                start = text.find("#### ", run_end)
+            else:
+                start = text.find("#### ", start + 1)
+        return found
+
+    answers = runs(response[-300:] if len(response) > 300 else response)
+    return 1.0 if answers and answers[-1] == runs(solution)[0] else 0.0
+
+
+@pytest.mark.parametrize(
+    "response, solution, verl, flexible, strict",
+    [case[1:] for case in VERL_CASES],
+    ids=[case[0] for case in VERL_CASES],
+)
+def test_gsm8k_verl_table(response, solution, verl, flexible, strict):
+    row = {"answer": solution or "72\n#### 72"}
+    assert _verl_restated(response, row["answer"]) == verl  # the table says what verl says
+    assert get_reward_fn("gsm8k_verl")("q", response, row) == verl
+    assert get_reward_fn("gsm8k")("q", response, row) == flexible
+    assert get_reward_fn("gsm8k_strict")("q", response, row) == strict
+
+
+def test_gsm8k_verl_window_is_300_chars():
+    assert rewards.VERL_TAIL_CHARS == 300
+    assert rewards.verl_extract_answer("#### 72" + "x" * 293) == "72"  # exactly 300 characters
+    assert rewards.verl_extract_answer("#### 72" + "x" * 294) is None  # the "#" falls out of the window
+
+
+def test_gsm8k_verl_needs_the_answer_field():
+    with pytest.raises(ConfigError, match="'answer' field"):
+        get_reward_fn("gsm8k_verl")("q", "#### 72", {"question": "q"})
+    with pytest.raises(ValueError, match="no '#### <number>'"):
+        get_reward_fn("gsm8k_verl")("q", "#### 72", {"answer": "72"})
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_gold_solutions_score_one_under_verl(gsm8k_dir, split):
+    gsm8k_verl = get_reward_fn("gsm8k_verl")
+    for row in _rows(gsm8k_dir / f"{split}.jsonl"):
+        assert gsm8k_verl(row["question"], row["answer"], row) == 1.0, row["answer"][-60:]
+        assert _verl_restated(row["answer"], row["answer"]) == 1.0
+
+
+def test_score_samples_metric_fns_score_the_same_text():
+    seen = []
+
+    def record(prompt, response, sample):
+        seen.append(response)
+        return 0.5
+
+    samples = _samples()
+    rewards_ = score_samples(
+        samples,
+        gsm8k_reward,
+        decode=_decode,
+        metric_fns={"gsm8k_verl": get_reward_fn("gsm8k_verl"), "rec": record},
+    )
+    assert rewards_ == [0.0, 1.0]  # the pairing reward is untouched by the metrics
+    assert [s.metric_rewards for s in samples] == [
+        {"gsm8k_verl": 0.0, "rec": 0.5},
+        {"gsm8k_verl": 1.0, "rec": 0.5},
+    ]
+    assert seen == ["7 2", "#### 72"]
+    with pytest.raises(ValueError, match="non-finite"):
+        score_samples(_samples(), gsm8k_reward, decode=_decode, metric_fns={"bad": lambda p, r, s: math.nan})
