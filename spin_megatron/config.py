@@ -132,7 +132,7 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 256  # response length limit (finish_reason=length beyond)
     val_max_new_tokens: int | None = None  # greedy validation length (None: max_new_tokens)
-    sync_every: int = 1  # push policy weights into the engine every k optimizer steps
+    sync_every: int = 1  # algorithm.sample_from=policy: push policy weights into the engine every k rollout steps
     sync_bucket_mb: int = 512  # weight-sync bucket size
     max_batch_size: int = 64  # hf engine: sequences decoded together
     dump_path: str | None = None  # write every step's samples to this jsonl
@@ -162,13 +162,23 @@ class RolloutConfig:
 
 @dataclass(kw_only=True)
 class AlgorithmConfig:
-    mode: str = "online"  # online: best vs worst sample | spin: gold vs the policy's sample
+    mode: str = "online"  # online: best vs worst sample | spin: gold vs the opponent's sample
+    # Who generates the samples: policy (the engine follows the policy every rollout.sync_every steps) |
+    # reference (SPIN's opponent p_θt: the engine holds the reference and is synced only when it is refreshed).
+    # None: reference for mode=spin, policy for mode=online.
+    sample_from: str | None = None
     beta: float = 0.1  # DPO temperature β
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0  # robust/cDPO ε (sigmoid only)
+    # sigmoid | robust | hinge | ipo | exo_pair | nca_pair | bco_pair | sppo_hard | aot | aot_pair
+    # (alias aot_unpaired) | apo_zero | apo_down | discopop — formulas in loss.py and README
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # ε: sigmoid (cDPO), robust, exo_pair (needs ε > 0), aot, aot_pair
+    discopop_tau: float = 0.05  # discopop's temperature τ
     reference_free: bool = False  # drop the reference terms
     rpo_alpha: float = 0.0  # weight of the NLL term on chosen tokens (RPO); 0: off
-    length_normalize: bool = False  # average instead of sum token log-probs (IPO wants True)
+    # average instead of sum token log-probs; None: True for ipo (as TRL), False otherwise
+    length_normalize: bool | None = None
+    ld_alpha: float | None = None  # LD-DPO: tokens past the shorter response of a pair weigh α; None: off
+    use_weighting: bool = False  # WPO: weight each pair by the policy's (length-averaged) probability of both
     reward: str = "gsm8k"  # registered reward name or 'package.module:function'
     # more reward names scored on every sample and LOGGED only (reward/<name>/accuracy), never used for pairing
     reward_metrics: list[str] = field(default_factory=list)
@@ -181,11 +191,33 @@ class AlgorithmConfig:
     pairs_per_prompt: int = 1  # spin: pairs built per prompt (≤ rollout.n)
 
     def __post_init__(self):
+        from spin_megatron.loss import LOSS_ALIASES, LOSS_TYPES, SMOOTHED_LOSSES, canonical_loss_type
+
         _choice("algorithm.mode", self.mode, ("online", "spin"))
-        _choice("algorithm.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge"))
+        # (None defaults are resolved by properties, never written back: Hydra takes the schema's defaults
+        # from an instance built with the defaults, so a value written here would become everyone's default)
+        if self.sample_from is not None:
+            _choice("algorithm.sample_from", self.sample_from, ("policy", "reference"))
+        _choice("algorithm.loss_type", self.loss_type, LOSS_TYPES + tuple(LOSS_ALIASES))
+        loss_type = canonical_loss_type(self.loss_type)
         _positive("algorithm.beta", self.beta)
+        _positive("algorithm.discopop_tau", self.discopop_tau)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"algorithm.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and loss_type not in SMOOTHED_LOSSES:
+            raise ConfigError(
+                f"algorithm.label_smoothing applies to loss_type {', '.join(SMOOTHED_LOSSES)}, not "
+                f"{self.loss_type}: set it to 0 or change the loss"
+            )
+        if loss_type == "exo_pair" and not self.label_smoothing:
+            raise ConfigError("algorithm.loss_type=exo_pair needs algorithm.label_smoothing > 0 (e.g. 1e-3)")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"algorithm.ld_alpha must be in [0, 1] (or null: off), got {self.ld_alpha}")
+        if self.use_weighting and loss_type in ("aot", "aot_pair"):
+            raise ConfigError(
+                "algorithm.use_weighting (WPO) weights pairs, and aot/aot_pair pair ranks, not pairs: "
+                "turn one of them off"
+            )
         _positive("algorithm.rpo_alpha", self.rpo_alpha, zero_ok=True)
         _choice("algorithm.tie_policy", self.tie_policy, ("drop", "keep"))
         _choice("algorithm.tie_break", self.tie_break, ("first", "shorter", "longer"))
@@ -195,6 +227,22 @@ class AlgorithmConfig:
             )
         _choice("algorithm.missing_eos", self.missing_eos, ("keep", "penalize", "exclude"))
         _positive("algorithm.pairs_per_prompt", self.pairs_per_prompt)
+
+    @property
+    def sampler(self) -> str:
+        """Who generates the samples: ``sample_from``, else reference for spin and policy for online."""
+        return self.sample_from or ("reference" if self.mode == "spin" else "policy")
+
+    @property
+    def canonical_loss(self) -> str:
+        from spin_megatron.loss import canonical_loss_type
+
+        return canonical_loss_type(self.loss_type)
+
+    @property
+    def length_normalized(self) -> bool:
+        """``length_normalize``, else True for ipo only (TRL: IPO is defined on length-averaged log-probs)."""
+        return self.length_normalize if self.length_normalize is not None else self.canonical_loss == "ipo"
 
 
 @dataclass(kw_only=True)
@@ -231,10 +279,17 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class TrainerConfig:
-    total_steps: int = 100  # optimizer steps
-    prompts_per_step: int = 32  # global batch of prompts per step (divided over data-parallel ranks)
+    total_steps: int = 100  # rollout steps (each: generate prompts_per_step prompts, then train on them)
+    prompts_per_step: int = 32  # global batch of prompts per rollout step (divided over data-parallel ranks)
+    # prompts per optimizer step (verl's ppo_mini_batch_size): the rollout batch is trained in
+    # prompts_per_step / mini_batch_size optimizer steps; None: one step on the whole batch
+    mini_batch_size: int | None = None
+    update_epochs: int = 1  # passes over the rollout batch (verl's ppo_epochs)
     micro_batch_tokens: int = 4096  # token budget of one packed micro-batch (pairs are never split)
-    ref_update_freq: int = 0  # k > 0: reference ← policy every k steps (a SPIN iteration); 0: never
+    ref_update_freq: int = 0  # k > 0: reference ← policy every k rollout steps (a SPIN iteration); 0: never
+    # TRL's sync_ref_model: reference ← policy every k OPTIMIZER steps instead (0: off; not with ref_update_freq)
+    ref_model_sync_steps: int = 0
+    ref_model_mixup_alpha: float = 1.0  # refresh: ref ← α·policy + (1−α)·ref (TR-DPO); 1: a hard copy
     save_freq: int = 0  # checkpoint every k steps (and always at the end); 0: only at the end
     test_freq: int = 0  # validate every k steps (and at the start and end); 0: never
     keep_last_n: int = 2  # complete checkpoints to keep; 0: all
@@ -255,10 +310,39 @@ class TrainerConfig:
         _positive("trainer.max_consecutive_skips", self.max_consecutive_skips)
         _choice("trainer.logprob_impl", self.logprob_impl, ("logits", "fused_head"))
         _choice("trainer.device", self.device, ("auto", "cuda"))
-        for key in ("ref_update_freq", "save_freq", "test_freq", "keep_last_n"):
+        for key in ("ref_update_freq", "ref_model_sync_steps", "save_freq", "test_freq", "keep_last_n"):
             _positive(f"trainer.{key}", getattr(self, key), zero_ok=True)
+        _positive("trainer.update_epochs", self.update_epochs)
+        if self.mini_batch_size is not None:
+            _positive("trainer.mini_batch_size", self.mini_batch_size)
+        if self.prompts_per_step % self.mini_batch_prompts:
+            raise ConfigError(
+                f"trainer.mini_batch_size={self.mini_batch_size} must divide trainer.prompts_per_step="
+                f"{self.prompts_per_step} (each optimizer step trains on an equal share of the rollout batch)"
+            )
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(f"trainer.ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_update_freq and self.ref_model_sync_steps:
+            raise ConfigError(
+                "trainer.ref_update_freq (rollout steps) and trainer.ref_model_sync_steps (optimizer steps) both "
+                "set the reference refresh: set one of them to 0"
+            )
         if not self.output_dir:
             raise ConfigError("trainer.output_dir must be a directory path")
+
+    @property
+    def mini_batch_prompts(self) -> int:
+        """Prompts per optimizer step (``mini_batch_size``, else the whole rollout batch)."""
+        return self.mini_batch_size or self.prompts_per_step
+
+    @property
+    def mini_batches(self) -> int:
+        return self.prompts_per_step // self.mini_batch_prompts
+
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps taken on one rollout batch: mini-batches × epochs."""
+        return self.mini_batches * self.update_epochs
 
 
 @dataclass(kw_only=True)
@@ -335,6 +419,12 @@ class Config:
             raise ConfigError(
                 f"algorithm.pairs_per_prompt={self.algorithm.pairs_per_prompt} exceeds rollout.n={self.rollout.n}"
             )
+        _check_reference_anchors(self)
+        if self.algorithm.sampler == "reference" and self.rollout.sync_every != 1:
+            raise ConfigError(
+                "rollout.sync_every applies to algorithm.sample_from=policy; with sample_from=reference the engine "
+                "is synced when the reference is refreshed: remove rollout.sync_every or sample from the policy"
+            )
         if self.rollout.engine == "replay" and self.trainer.test_freq:
             raise ConfigError(
                 "rollout.engine=replay serves recorded training samples only: set trainer.test_freq=0"
@@ -343,6 +433,26 @@ class Config:
             raise ConfigError(
                 "algorithm.missing_eos=penalize ranks samples; spin mode ranks nothing: keep or exclude"
             )
+
+
+def _check_reference_anchors(cfg: Config) -> None:
+    """Refuse a run whose reference equals the policy at every update: DPO logits are then 0, the loss is
+    log 2 whatever the data, every rewards/* metric is 0 and nothing anchors the policy (clipping and Adam
+    cancel β)."""
+    t, a = cfg.trainer, cfg.algorithm
+    if a.reference_free or t.ref_model_mixup_alpha < 1.0:
+        return
+    if t.ref_update_freq == 1 and t.updates_per_rollout == 1:
+        raise ConfigError(
+            "trainer.ref_update_freq=1 with one optimizer step per rollout batch trains against a reference equal "
+            "to the policy (DPO logits always 0): take several optimizer steps per batch (e.g. "
+            f"trainer.mini_batch_size={max(1, t.prompts_per_step // 4)}), or set trainer.ref_update_freq ≥ 2"
+        )
+    if t.ref_model_sync_steps == 1:
+        raise ConfigError(
+            "trainer.ref_model_sync_steps=1 copies the policy into the reference after every optimizer step "
+            "(DPO logits always 0): use a larger interval or a soft update (trainer.ref_model_mixup_alpha < 1)"
+        )
 
 
 def register_configs() -> None:

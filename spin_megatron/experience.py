@@ -156,6 +156,7 @@ def generate_scored(
 class Experience:
     samples: list[Sample]
     items: list[list[ScoredSequence]]  # [chosen, rejected] per pair
+    item_prompts: list  # the prompt id of each pair (mini-batches split the rollout batch by prompt)
     sums: dict[str, float]  # rollout_sum_keys(cfg) of this replica
 
 
@@ -197,7 +198,7 @@ def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: Algori
         **{k: metrics.get(k, 0.0) for k in ROLLOUT_SUMS if k.startswith("pairs/")},
         **_metric_correct(samples, cfg.reward_metrics),
     }
-    return Experience(samples=samples, items=items, sums=sums)
+    return Experience(samples=samples, items=items, item_prompts=[p.prompt_id for p in pairs], sums=sums)
 
 
 def _metric_correct(samples: list[Sample], names: list[str]) -> dict[str, float]:

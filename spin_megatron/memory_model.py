@@ -23,9 +23,11 @@ output layer — also a copy of a tied embedding when p > 1 — and the log-prob
   layer's activations are rebuilt at a time. A stage of L/p layers holds ``min(p − stage, M)`` micro-batches in
   flight under 1F1B (M = micro-batches per step on a data-parallel rank);
 * log-prob buffers on the last stage, ``V/t`` columns: the trainer's chunked path keeps the logits ``[T, V/t]``
-  (e) for backward and writes their gradient (e) next to them, plus one fp32 ``[chunk, V/t]`` buffer;
+  (e) for backward and writes their gradient (e) next to them, plus three fp32 ``[chunk, V/t]`` buffers (the
+  chunk, and the probabilities and surprisal of the per-token metrics: entropy, top-1, mean logit);
   the naive fp32 ``log_softmax`` would hold ``T·V/t·(e + 12)`` (logits, fp32 copy, saved log-softmax, its
-  gradient); the fused head (``logprob.fused_head_logprobs``) one fp32 chunk, an fp32 weight gradient and an fp32
+  gradient); the fused head (``logprob.fused_head_logprobs``) the same three fp32 chunk buffers, an fp32 weight
+  gradient and an fp32
   ``[T, h]`` gradient;
 * transients: the output layer's weight gradient ``e·V/t·h`` and its input gradient while the logits gradient is
   alive (last stage), one layer's backward working set ``(2f/t + h)·T·e``; without a fused Adam (CPU), the
@@ -245,13 +247,17 @@ def num_microbatches(cfg, dp: int) -> int:
     return max(1, math.ceil(pairs / per_batch))
 
 
-def logprob_bytes(tokens: int, columns: int, hidden: int, chunk: int, e: int) -> dict[str, int]:
-    """Extra memory of the log-prob computation on ``[tokens, columns]`` logits, per path (module docstring)."""
+def logprob_bytes(
+    tokens: int, columns: int, hidden: int, chunk: int, e: int, *, stats: bool = True
+) -> dict[str, int]:
+    """Extra memory of the log-prob computation on ``[tokens, columns]`` logits, per path (module docstring).
+    ``stats``: the per-token metrics are computed too (the training pass does; bench/logprob.py does not)."""
     chunk = min(chunk, tokens)
+    buffers = 4 * chunk * columns * (3 if stats else 1)
     return {
         "naive": tokens * columns * (e + 12),
-        "chunked": 2 * tokens * columns * e + 4 * chunk * columns,
-        "fused": 4 * chunk * columns + 4 * columns * hidden + 4 * tokens * hidden,
+        "chunked": 2 * tokens * columns * e + buffers,
+        "fused": buffers + 4 * columns * hidden + 4 * tokens * hidden,
     }
 
 

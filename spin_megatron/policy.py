@@ -183,7 +183,7 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
         use_gloo_process_groups=False,
         pg_collection=groups.pgs,
     )
-    steps = cfg.trainer.total_steps
+    steps = cfg.trainer.total_steps * cfg.trainer.updates_per_rollout  # the schedule counts optimizer steps
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.lr_warmup_steps else o.lr,
@@ -219,11 +219,15 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
 
 
 @torch.no_grad()
-def refresh_reference(reference: torch.nn.Module, policy: Policy) -> None:
-    """reference ← policy (identical sharding: a parameter-by-parameter copy)."""
+def refresh_reference(reference: torch.nn.Module, policy: Policy, alpha: float = 1.0) -> None:
+    """reference ← α·policy + (1−α)·reference (identical sharding: parameter by parameter). α = 1: a copy (SPIN's
+    new iteration); α < 1: TR-DPO's soft update."""
     source = dict(unwrap(policy.model).named_parameters())
     target = dict(reference.named_parameters())
     if source.keys() != target.keys():
         raise ConfigError(f"reference and policy differ: {sorted(set(source) ^ set(target))[:5]}")
     for name, param in target.items():
-        param.copy_(source[name])
+        if alpha == 1.0:
+            param.copy_(source[name])
+        else:
+            param.lerp_(source[name].to(param.dtype), alpha)

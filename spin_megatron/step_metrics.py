@@ -8,18 +8,38 @@ def _ratio(num: float, den: float) -> float:
 
 
 def step_metrics(
-    rollout: dict, dpo: dict, counts: dict, *, grad_norm, lr: float, times: dict, skipped_steps: int
+    rollout: dict,
+    dpo: dict,
+    counts: dict,
+    *,
+    grad_norm,
+    lr: float,
+    times: dict,
+    skipped_steps: int,
+    rpo_alpha: float = 0.0,
 ) -> dict[str, float]:
+    """Means over every pair the step's optimizer updates saw (a pair trained in E epochs counts E times)."""
     pairs = dpo["pairs"]
+    nll = _ratio(dpo["nll/chosen"], dpo["tokens/chosen"])
+    tokens = dpo["tokens/chosen"] + dpo["tokens/rejected"]
     metrics = {
-        "loss": _ratio(dpo["loss"], pairs),
+        # the optimised objective: the DPO-family loss plus the RPO term when it is on
+        "loss": _ratio(dpo["loss"], pairs) + (rpo_alpha * nll if rpo_alpha else 0.0),
+        "loss/dpo": _ratio(dpo["loss"], pairs),
         "rewards/chosen": _ratio(dpo["rewards/chosen"], pairs),
         "rewards/rejected": _ratio(dpo["rewards/rejected"], pairs),
         "rewards/margins": _ratio(dpo["rewards/chosen"] - dpo["rewards/rejected"], pairs),
         "rewards/accuracies": _ratio(dpo["rewards/accuracies"], pairs),
         "logps/chosen": _ratio(dpo["logps/chosen"], pairs),
         "logps/rejected": _ratio(dpo["logps/rejected"], pairs),
-        "nll/chosen": _ratio(dpo["nll/chosen"], dpo["tokens/chosen"]),
+        "logits/chosen": _ratio(dpo["logits/chosen"], dpo["tokens/chosen"]),
+        "logits/rejected": _ratio(dpo["logits/rejected"], dpo["tokens/rejected"]),
+        "mean_token_accuracy": _ratio(dpo["top1/chosen"], dpo["tokens/chosen"]),
+        "entropy": _ratio(dpo["entropy/sum"], tokens),
+        # TRL's online-DPO estimates over the engine's samples: Σ_t (log π − log π_ref) and −Σ_t log π
+        "objective/kl": _ratio(dpo["kl/sum"], dpo["generated"]),
+        "objective/entropy": -_ratio(dpo["logp_sample/sum"], dpo["generated"]),
+        "nll/chosen": nll,
         "reward/score_mean": _ratio(rollout["reward/sum"], rollout["samples"]),
         "reward/accuracy": _ratio(rollout["reward/correct"], rollout["samples"]),
         "response_length/mean": _ratio(rollout["response_length/sum"], rollout["samples"]),
@@ -29,6 +49,9 @@ def step_metrics(
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": lr,
         "train/skipped_steps": float(skipped_steps),
+        "train/updates": counts.get("updates", 0.0),
+        "train/nan_skipped_updates": counts.get("nan_skipped", 0.0),
+        "train/zero_pair_updates": counts.get("zero_pair", 0.0),
         "train/tokens": counts["tokens"],
         "rollout/restarts": counts.get("restarts", 0.0),
         **{k: v for k, v in rollout.items() if k.startswith("pairs/")},

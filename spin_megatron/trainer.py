@@ -26,7 +26,13 @@ from spin_megatron.metrics import MetricsLogger, Timer
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
-from spin_megatron.parallel.dpo_step import METRIC_SUMS, DPOSettings, compute_reference_logps, train_step
+from spin_megatron.parallel.dpo_step import (
+    METRIC_SUMS,
+    DPOSettings,
+    compute_reference_logps,
+    prepare_batch_terms,
+    train_step,
+)
 from spin_megatron.parallel.packing import pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
@@ -80,6 +86,10 @@ class SPINTrainer:
                 vocab_size=self.source.arch.vocab_size,
             )
         self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
+        self.ref_version = 0  # bumped at every reference refresh
+        # SPIN's opponent: the engine holds the reference (synced at refreshes), else the policy
+        self._sample_source = cfg.algorithm.sampler
+        self._engine_holds = None  # which model's weights the engine holds: "policy" | "reference"
         if resume_from is not None:
             self._load(resume_from)
         self.logger = MetricsLogger(
@@ -91,7 +101,7 @@ class SPINTrainer:
             resume_step=self.step if resume_from is not None else None,
         )
         self.timer = Timer(synchronize=torch.cuda.synchronize if torch.cuda.is_available() else None)
-        self._sync()  # the engine starts from the policy's weights
+        self._sync()  # the engine starts from the weights it samples from (on resume: as saved)
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> str:
@@ -123,10 +133,12 @@ class SPINTrainer:
         with timer("generate"):
             if self.engine is not None:
                 self.engine.wake()  # colocated SGLang: take the KV cache back
+            if self._engine_holds != self._sample_source:
+                self._sync()  # validation left the policy in an engine that samples from the reference
             examples = shard(
                 self.sampler.next_batch(cfg.trainer.prompts_per_step), groups.dp_rank, groups.dp_size
             )
-            params = sampling_params(cfg.rollout, self.stop_ids, seed=cfg.trainer.seed + 7919 * self.step)
+            params = sampling_params(cfg.rollout, self.stop_ids, seed=sampling_seed(cfg, self.step, groups))
             samples, error = generate_scored(
                 self.engine,
                 examples,
@@ -142,7 +154,7 @@ class SPINTrainer:
             maybe_dump(
                 cfg.rollout, groups, self.step, samples or [], on_engine_rank=groups.rank == self.engine_src
             )
-        syncs_this_step = self.step % cfg.rollout.sync_every == 0
+        syncs_this_step = self._sync_due()
         if self.engine is not None:
             # Colocated SGLang: free its GPU memory for the update (no-op otherwise). Released weights come
             # back empty, so they are released only when this step's sync reloads them.
@@ -151,28 +163,18 @@ class SPINTrainer:
         counts = {
             "pairs": len(experience.items),
             "tokens": sum(s.num_tokens for i in experience.items for s in i),
-            "chosen_tokens": sum(len(item[0].response_ids) for item in experience.items),
             "rollout_failed": float(error is not None),
             "restarts": float(self.engine.restarts) if self.engine is not None else 0.0,
         }
         counts = sum_over_world(counts, tuple(counts), groups, contribute=groups.rank == self.engine_src)
         if counts["rollout_failed"]:
             self._halt_after_rollout_failure(error, sampler_state)
-        dpo_sums, grad_norm, updated = torch.zeros(len(METRIC_SUMS)), None, False
-        if counts["pairs"] > 0:
-            dpo_sums, grad_norm, updated = self._update(experience, counts)
-        self.skipped_steps += not updated
-        self.consecutive_skips = 0 if updated or counts["pairs"] == 0 else self.consecutive_skips + 1
-        if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
-            self._save()
-            raise TrainingHalted(
-                f"{self.consecutive_skips} consecutive steps had NaN/Inf gradients and were skipped "
-                f"(weights unchanged); saved the last good state as step {self.step} in "
-                f"{self.out / 'checkpoints'}; lower optim.lr or check the data, then resume"
-            )
+        ref_version = self.ref_version
+        dpo_sums, grad_norm, updates = self._update(experience, examples)
+        counts.update(updates)
         if cfg.trainer.ref_update_freq and self.step % cfg.trainer.ref_update_freq == 0:
-            refresh_reference(self.reference, self.policy)
-        if syncs_this_step:
+            self._refresh_reference()
+        if syncs_this_step or (self._sample_source == "reference" and self.ref_version != ref_version):
             kill_point("sync", self.step)
             with timer("sync"):
                 self._sync(save_on_failure=True)
@@ -180,32 +182,97 @@ class SPINTrainer:
             self.engine.wake()  # validation, the next step and a checkpointed stop all find it awake
         return self._metrics(experience, dpo_sums, grad_norm, counts)
 
-    def _update(self, experience, counts):
-        """Reference log-probs, then one DPO optimizer step (skipped if any gradient is NaN/Inf)."""
+    def _sync_due(self) -> bool:
+        """Whether this step ends with a weight sync (known before the update: colocated engines release
+        their weights only then)."""
+        t = self.cfg.trainer
+        if self._sample_source == "policy":
+            return self.step % self.cfg.rollout.sync_every == 0
+        if t.ref_update_freq:
+            return self.step % t.ref_update_freq == 0
+        if t.ref_model_sync_steps:  # refreshes counted in optimizer steps: one may land inside this step
+            done = int(self.policy.scheduler.num_steps)
+            return (done % t.ref_model_sync_steps) + t.updates_per_rollout >= t.ref_model_sync_steps
+        return False
+
+    def _refresh_reference(self) -> None:
+        refresh_reference(self.reference, self.policy, alpha=self.cfg.trainer.ref_model_mixup_alpha)
+        self.ref_version += 1
+
+    def _update(self, experience, examples):
+        """Reference log-probs, then the optimizer steps of this rollout batch: ``prompts_per_step /
+        mini_batch_size`` mini-batches (split by prompt, the same share of every data-parallel rank's prompts),
+        each one update whose loss is the exact mean over that mini-batch's pairs, ``update_epochs`` times.
+
+        A mini-batch without pairs anywhere takes no step; a NaN/Inf gradient skips its step (weights unchanged).
+        The LR schedule advances on applied updates only (Megatron's rule). Returns the metric sums over all
+        updates, the last grad norm and the update counters."""
+        t, groups = self.cfg.trainer, self.groups
+        chunks = mini_batches(experience.items, experience.item_prompts, examples, t.mini_batches)
+        local = [[len(c), sum(len(i[0].response_ids) for i in c)] for c in chunks]
+        flat = {f"{k}/{j}": float(v) for k, row in enumerate(local) for j, v in enumerate(row)}
+        totals = sum_over_world(flat, tuple(flat), groups, contribute=groups.rank == self.engine_src)
+        pad = self.tokenizer.pad_token_id or 0
         batches = [
-            b.to(self.groups.device)
-            for b in pack_items(
-                experience.items,
-                token_budget=self.cfg.trainer.micro_batch_tokens,
-                pad_token_id=self.tokenizer.pad_token_id or 0,
-            )
+            [b.to(groups.device) for b in pack_items(c, token_budget=t.micro_batch_tokens, pad_token_id=pad)]
+            for c in chunks
         ]
-        with self.timer("ref"):
-            compute_reference_logps(self.reference, self.groups, batches, self.settings)
-        with self.timer("update"):
-            sums, grad_norm, updated = train_step(
-                self.policy.model,
-                self.policy.optimizer,
-                self.groups,
-                batches,
-                self.settings,
-                global_pairs=int(counts["pairs"]),
-                global_chosen_tokens=int(counts["chosen_tokens"]),
-                step=self.step,
-            )
-            if updated:
+        sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
+        grad_norm, counters = None, {"updates": 0.0, "nan_skipped": 0.0, "zero_pair": 0.0}
+        ref_of = [None] * len(chunks)  # the reference version each mini-batch's ref log-probs were computed with
+        first = True
+        for _epoch in range(t.update_epochs):
+            for k, mb in enumerate(batches):
+                pairs, chosen_tokens = int(totals[f"{k}/0"]), int(totals[f"{k}/1"])
+                if pairs == 0:
+                    counters["zero_pair"] += 1
+                    continue
+                if ref_of[k] != self.ref_version:
+                    # the engine sampled from the reference: measure the agreement on it (once per step)
+                    measure = self._sample_source == "reference" and ref_of[k] is None
+                    with self.timer("ref"):
+                        agreement = compute_reference_logps(
+                            self.reference, groups, mb, self.settings, agreement=measure
+                        )
+                    ref_of[k] = self.ref_version
+                    sums[-3:-1] += agreement[:2]
+                    sums[-1] = torch.maximum(sums[-1], agreement[2])
+                with self.timer("update"):
+                    prepare_batch_terms(self.policy.model, groups, mb, self.settings)
+                    step_sums, norm, updated = train_step(
+                        self.policy.model,
+                        self.policy.optimizer,
+                        groups,
+                        mb,
+                        self.settings,
+                        global_pairs=pairs,
+                        global_chosen_tokens=chosen_tokens,
+                        step=self.step,
+                        # the engine sampled with the policy's current weights: the first update sees them
+                        agreement=first and self._sample_source == "policy",
+                    )
+                first = False
+                sums[:-1] += step_sums[:-1]
+                sums[-1] = torch.maximum(sums[-1], step_sums[-1])
+                if not updated:
+                    counters["nan_skipped"] += 1
+                    self.skipped_steps += 1
+                    self.consecutive_skips += 1
+                    if self.consecutive_skips >= t.max_consecutive_skips:
+                        self._save()
+                        raise TrainingHalted(
+                            f"{self.consecutive_skips} consecutive optimizer steps had NaN/Inf gradients and were "
+                            f"skipped (weights unchanged); saved the last good state as step {self.step} in "
+                            f"{self.out / 'checkpoints'}; lower optim.lr or check the data, then resume"
+                        )
+                    continue
+                self.consecutive_skips = 0
+                grad_norm = norm
+                counters["updates"] += 1
                 self.policy.scheduler.step(1)
-        return sums, grad_norm, updated
+                if t.ref_model_sync_steps and self.policy.scheduler.num_steps % t.ref_model_sync_steps == 0:
+                    self._refresh_reference()
+        return sums, grad_norm, counters
 
     def _halt_after_rollout_failure(self, error: str | None, sampler_state: dict) -> None:
         """Save the state before this step (its prompts are retried on resume), then stop every rank."""
@@ -237,16 +304,20 @@ class SPINTrainer:
             lr=self.policy.optimizer.param_groups[0]["lr"],
             times=self.timer.pop(),
             skipped_steps=self.skipped_steps,
+            rpo_alpha=self.cfg.algorithm.rpo_alpha,
         )
 
-    def _sync(self, save_on_failure: bool = False) -> None:
-        """Policy → engine. A sync that fails part-way (a server died, an update was refused) restarts the
-        engine and syncs again, ``rollout.max_restarts`` times; then the run saves (after an update) and stops.
-        Collective over the model-parallel group: every rank learns the engine rank's outcome."""
+    def _sync(self, save_on_failure: bool = False, source: str | None = None) -> None:
+        """``source`` (default: the model the samples come from, ``algorithm.sample_from``) → engine. A sync that
+        fails part-way (a server died, an update was refused) restarts the engine and syncs again,
+        ``rollout.max_restarts`` times; then the run saves (after an update) and stops. Collective over the
+        model-parallel group: every rank learns the engine rank's outcome."""
+        source = source or self._sample_source
+        model = self.reference if source == "reference" else self.policy.model
         max_restarts = self.cfg.rollout.max_restarts
         for attempt in range(max_restarts + 1):
             sync_weights(
-                self.policy.model,
+                model,
                 self.mapping,
                 self.groups,
                 self.engine,
@@ -255,6 +326,7 @@ class SPINTrainer:
             error = self.engine.take_sync_error() if self.engine is not None else None
             error = broadcast_object(error, self.engine_src, self.groups.pgs.mp)
             if error is None:
+                self._engine_holds = source
                 return
             if attempt < max_restarts and self.engine is not None:
                 print(f"rollout: weight sync failed ({error}); restarting the engine", file=sys.stderr)
@@ -272,6 +344,9 @@ class SPINTrainer:
     def _validate(self) -> dict[str, float]:
         if self.engine is not None:
             self.engine.wake()  # no-op when awake (train_one_step wakes it at its end)
+        if self._engine_holds != "policy":
+            # validation measures the policy; the next step puts the opponent back before it samples
+            self._sync(source="policy")
         return validate(
             self.engine,
             self.policy.model,
@@ -292,6 +367,7 @@ class SPINTrainer:
             "sampler": self.sampler.state_dict(),
             "model_signature": self.source.arch.signature(),
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "config": asdict(self.cfg),
         }
         save_checkpoint(
@@ -334,11 +410,15 @@ def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:
     a = cfg.algorithm
     return DPOSettings(
         beta=a.beta,
-        loss_type=a.loss_type,
+        loss_type=a.canonical_loss,
         label_smoothing=a.label_smoothing,
         reference_free=a.reference_free,
         rpo_alpha=a.rpo_alpha,
-        length_normalize=a.length_normalize,
+        length_normalize=a.length_normalized,
+        discopop_tau=a.discopop_tau,
+        ld_alpha=a.ld_alpha,
+        use_weighting=a.use_weighting,
+        chosen_is_gold=a.mode == "spin",
         vocab_size=vocab_size,
         chunk_tokens=cfg.trainer.logprob_chunk_tokens,
         sample_temperature=reported_logprob_temperature(cfg.rollout),
@@ -371,3 +451,21 @@ def resume_path(cfg: Config) -> Path | None:
     if mode == "auto":
         return latest
     return Path(mode)
+
+
+def sampling_seed(cfg: Config, step: int, groups: ParallelGroups) -> int:
+    """The sampling seed of a step: distinct per step and per data-parallel replica (each replica samples its own
+    prompts; equal seeds would correlate their draws)."""
+    return cfg.trainer.seed + 7919 * step + 1_000_003 * groups.dp_rank
+
+
+def mini_batches(items: list, item_prompts: list, examples: list, count: int) -> list[list]:
+    """Split this rank's pairs into ``count`` mini-batches by prompt: the k-th holds the pairs of the k-th
+    contiguous share of ``examples`` (this rank's prompts, in rollout order), so the k-th global mini-batch is the
+    union over data-parallel ranks of their k-th shares — ``mini_batch_size`` prompts when the ranks hold equal
+    shares. A prompt's pairs never straddle two mini-batches."""
+    chunk_of = {ex.prompt_id: k for k in range(count) for ex in shard(examples, k, count)}
+    chunks = [[] for _ in range(count)]
+    for item, prompt in zip(items, item_prompts, strict=True):
+        chunks[chunk_of[prompt]].append(item)
+    return chunks

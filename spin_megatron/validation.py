@@ -11,7 +11,7 @@ from spin_megatron.parallel.packing import ScoredSequence, pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.rollout.supervisor import RolloutError
 
-_GEN_KEYS = ("val/prompts", "val/score_sum", "val/correct", "val/response_length_sum", "val/failed")
+_GEN_KEYS = ("val/prompts", "val/score_sum", "val/correct", "val/response_length_sum", "val/eos", "val/failed")
 _NLL_KEYS = ("val/nll_sum", "val/nll_tokens")
 
 
@@ -47,6 +47,7 @@ def validate(
         "val/score_sum": sum(s.reward for s in samples),
         "val/correct": float(sum(s.reward >= 1.0 for s in samples)),
         "val/response_length_sum": float(sum(len(s.response_ids) for s in samples)),
+        "val/eos": float(sum(not s.truncated for s in samples)),  # ended with a stop token, not at the limit
     }
     gen = sum_over_world(local, _GEN_KEYS, groups, contribute=groups.rank == engine_src)
     if gen["val/failed"]:  # every rank learns it from the sum, so all stop together
@@ -68,5 +69,6 @@ def validate(
         "val/accuracy": gen["val/correct"] / count,
         "val/score_mean": gen["val/score_sum"] / count,
         "val/response_length": gen["val/response_length_sum"] / count,
+        "val/contain_eos_token": gen["val/eos"] / count,
         "val/gold_nll": nll["val/nll_sum"] / max(1.0, nll["val/nll_tokens"]),
     }

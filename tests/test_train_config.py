@@ -31,7 +31,7 @@ def test_tiny_cpu_preset_composes():
         (["experiment=tiny_cpu", "trainer.total_steps=many"], "invalid value for trainer.total_steps"),
         (
             ["experiment=tiny_cpu", "algorithm.loss_type=kto"],
-            "algorithm.loss_type='kto' is not allowed; choose one of sigmoid, ipo, hinge",
+            "algorithm.loss_type='kto' is not allowed; choose one of sigmoid, robust, hinge, ipo",
         ),
         (
             ["experiment=tiny_cpu", "algorithm.mode=offline"],

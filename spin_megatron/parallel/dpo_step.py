@@ -17,7 +17,7 @@ import torch.distributed as dist
 from spin_megatron.batching import IGNORE_INDEX
 from spin_megatron.faults import kill_point, poison_loss
 from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
-from spin_megatron.loss import dpo_loss
+from spin_megatron.loss import batch_terms, dpo_loss, needs_batch_terms
 from spin_megatron.parallel.packing import PackedMicroBatch, sequence_sums
 from spin_megatron.parallel.schedule import run_schedule
 from spin_megatron.parallel.state import ParallelGroups
@@ -32,10 +32,19 @@ METRIC_SUMS = (
     "logps/rejected",
     "nll/chosen",
     "tokens/chosen",
+    "tokens/rejected",
+    "generated",  # sequences the engine generated (spin: the rejected ones; online: both)
+    "kl/sum",  # Σ over generated sequences of Σ_t (log π − log π_ref)
+    "logp_sample/sum",  # Σ over generated sequences of Σ_t log π (−: the sample estimate of the entropy)
+    "logits/chosen",  # Σ over chosen tokens of the mean logit over the vocabulary
+    "logits/rejected",
+    "top1/chosen",  # chosen tokens that are the policy's argmax
+    "entropy/sum",  # Σ over all response tokens of the policy's entropy
     "logp_diff/sum",
     "logp_diff/tokens",
-    "logp_diff/max",
+    "logp_diff/max",  # must stay last: a max, the others are sums
 )
+POLICY_STATS = ("entropy", "mean_logit", "is_top1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +52,13 @@ class DPOSettings:
     beta: float
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
     reference_free: bool = False
     rpo_alpha: float = 0.0
     length_normalize: bool = False
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter response of the pair
+    use_weighting: bool = False  # WPO pair weights
+    chosen_is_gold: bool = False  # spin mode: the chosen response is the dataset's, not a sample
     vocab_size: int  # real vocabulary: padded rows are excluded from the softmax
     chunk_tokens: int = 1024
     sample_temperature: float = 1.0  # rollout temperature, for the train-rollout log-prob agreement
@@ -70,8 +83,9 @@ def _is_float16_wrapped(model) -> bool:
     return isinstance(model, Float16Module)
 
 
-def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None):
-    """Per-token log-probs from vocab-parallel logits, or (fused head) from hidden states and the head weight."""
+def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None, stats=()):
+    """Per-token log-probs from vocab-parallel logits, or (fused head) from hidden states and the head weight.
+    With ``stats`` (names of logprob.TOKEN_STATS): ``(log-probs, {name: detached per-token values})``."""
     if settings.fused_head:
         # Only the scored (response) positions go through the output layer: prompts and padding cost nothing.
         targets = batch.targets.reshape(-1)
@@ -85,9 +99,16 @@ def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weig
             temperature=temperature,
             vocab_size=settings.vocab_size,
             chunk_tokens=settings.chunk_tokens,
+            stats=stats,
         )
-        logps = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
-        return logps.index_copy(0, scored, picked).view(batch.targets.shape)
+        picked, values = picked if stats else (picked, {})
+
+        def spread(x):
+            full = torch.zeros(targets.shape, dtype=x.dtype, device=x.device)
+            return full.index_copy(0, scored, x).view(batch.targets.shape)
+
+        logps = spread(picked)
+        return (logps, {k: spread(v) for k, v in values.items()}) if stats else logps
     return vocab_parallel_logprobs(
         output,
         batch.targets,
@@ -95,10 +116,28 @@ def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weig
         vocab_size=settings.vocab_size,
         chunk_tokens=settings.chunk_tokens,
         temperature=temperature,
+        stats=stats,
     )
 
 
-def _as_used(sums: torch.Tensor, batch, settings) -> torch.Tensor:
+def _ld_weights(batch) -> torch.Tensor | None:
+    """LD-DPO: per-position flag ``[T]``: 1 where the response token lies within the shorter response of its
+    pair (the shared part), 0 past it (the verbose tail), 0 where nothing is scored."""
+    lengths = batch.response_lengths.long()
+    scored = batch.sequence_index >= 0
+    seq = batch.sequence_index.clamp(min=0)
+    rank = torch.cumsum(scored.long(), 0)  # sequences are packed in order, responses contiguous
+    position = rank - (torch.cumsum(lengths, 0) - lengths)[seq]  # 1-based within its response
+    shared = lengths.view(-1, 2).min(dim=1).values.repeat_interleave(2)
+    return (scored & (position <= shared[seq])).to(torch.float32)
+
+
+def _as_used(token_logps: torch.Tensor, batch, settings) -> torch.Tensor:
+    """The per-sequence log-probs the loss sees: summed (LD-DPO: shared part + α·tail), or length-averaged."""
+    if settings.ld_alpha is not None and batch.num_pairs:
+        shared = _ld_weights(batch).to(token_logps.dtype).view(token_logps.shape)
+        token_logps = token_logps * (shared + settings.ld_alpha * (1 - shared))
+    sums = sequence_sums(token_logps, batch)
     return sums / batch.response_lengths.clamp(min=1.0) if settings.length_normalize else sums
 
 
@@ -107,25 +146,94 @@ def _no_loss(output, stats=None):
     return zero, torch.tensor(0, dtype=torch.int, device=output.device), stats or {}
 
 
-def _reference_loss(batch, output, *, groups, settings, weight=None):
-    batch.ref_logps = _as_used(
-        sequence_sums(_token_logps(output, batch, groups, settings, weight=weight), batch), batch, settings
-    ).detach()
-    return _no_loss(output)
+def _reference_loss(batch, output, *, groups, settings, agreement=False, weight=None):
+    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    batch.ref_logps = _as_used(token_logps, batch, settings).detach()
+    batch.extras["ref_sums"] = sequence_sums(token_logps, batch).detach()
+    measured = _agreement(output, token_logps, batch, groups, settings, weight) if agreement else _zeros3(output)
+    return _no_loss(output, {"agreement": torch.stack(measured)})
+
+
+def _zeros3(output):
+    zero = torch.zeros((), device=output.device)
+    return zero, zero, zero
 
 
 @torch.no_grad()
 def compute_reference_logps(
-    reference, groups: ParallelGroups, batches: list[PackedMicroBatch], settings: DPOSettings
-) -> None:
-    """Fill ``batch.ref_logps`` on the last pipeline stage, with the frozen reference model."""
-    _run(
+    reference,
+    groups: ParallelGroups,
+    batches: list[PackedMicroBatch],
+    settings: DPOSettings,
+    *,
+    agreement: bool = False,
+) -> torch.Tensor:
+    """Fill ``batch.ref_logps`` on the last pipeline stage, with the frozen reference model. ``agreement``: also
+    measure |reference − engine| log-probs (the engine sampled from the reference); returns ``[Σ, count, max]``
+    (zeros off the last stage)."""
+    outputs = _run(
         reference,
         groups,
         batches,
-        partial(_reference_loss, groups=groups, settings=settings),
+        partial(_reference_loss, groups=groups, settings=settings, agreement=agreement),
         forward_only=True,
     )
+    return _fold_agreement([o["agreement"] for o in outputs], groups.device)
+
+
+def _fold_agreement(parts, device) -> torch.Tensor:
+    total = torch.zeros(3, device=device)
+    for part in parts:
+        total[:2] += part[:2]
+        total[2] = torch.maximum(total[2], part[2])
+    return total
+
+
+def _policy_used_loss(batch, output, *, groups, settings, weight=None):
+    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    batch.extras["policy_used"] = _as_used(token_logps, batch, settings).detach()
+    return _no_loss(output)
+
+
+@torch.no_grad()
+def prepare_batch_terms(model, groups: ParallelGroups, batches: list[PackedMicroBatch], settings) -> None:
+    """Losses that sort across the batch (aot, aot_pair): the batch is every pair of this optimizer step, over
+    all micro-batches and data-parallel ranks. A forward-only policy pass gives each pair's log-probs; they are
+    gathered in (dp rank, micro-batch) order and every micro-batch gets the rows of its own pairs."""
+    if not needs_batch_terms(settings.loss_type):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        _run(model, groups, batches, partial(_policy_used_loss, groups=groups, settings=settings),
+             forward_only=True)  # fmt: skip
+    finally:
+        model.train(was_training)
+    if not groups.is_last_stage:
+        return
+    real = [b for b in batches if b.num_pairs]
+    local = [
+        torch.stack(
+            [b.extras["policy_used"][0::2], b.extras["policy_used"][1::2], b.ref_logps[0::2], b.ref_logps[1::2]],
+            dim=1,
+        ).cpu()
+        for b in real
+    ]
+    local = torch.cat(local) if local else torch.zeros(0, 4)
+    gathered = [None] * groups.dp_size
+    dist.all_gather_object(gathered, local, group=groups.dp)
+    offset = sum(len(g) for g in gathered[: groups.dp_rank])
+    everything = torch.cat(gathered).to(groups.device)
+    terms = batch_terms(
+        settings.loss_type,
+        *everything.unbind(1),
+        beta=settings.beta,
+        label_smoothing=settings.label_smoothing,
+        reference_free=settings.reference_free,
+    )
+    for b in real:
+        b.extras["batch_terms"] = terms[offset : offset + b.num_pairs]
+        offset += b.num_pairs
 
 
 def settings_fused(loss_for_batch) -> bool:
@@ -190,12 +298,13 @@ def _agreement(
     return diff.sum(), torch.tensor(float(diff.numel()), device=output.device), diff.max()
 
 
-def _policy_loss(batch, output, *, groups, settings, pair_scale, step, weight=None):
-    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+def _policy_loss(batch, output, *, groups, settings, pair_scale, step, agreement=False, weight=None):
+    stats = POLICY_STATS + (("log_sum_sq_probs",) if settings.use_weighting else ())
+    token_logps, per_token = _token_logps(output, batch, groups, settings, weight=weight, stats=stats)
     if batch.num_pairs == 0:  # a placeholder micro-batch of a rank without pairs: contributes nothing
         return _no_loss(output, {"sums": torch.zeros(len(METRIC_SUMS), device=output.device)})
     sums = sequence_sums(token_logps, batch)
-    used = _as_used(sums, batch, settings)
+    used = _as_used(token_logps, batch, settings)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         used[0::2],
         used[1::2],
@@ -205,27 +314,52 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale, step, weight=No
         loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing,
         reference_free=settings.reference_free,
+        discopop_tau=settings.discopop_tau,
+        batch_terms=batch.extras.get("batch_terms"),
     )
+    if settings.use_weighting:
+        # WPO: each pair weighs exp(mean_t log p_t − log Σ_v p_v²) of its chosen times that of its rejected
+        # (the policy's own, length-normalised probability of the pair; no gradient through the weight).
+        aligned = sequence_sums(token_logps.detach() - per_token["log_sum_sq_probs"], batch)
+        weights = torch.exp(aligned / batch.response_lengths.clamp(min=1.0))
+        losses = losses * weights[0::2] * weights[1::2]
     loss = losses.sum()
     chosen_nll = -sums[0::2].sum()
     if settings.rpo_alpha:
         # RPO: NLL per chosen token over the whole step; Megatron divides by the global pair count afterwards.
         loss = loss + settings.rpo_alpha * chosen_nll * pair_scale
     loss = poison_loss(loss, step)
-    stats = torch.stack(
-        [
-            torch.tensor(float(batch.num_pairs), device=output.device),
-            losses.detach().sum(),
-            chosen_rewards.sum(),
-            rejected_rewards.sum(),
-            (chosen_rewards > rejected_rewards).float().sum(),
-            used[0::2].detach().sum(),
-            used[1::2].detach().sum(),
-            chosen_nll.detach(),
-            batch.response_lengths[0::2].sum(),
-            *_agreement(output, token_logps, batch, groups, settings, weight),
-        ]
-    )
+    with torch.no_grad():
+        generated = sums.new_ones(sums.shape)
+        if settings.chosen_is_gold:
+            generated[0::2] = 0
+        raw = sums.detach()
+        per_seq = {k: sequence_sums(v, batch) for k, v in per_token.items()}
+        measured = (
+            _agreement(output, token_logps, batch, groups, settings, weight) if agreement else _zeros3(output)
+        )
+        stats = torch.stack(
+            [
+                torch.tensor(float(batch.num_pairs), device=output.device),
+                losses.detach().sum(),
+                chosen_rewards.sum(),
+                rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).float().sum(),
+                used[0::2].detach().sum(),
+                used[1::2].detach().sum(),
+                chosen_nll.detach(),
+                batch.response_lengths[0::2].sum(),
+                batch.response_lengths[1::2].sum(),
+                generated.sum(),
+                (generated * (raw - batch.extras["ref_sums"])).sum(),
+                (generated * raw).sum(),
+                per_seq["mean_logit"][0::2].sum(),
+                per_seq["mean_logit"][1::2].sum(),
+                per_seq["is_top1"][0::2].sum(),
+                per_seq["entropy"].sum(),
+                *measured,
+            ]
+        )
     return loss, torch.tensor(batch.num_pairs, dtype=torch.int, device=output.device), {"sums": stats}
 
 
@@ -249,11 +383,13 @@ def train_step(
     global_pairs: int,
     global_chosen_tokens: int,
     step: int = 0,
+    agreement: bool = False,
 ) -> tuple[torch.Tensor, float | None, bool]:
     """One optimizer step on this rank's micro-batches (their ``ref_logps`` filled on the last stage).
 
     Returns ``(metric sums of METRIC_SUMS — zeros off the last stage —, grad norm, whether it updated)``;
-    ``logp_diff/max`` is a max, the others are sums. A NaN/Inf anywhere in the gradients skips the optimizer
+    ``logp_diff/max`` is a max, the others are sums. ``agreement``: measure |policy − engine| log-probs (the
+    engine sampled from these very weights). A NaN/Inf anywhere in the gradients skips the optimizer
     step on every rank (weights and optimizer state stay as they were).
     """
     loss_fn = partial(
@@ -262,6 +398,7 @@ def train_step(
         settings=settings,
         pair_scale=global_pairs / max(1, global_chosen_tokens),
         step=step,
+        agreement=agreement,
     )
     optimizer.zero_grad()
     model.zero_grad_buffer()
