@@ -109,7 +109,8 @@ class DataConfig:
     use_chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     max_prompt_tokens: int = 512  # longer prompts are dropped or left-truncated
     overlong_prompts: str = "drop"  # drop | left_truncate
-    max_gold_tokens: int = 512  # gold responses are cut to this many tokens (SPIN chosen)
+    # SPIN chosen: gold tokens + the chat template's end-of-turn token; a longer gold is cut here, unterminated
+    max_gold_tokens: int = 512
     strip_calculator_annotations: bool = True  # remove GSM8K's <<48/2=24>> from gold responses
     shuffle: bool = True  # reshuffle the training prompts every epoch
     seed: int = 1  # shuffling seed

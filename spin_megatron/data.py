@@ -137,7 +137,7 @@ def load_rows(
 class PromptExample:
     prompt_id: int  # row index in the source dataset: stable across runs, shuffles and drops
     prompt_ids: list[int]  # the prompt as the policy sees it (chat template applied)
-    gold_ids: list[int]  # the dataset's response tokens + EOS (SPIN's chosen)
+    gold_ids: list[int]  # the dataset's response + turn terminator (SPIN's chosen); none when cut short
     row: dict = field(repr=False)  # the raw row; reward functions read e.g. row["answer"]
 
 
@@ -147,7 +147,7 @@ class DataStats:
     kept: int = 0  # prompts that became examples
     dropped_overlong: int = 0  # prompts longer than data.max_prompt_tokens, dropped
     truncated: int = 0  # prompts longer than data.max_prompt_tokens, left-truncated
-    gold_truncated: int = 0  # gold responses cut to data.max_gold_tokens
+    gold_truncated: int = 0  # gold responses cut to data.max_gold_tokens (they get no terminator)
     max_prompt_tokens: int = 0  # longest kept prompt
     seconds: float = 0.0  # time spent rendering and tokenizing
 
@@ -215,23 +215,64 @@ def _tokenize_prompts(texts: list[str], tokenizer, cfg: DataConfig) -> list[list
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
+_PROBE = "SPIN_GOLD_PROBE"  # assistant content: the template's turn terminator follows it
+
+
+def _special_ids(tokenizer) -> set[int]:
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {token_id for token_id, token in added.items() if token.special}
+
+
+def gold_terminator(tokenizer, cfg: DataConfig) -> list[int]:
+    """The token(s) that end a finished gold response, as the policy's own samples end.
+
+    With ``data.use_chat_template``: what the template writes right after an assistant turn's content, up to
+    and including its first special token, whitespace left out (Qwen2.5: ``<|im_end|>``, also for the base
+    tokenizer whose EOS is ``<|endoftext|>``; Llama 3: ``<|eot_id|>``). A template that writes no special
+    token there, or plain-text prompts, end with the tokenizer's EOS.
+    """
+    if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+        conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _PROBE}]
+        try:
+            rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+        except Exception as err:  # a jinja TemplateError or the template's own raise_exception
+            raise ConfigError(
+                f"the chat template of tokenizer {tokenizer.name_or_path} cannot render an assistant turn "
+                f"({type(err).__name__}: {_first_line(err)}); fix the template or set data.use_chat_template=false"
+            ) from err
+        start = rendered.rfind(_PROBE)
+        if start >= 0:
+            after = tokenizer(rendered[start + len(_PROBE) :], add_special_tokens=False)["input_ids"]
+            special, kept = _special_ids(tokenizer), []
+            for token in after:
+                if token in special:
+                    return [*kept, token]
+                if tokenizer.decode([token]).strip():
+                    kept.append(token)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path} has no EOS token (and its chat template no end-of-turn token); "
+            "use a tokenizer that defines one"
+        )
+    return [tokenizer.eos_token_id]
+
+
 def build_examples(
     rows, tokenizer, cfg: DataConfig, *, split_name: str
 ) -> tuple[list[PromptExample], DataStats]:
     """Tokenized prompts and gold responses of ``rows`` (a ``datasets.Dataset`` or a list of dicts).
 
     Prompts longer than ``cfg.max_prompt_tokens`` are dropped or keep their last ``max_prompt_tokens`` tokens
-    (``cfg.overlong_prompts``); both are counted in the returned stats. ``split_name`` names the rows in errors.
+    (``cfg.overlong_prompts``); both are counted in the returned stats. A gold response ends with
+    :func:`gold_terminator`, unless it does not fit in ``cfg.max_gold_tokens``: then it keeps its first
+    ``max_gold_tokens`` tokens and no terminator (it did not end), counted as ``gold_truncated``.
+    ``split_name`` names the rows in errors.
     """
     started = time.perf_counter()
     stats = DataStats(total=len(rows))
     if stats.total == 0:
         raise ConfigError(f"{split_name} has no rows")
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise ConfigError(
-            f"tokenizer {tokenizer.name_or_path} has no EOS token; use a tokenizer that defines one"
-        )
+    terminator = gold_terminator(tokenizer, cfg)
     questions = _column(rows, cfg.prompt_key, "data.prompt_key", split_name)
     answers = _column(rows, cfg.answer_key, "data.answer_key", split_name)
     prompt_ids = _tokenize_prompts(_prompt_texts(questions, cfg, split_name), tokenizer, cfg)
@@ -239,7 +280,6 @@ def build_examples(
     records = rows.to_list() if isinstance(rows, datasets.Dataset) else [dict(r) for r in rows]
 
     examples = []
-    max_gold = cfg.max_gold_tokens - 1  # one place is kept for EOS
     for index, (prompt, gold, row) in enumerate(zip(prompt_ids, gold_ids, records)):
         if len(prompt) > cfg.max_prompt_tokens:
             if cfg.overlong_prompts == "drop":
@@ -247,12 +287,12 @@ def build_examples(
                 continue
             prompt = prompt[-cfg.max_prompt_tokens :]  # keep the end: the question and the generation prompt
             stats.truncated += 1
-        if len(gold) > max_gold:
-            gold = gold[:max_gold]
+        if len(gold) + len(terminator) > cfg.max_gold_tokens:
+            gold = list(gold[: cfg.max_gold_tokens])
             stats.gold_truncated += 1
-        examples.append(
-            PromptExample(prompt_id=index, prompt_ids=list(prompt), gold_ids=[*gold, eos_id], row=row)
-        )
+        else:
+            gold = [*gold, *terminator]
+        examples.append(PromptExample(prompt_id=index, prompt_ids=list(prompt), gold_ids=gold, row=row))
         stats.max_prompt_tokens = max(stats.max_prompt_tokens, len(prompt))
     stats.kept = len(examples)
     stats.seconds = time.perf_counter() - started

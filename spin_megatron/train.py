@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if rank == 0:  # prompts dropped or cut, gold responses truncated (those get no terminator)
+        print(f"{PROG}: {data.train_stats.summary('train data')}", flush=True)
     from spin_megatron.parallel.state import destroy_parallel, init_parallel
     from spin_megatron.preemption import PreemptionFlag
     from spin_megatron.trainer import SPINTrainer

@@ -8,6 +8,7 @@ from spin_megatron.data import (
     PromptExample,
     PromptSampler,
     build_examples,
+    gold_terminator,
     load_prompt_split,
     load_rows,
     load_tokenizer,
@@ -70,10 +71,105 @@ def test_plain_text_prompt_and_system_prompt(tokenizer, few_rows):
     assert tokenizer.decode(chat.prompt_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
-def test_gold_is_truncated_to_max_gold_tokens_with_eos(tokenizer, few_rows):
+def test_a_gold_cut_at_max_gold_tokens_gets_no_terminator(tokenizer, few_rows):
+    full, _ = build_examples(few_rows, tokenizer, cfg(), split_name="t")
     examples, stats = build_examples(few_rows, tokenizer, cfg(max_gold_tokens=8), split_name="t")
-    assert all(len(e.gold_ids) == 8 and e.gold_ids[-1] == EOS for e in examples)
-    assert stats.gold_truncated == 20
+    assert all(e.gold_ids == f.gold_ids[:8] and EOS not in e.gold_ids for e, f in zip(examples, full))
+    assert stats.gold_truncated == 20 and "20 gold responses truncated" in stats.summary("t")
+
+
+def test_max_gold_tokens_boundary(tokenizer, few_rows):
+    row = few_rows.select([0])
+    (example,), _ = build_examples(row, tokenizer, cfg(), split_name="t")
+    text_tokens = len(example.gold_ids) - 1  # the gold's own tokens, then <|im_end|>
+    (fits,), stats = build_examples(row, tokenizer, cfg(max_gold_tokens=text_tokens + 1), split_name="t")
+    assert fits.gold_ids == example.gold_ids and stats.gold_truncated == 0
+    (cut,), stats = build_examples(row, tokenizer, cfg(max_gold_tokens=text_tokens), split_name="t")
+    assert cut.gold_ids == example.gold_ids[:-1] and stats.gold_truncated == 1  # complete text, yet no end
+
+
+# ---------------------------------------------------------------------------------------------- gold terminator
+
+# A Llama-3-style chat template (header tokens around the role, <|eot_id|> after each turn's content).
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer(qwen_tokenizer_dir):
+    """Qwen2.5's tokenizer as the base model ships it: EOS <|endoftext|> (151643), same ChatML template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir), eos_token="<|endoftext|>")
+    assert tok.eos_token_id == 151643 and "<|im_end|>" in tok.chat_template
+    return tok
+
+
+@pytest.fixture
+def custom_tokenizer(qwen_tokenizer_dir):
+    """``custom_tokenizer(template)``: a fresh Qwen2.5 tokenizer with Llama-3's special tokens and ``template``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    tok.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|end_of_text|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "</s>"],
+        }
+    )
+
+    def make(template):
+        tok.chat_template = template
+        return tok
+
+    return make
+
+
+def test_qwen_instruct_gold_ends_with_im_end(tokenizer):
+    assert tokenizer.eos_token_id == EOS  # the shared tokenizer is the instruct one: EOS is <|im_end|>
+    assert gold_terminator(tokenizer, cfg()) == [EOS]
+
+
+def test_qwen_base_gold_ends_with_the_templates_im_end_not_eos(base_tokenizer, few_rows):
+    assert gold_terminator(base_tokenizer, cfg()) == [EOS]  # what the chat template ends a turn with
+    examples, _ = build_examples(few_rows, base_tokenizer, cfg(), split_name="t")
+    assert all(e.gold_ids[-1] == EOS and 151643 not in e.gold_ids for e in examples)
+    plain, _ = build_examples(few_rows, base_tokenizer, cfg(use_chat_template=False), split_name="t")
+    assert all(e.gold_ids[-1] == 151643 for e in plain)  # no template: the tokenizer's EOS
+
+
+def test_llama3_style_gold_ends_with_eot_id(custom_tokenizer, few_rows):
+    tok = custom_tokenizer(LLAMA3_TEMPLATE)
+    eot, end_of_text = tok.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert tok.eos_token_id == end_of_text != eot
+    assert gold_terminator(tok, cfg()) == [eot]
+    examples, _ = build_examples(few_rows, tok, cfg(system_prompt="Be brief."), split_name="t")
+    assert all(e.gold_ids[-1] == eot for e in examples)
+    assert tok.decode(examples[0].prompt_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_whitespace_before_the_end_token_is_left_out(custom_tokenizer):
+    # Llama-2-style: " " + content + " " + eos; the gold ends with </s> alone, as the sampled responses do.
+    tok = custom_tokenizer(
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }} \n</s>\n{% endif %}{% endfor %}"
+    )
+    assert gold_terminator(tok, cfg()) == tok.convert_tokens_to_ids(["</s>"])
+
+
+def test_a_template_without_an_end_token_falls_back_to_eos(custom_tokenizer):
+    tok = custom_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert gold_terminator(tok, cfg()) == [tok.eos_token_id]
+
+
+def test_a_template_that_cannot_render_an_assistant_turn_is_a_config_error(custom_tokenizer):
+    tok = custom_tokenizer("{% for m in messages %}{{ raise_exception('user turns only') }}{% endfor %}")
+    with pytest.raises(ConfigError, match="cannot render an assistant turn.*user turns only"):
+        gold_terminator(tok, cfg())
 
 
 def test_overlong_prompts_are_dropped_or_left_truncated_and_counted(tokenizer, few_rows):
