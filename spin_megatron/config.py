@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.sglang.config import SGLangConfig
@@ -91,13 +92,28 @@ class ModelConfig:
                 "experiment=tiny_cpu"
             )
         if self.tiny is not None and len(sources) > 1:
-            raise ConfigError(f"model.tiny builds a random model; do not also set model.{sources[0]}")
+            raise ConfigError(
+                f"model.tiny builds a random model and model.{sources[0]} loads one: set only one; to load "
+                f"{sources[0]} in a preset that sets model.tiny (e.g. experiment=tiny_cpu), add model.tiny=null"
+            )
+
+
+def _file_list(key: str, value) -> list[str]:
+    """``data.*_files`` as a list: one path (``data.train_files=/path/train.jsonl``) or a list of paths."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)] if str(value) else []
+    if isinstance(value, (list, tuple)) and all(isinstance(path, (str, Path)) for path in value):
+        return [str(path) for path in value]
+    raise ConfigError(f"{key} must be a file path or a list of file paths, got {value!r}")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: _default_files("train"))  # local .jsonl/.parquet
-    val_files: list[str] = field(default_factory=lambda: _default_files("test"))  # local .jsonl/.parquet
+    # local .jsonl/.parquet files: a list or one path (typed Any so that Hydra takes a plain path too)
+    train_files: Any = field(default_factory=lambda: _default_files("train"))
+    val_files: Any = field(default_factory=lambda: _default_files("test"))  # as train_files
     hub_dataset: str = "openai/gsm8k"  # used when the *_files lists are empty (needs network)
     hub_config: str | None = "main"  # the hub dataset's configuration name
     train_split: str = "train"  # hub split for training
@@ -117,6 +133,8 @@ class DataConfig:
     val_max_prompts: int | None = 128  # validate on the first N val prompts (None: all)
 
     def __post_init__(self):
+        self.train_files = _file_list("data.train_files", self.train_files)
+        self.val_files = _file_list("data.val_files", self.val_files)
         _choice("data.overlong_prompts", self.overlong_prompts, ("drop", "left_truncate"))
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         _positive("data.max_gold_tokens", self.max_gold_tokens)
@@ -189,7 +207,7 @@ class AlgorithmConfig:
     tie_break: str = "first"
     missing_eos: str = "keep"  # truncated samples: keep | penalize | exclude
     missing_eos_penalty: float = 1.0  # subtracted from a truncated sample's reward (penalize)
-    pairs_per_prompt: int = 1  # spin: pairs built per prompt (≤ rollout.n)
+    pairs_per_prompt: Any = 1  # spin: pairs built per prompt: an integer ≤ rollout.n, or all (one per sample)
 
     def __post_init__(self):
         from spin_megatron.loss import LOSS_ALIASES, LOSS_TYPES, SMOOTHED_LOSSES, canonical_loss_type
@@ -227,7 +245,11 @@ class AlgorithmConfig:
                 f"algorithm.reward_metrics must list distinct reward names; got {self.reward_metrics}"
             )
         _choice("algorithm.missing_eos", self.missing_eos, ("keep", "penalize", "exclude"))
-        _positive("algorithm.pairs_per_prompt", self.pairs_per_prompt)
+        count = isinstance(self.pairs_per_prompt, int) and not isinstance(self.pairs_per_prompt, bool)
+        if self.pairs_per_prompt != "all" and not (count and self.pairs_per_prompt >= 1):
+            raise ConfigError(
+                f"algorithm.pairs_per_prompt must be an integer ≥ 1 or all; got {self.pairs_per_prompt!r}"
+            )
 
     @property
     def sampler(self) -> str:
@@ -416,7 +438,8 @@ class Config:
         self.model.check_source()
         if self.algorithm.mode == "online" and self.rollout.n < 2:
             raise ConfigError("algorithm.mode=online needs rollout.n ≥ 2 (best vs worst sample of a prompt)")
-        if self.algorithm.mode == "spin" and self.algorithm.pairs_per_prompt > self.rollout.n:
+        per_prompt = self.algorithm.pairs_per_prompt
+        if self.algorithm.mode == "spin" and per_prompt != "all" and per_prompt > self.rollout.n:
             raise ConfigError(
                 f"algorithm.pairs_per_prompt={self.algorithm.pairs_per_prompt} exceeds rollout.n={self.rollout.n}"
             )

@@ -242,6 +242,8 @@ def micro_batch_tokens(cfg) -> int:
 def num_microbatches(cfg, dp: int) -> int:
     """Micro-batches of one data-parallel rank when every pair has the longest length."""
     pairs_per_prompt = cfg.algorithm.pairs_per_prompt if cfg.algorithm.mode == "spin" else 1
+    if pairs_per_prompt == "all":  # one pair per sample
+        pairs_per_prompt = cfg.rollout.n
     pairs = math.ceil(cfg.trainer.prompts_per_step / dp) * pairs_per_prompt
     per_batch = max(1, cfg.trainer.micro_batch_tokens // pair_tokens(cfg))
     return max(1, math.ceil(pairs / per_batch))
