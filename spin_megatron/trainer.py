@@ -14,9 +14,10 @@ from spin_megatron.config import Config, default_tokenizer
 from spin_megatron.data import PromptExample, PromptSampler, shard
 from spin_megatron.errors import ConfigError, TrainingHalted
 from spin_megatron.experience import (
-    ROLLOUT_SUMS,
     generate_scored,
     make_pairs,
+    metric_reward_fns,
+    rollout_sum_keys,
     sampling_params,
     stop_token_ids,
 )
@@ -68,6 +69,7 @@ class SPINTrainer:
         self.sampler = PromptSampler(data.train, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
         self.val_examples = shard(data.val, groups.dp_rank, groups.dp_size)
         self.reward_fn = get_reward_fn(cfg.algorithm.reward)
+        self.metric_fns = metric_reward_fns(cfg.algorithm)  # logged beside the reward, never paired on
         self.source = resolve_model_source(cfg, groups, groups.tp_size)
         check_training_memory(
             cfg, self.source.arch, groups.world_size
@@ -90,6 +92,7 @@ class SPINTrainer:
         # SPIN's opponent: the engine holds the reference (synced at refreshes), else the policy
         self._sample_source = cfg.algorithm.sampler
         self._engine_holds = None  # which model's weights the engine holds: "policy" | "reference"
+        self._ref_is_policy = False  # a hard refresh made them equal and no update has happened since
         if resume_from is not None:
             self._load(resume_from)
         self.logger = MetricsLogger(
@@ -133,7 +136,9 @@ class SPINTrainer:
         with timer("generate"):
             if self.engine is not None:
                 self.engine.wake()  # colocated SGLang: take the KV cache back
-            if self._engine_holds != self._sample_source:
+            if self._sample_source == "reference" and not (
+                self._engine_holds == "reference" or self._ref_is_policy
+            ):
                 self._sync()  # validation left the policy in an engine that samples from the reference
             examples = shard(
                 self.sampler.next_batch(cfg.trainer.prompts_per_step), groups.dp_rank, groups.dp_size
@@ -144,6 +149,7 @@ class SPINTrainer:
                 examples,
                 params,
                 reward_fn=self.reward_fn,
+                metric_fns=self.metric_fns,
                 tokenizer=self.tokenizer,
                 groups=groups,
                 engine_src=self.engine_src,
@@ -196,8 +202,10 @@ class SPINTrainer:
         return False
 
     def _refresh_reference(self) -> None:
-        refresh_reference(self.reference, self.policy, alpha=self.cfg.trainer.ref_model_mixup_alpha)
+        alpha = self.cfg.trainer.ref_model_mixup_alpha
+        refresh_reference(self.reference, self.policy, alpha=alpha)
         self.ref_version += 1
+        self._ref_is_policy = alpha == 1.0
 
     def _update(self, experience, examples):
         """Reference log-probs, then the optimizer steps of this rollout batch: ``prompts_per_step /
@@ -220,6 +228,7 @@ class SPINTrainer:
         sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
         grad_norm, counters = None, {"updates": 0.0, "nan_skipped": 0.0, "zero_pair": 0.0}
         ref_of = [None] * len(chunks)  # the reference version each mini-batch's ref log-probs were computed with
+        sampled_by = self.ref_version  # the reference that sampled this batch (sample_from=reference)
         first = True
         for _epoch in range(t.update_epochs):
             for k, mb in enumerate(batches):
@@ -228,8 +237,9 @@ class SPINTrainer:
                     counters["zero_pair"] += 1
                     continue
                 if ref_of[k] != self.ref_version:
-                    # the engine sampled from the reference: measure the agreement on it (once per step)
-                    measure = self._sample_source == "reference" and ref_of[k] is None
+                    # the engine sampled from this very reference: measure the agreement on it (once per step)
+                    measure = self._sample_source == "reference" and self.ref_version == sampled_by
+                    measure = measure and ref_of[k] is None
                     with self.timer("ref"):
                         agreement = compute_reference_logps(
                             self.reference, groups, mb, self.settings, agreement=measure
@@ -267,6 +277,7 @@ class SPINTrainer:
                         )
                     continue
                 self.consecutive_skips = 0
+                self._ref_is_policy = False
                 grad_norm = norm
                 counters["updates"] += 1
                 self.policy.scheduler.step(1)
@@ -289,7 +300,7 @@ class SPINTrainer:
     def _metrics(self, experience, dpo_sums, grad_norm, counts) -> dict[str, float]:
         groups = self.groups
         rollout = sum_over_world(
-            experience.sums, ROLLOUT_SUMS, groups, contribute=groups.rank == self.engine_src
+            experience.sums, rollout_sum_keys(self.cfg.algorithm), groups, contribute=groups.rank == self.engine_src
         )
         on_last = groups.is_last_stage and groups.tp_rank == 0
         dpo = sum_over_world(
@@ -344,7 +355,7 @@ class SPINTrainer:
     def _validate(self) -> dict[str, float]:
         if self.engine is not None:
             self.engine.wake()  # no-op when awake (train_one_step wakes it at its end)
-        if self._engine_holds != "policy":
+        if self._engine_holds == "reference" and not self._ref_is_policy:
             # validation measures the policy; the next step puts the opponent back before it samples
             self._sync(source="policy")
         return validate(

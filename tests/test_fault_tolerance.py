@@ -87,7 +87,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
         ("kill:generate:3", ["step_0000002"], None),
         ("kill:checkpoint:4", ["step_0000002"], ".step_0000004.partial"),  # dies mid-write: never picked up
         ("kill:update:3", ["step_0000002"], None),
-        ("kill:sync:5", ["step_0000002", "step_0000004"], None),
+        ("kill:sync:6", ["step_0000002", "step_0000004"], None),  # spin syncs the opponent at refreshes (2, 4, 6)
     ]:
         result = _run(faulty, *common, faults=fault)
         assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-2000:])
@@ -157,7 +157,7 @@ def test_nan_gradients_skip_the_step_and_repeated_nans_halt_with_a_checkpoint(tm
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith("spin-train: error: 2 consecutive steps had NaN/Inf gradients and were skipped")
+        .startswith("spin-train: error: 2 consecutive optimizer steps had NaN/Inf gradients and were skipped")
     )
     assert _checkpoints(out)[-1] == "step_0000003"
     good = _policy_weights(out / "checkpoints" / "step_0000001", tmp_path)

@@ -47,7 +47,9 @@ def test_spin_train_against_a_real_sglang_server(sglang_python, tmp_path, mode):
     assert "val/accuracy" in metrics[2] and "val/accuracy" in metrics[3]
     assert (run / "checkpoints" / "step_0000003").is_dir()
     log = (tmp_path / "logs" / "sglang_server_0.log").read_text()
-    assert log.count("POST /begin_weight_update") == log.count("POST /end_weight_update") == 4  # init + 3
+    # spin samples from the opponent (the reference, refreshed at step 2): the initial sync, the refresh at step 2,
+    # and the policy for the last validation (at step 2 the fresh reference IS the policy: no extra sync)
+    assert log.count("POST /begin_weight_update") == log.count("POST /end_weight_update") == 3
     assert 'HTTP/1.1" 400' not in log
 
 
@@ -58,7 +60,8 @@ def test_memory_saver_lifecycle_and_a_sync_that_fails_part_way(double, tmp_path)
     run = tmp_path / "run"
     result = _train(
         "experiment=tiny_cpu", "rollout.engine=sglang", f"rollout.sglang.urls=['{url}']",
-        "rollout.sglang.enable_memory_saver=true", "rollout.sync_every=2", "rollout.sync_bucket_mb=8",
+        "rollout.sglang.enable_memory_saver=true", "algorithm.sample_from=policy", "rollout.sync_every=2",
+        "rollout.sync_bucket_mb=8",
         "rollout.max_restarts=1", "trainer.total_steps=4", "trainer.test_freq=1", "trainer.save_freq=4",
         f"trainer.output_dir={run}",
     )  # fmt: skip

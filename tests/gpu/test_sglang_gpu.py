@@ -245,7 +245,7 @@ def test_spin_train_with_colocated_sglang_and_the_memory_saver(hf_dir, tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "rollout.engine=sglang",
          "rollout.sglang.enable_memory_saver=true", "rollout.sglang.mem_fraction_static=0.3",
-         "rollout.sync_every=2", "trainer.total_steps=4", "trainer.test_freq=1", f"trainer.output_dir={out}",
+         "algorithm.sample_from=policy", "rollout.sync_every=2", "trainer.total_steps=4", "trainer.test_freq=1", f"trainer.output_dir={out}",
          f"rollout.sglang.base_port={_free_port()}", "logging.progress_bar=false"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )  # fmt: skip

@@ -1,0 +1,275 @@
+"""SPIN that a run can trust: optimizer mini-batches and epochs per rollout batch, the preflight that refuses a
+reference equal to the policy at every update, SPIN's opponent (samples from the reference, bit-exact resume in
+the middle of an iteration), the TR-DPO soft refresh, the optimizer defaults of the seed presets."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spin_megatron.compose import CONF_DIR
+from spin_megatron.data import PromptExample
+from spin_megatron.errors import ConfigError
+from spin_megatron.train import load_config, main
+from spin_megatron.trainer import mini_batches, sampling_seed
+from tests.helpers import REPO
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def _error(capsys, *overrides):
+    code = main(list(overrides))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_passes_preflight(preset):
+    cfg = load_config([f"experiment={preset}"])
+    t = cfg.trainer
+    if t.ref_update_freq == 1:  # refreshed every step: only several optimizer steps per batch anchor anything
+        assert t.updates_per_rollout > 1
+
+
+def test_seed_presets_have_the_seed_shape():
+    for preset in ("qwen2.5_3b_gsm8k", "qwen2.5_0.5b_gsm8k"):
+        cfg = load_config([f"experiment={preset}"])
+        assert cfg.trainer.prompts_per_step == 256 and cfg.trainer.mini_batch_prompts == 64
+        assert cfg.trainer.mini_batches == 4 and cfg.trainer.updates_per_rollout == 4
+        assert cfg.optim.lr_warmup_steps == 15 and cfg.optim.weight_decay == 0.01
+        assert cfg.algorithm.reward == "gsm8k_verl" and cfg.algorithm.reward_metrics == ["gsm8k"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["trainer.ref_update_freq=1"], "trains against a reference equal to the policy"),
+        (["trainer.ref_update_freq=0", "trainer.ref_model_sync_steps=1"], "copies the policy into the reference"),
+        (["trainer.ref_model_sync_steps=3"], "both set the reference refresh"),
+        (["trainer.mini_batch_size=3"], "must divide trainer.prompts_per_step=4"),
+        (["trainer.update_epochs=0"], "trainer.update_epochs must be > 0"),
+        (["trainer.ref_model_mixup_alpha=0"], "trainer.ref_model_mixup_alpha must be in (0, 1]"),
+        (["rollout.sync_every=2"], "rollout.sync_every applies to algorithm.sample_from=policy"),
+        (["algorithm.sample_from=opponent"], "algorithm.sample_from='opponent' is not allowed"),
+        (["algorithm.loss_type=exo_pair"], "needs algorithm.label_smoothing > 0"),
+        (["algorithm.loss_type=hinge", "algorithm.label_smoothing=0.1"], "label_smoothing applies to"),
+        (["algorithm.loss_type=aot", "algorithm.use_weighting=true"], "turn one of them off"),
+        (["algorithm.ld_alpha=2"], "algorithm.ld_alpha must be in [0, 1]"),
+    ],
+)
+def test_mistakes_are_refused_in_one_line(capsys, tmp_path, overrides, fragment):
+    out = tmp_path / "run"
+    assert fragment in _error(capsys, "experiment=tiny_cpu", f"trainer.output_dir={out}", *overrides)
+    assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.ref_update_freq=1", "trainer.mini_batch_size=2"],  # 2 optimizer steps per batch
+        ["trainer.ref_update_freq=1", "trainer.update_epochs=2"],
+        ["trainer.ref_update_freq=1", "trainer.ref_model_mixup_alpha=0.5"],  # TR-DPO: never a plain copy
+        ["trainer.ref_update_freq=1", "algorithm.reference_free=true"],
+    ],
+)
+def test_anchored_configurations_pass(overrides):
+    load_config(["experiment=tiny_cpu", *overrides])
+
+
+def test_defaults_follow_the_mode_and_the_loss():
+    spin = load_config(["experiment=tiny_cpu"]).algorithm
+    online = load_config(["experiment=tiny_cpu", "algorithm.mode=online", "rollout.n=2"]).algorithm
+    assert spin.sample_from is None and spin.sampler == "reference" and online.sampler == "policy"
+    assert load_config(["experiment=tiny_cpu", "algorithm.sample_from=policy"]).algorithm.sampler == "policy"
+    assert not spin.length_normalized
+    assert load_config(["experiment=tiny_cpu", "algorithm.loss_type=ipo"]).algorithm.length_normalized
+    assert not load_config(
+        ["experiment=tiny_cpu", "algorithm.loss_type=ipo", "algorithm.length_normalize=false"]
+    ).algorithm.length_normalized
+    alias = load_config(["experiment=tiny_cpu", "algorithm.loss_type=aot_unpaired"]).algorithm
+    assert alias.canonical_loss == "aot_pair"
+
+
+# ------------------------------------------------------------------------------------------------ mini-batches
+
+
+def _examples(ids):
+    return [PromptExample(prompt_id=i, prompt_ids=[1], gold_ids=[2], row={}) for i in ids]
+
+
+def test_mini_batches_split_by_prompt_in_rollout_order():
+    examples = _examples([7, 3, 9, 1, 5, 2, 8, 4])
+    item_prompts = [1, 1, 2, 3, 4, 5, 7, 8, 9]  # pairs sorted by prompt id; prompt 1 has two
+    items = [f"pair-{p}-{i}" for i, p in enumerate(item_prompts)]
+    chunks = mini_batches(items, item_prompts, examples, 4)
+    shares = [{7, 3}, {9, 1}, {5, 2}, {8, 4}]
+    assert [sorted({int(x.split("-")[1]) for x in c}) for c in chunks] == [sorted(s & set(item_prompts)) for s in shares]
+    assert sorted(sum(chunks, [])) == sorted(items)  # every pair once, a prompt's pairs together
+    assert chunks[1].count("pair-1-0") == 1 and "pair-1-1" in chunks[1]
+    assert mini_batches([], [], examples, 4) == [[], [], [], []]
+    with pytest.raises(KeyError):
+        mini_batches(["x"], [99], examples, 2)  # a pair whose prompt is not in this rank's batch
+
+
+def test_mini_batches_of_uneven_ranks_follow_array_split():
+    # 5 prompts on this rank (an uneven DP split), 2 mini-batches: 3 + 2 prompts
+    chunks = mini_batches(list("abcde"), [0, 1, 2, 3, 4], _examples(range(5)), 2)
+    assert chunks == [["a", "b", "c"], ["d", "e"]]
+
+
+def test_replicas_and_steps_sample_with_distinct_seeds():
+    from types import SimpleNamespace
+
+    cfg = load_config(["experiment=tiny_cpu"])
+    seeds = {sampling_seed(cfg, step, SimpleNamespace(dp_rank=r)) for step in range(1, 50) for r in range(8)}
+    assert len(seeds) == 49 * 8  # no two (step, replica) draw with the same seed
+    assert sampling_seed(cfg, 3, SimpleNamespace(dp_rank=0)) == cfg.trainer.seed + 7919 * 3  # replica 0 unchanged
+
+
+# ------------------------------------------------------------------------------------------------ refresh
+
+
+def test_soft_refresh_mixes_and_hard_refresh_copies():
+    from types import SimpleNamespace
+
+    from spin_megatron.policy import refresh_reference
+
+    torch.manual_seed(0)
+    policy, reference = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    refresh_reference(reference, SimpleNamespace(model=policy), alpha=0.25)
+    for name, value in reference.state_dict().items():
+        expected = 0.25 * policy.state_dict()[name] + 0.75 * before[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
+    refresh_reference(reference, SimpleNamespace(model=policy))
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in reference.state_dict().items())
+
+
+def test_weight_decay_spares_biases_and_norm_weights(tmp_path):
+    """Megatron's rule (AdamW): weight decay on matrices only; biases (Qwen2's QKV) and norm weights are exempt."""
+    code = f"""
+import json
+from spin_megatron.parallel import init_parallel
+from spin_megatron.policy import build_policy, resolve_model_source
+from spin_megatron.train import load_config
+cfg = load_config(["experiment=tiny_cpu", "optim.weight_decay=0.01", "trainer.output_dir={tmp_path}",
+                   "optim.use_distributed_optimizer=false"])  # (its groups hold flat shards, not parameters)
+groups = init_parallel(1, 1)
+source = resolve_model_source(cfg, groups, 1)
+policy = build_policy(cfg, source, groups)
+names = {{id(p): n for n, p in policy.model.named_parameters()}}
+groups_seen = []
+for group in policy.optimizer.param_groups:
+    for p in group["params"]:
+        groups_seen.append((names.get(id(p), "?"), group["weight_decay"], tuple(p.shape)))
+print(json.dumps(groups_seen))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rows and all(name != "?" for name, _, _ in rows)
+    for name, wd, shape in rows:
+        exempt = len(shape) == 1 or name.endswith(".bias")
+        assert wd == (0.0 if exempt else 0.01), (name, wd, shape)
+    assert any(wd == 0.0 for _, wd, _ in rows) and any(wd == 0.01 for _, wd, _ in rows)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _train(out: Path, *overrides):
+    args = ["experiment=tiny_cpu", "logging.progress_bar=false", f"trainer.output_dir={out}", *overrides]
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_megatron.train", *args], capture_output=True, text=True, cwd=REPO, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.e2e
+def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
+    """The seed presets' shape at tiny scale: reference refreshed every rollout step, 4 mini-batches per batch.
+    The first mini-batch of a step sees reference == policy; the three after it do not, so the step's margins,
+    accuracies and KL are not 0 (with one mini-batch they would be: the preflight refuses that)."""
+    metrics = _train(
+        tmp_path / "run",
+        "trainer.prompts_per_step=8",
+        "trainer.mini_batch_size=2",
+        "trainer.ref_update_freq=1",
+        "trainer.total_steps=2",
+        "trainer.test_freq=0",
+        "trainer.save_freq=0",
+        "trainer.export_hf=false",
+        "optim.lr_warmup_steps=3",
+        "algorithm.reward_metrics=[gsm8k_verl]",
+    )
+    for step in (1, 2):
+        m = metrics[step]
+        assert m["train/updates"] == 4 and m["train/zero_pair_updates"] == 0, m
+        assert abs(m["rewards/margins"]) > 1e-4 and m["rewards/accuracies"] > 0, m
+        assert m["objective/kl"] != 0 and m["loss"] != pytest.approx(math.log(2), abs=1e-6)
+        for key in ("logits/chosen", "logits/rejected", "mean_token_accuracy", "entropy", "objective/entropy"):
+            assert math.isfinite(m[key]), key
+        assert m["objective/entropy"] > 0 and m["entropy"] > 0 and 0 <= m["mean_token_accuracy"] <= 1
+        assert m["reward/gsm8k_verl/accuracy"] == 0.0  # a random model; logged beside reward/accuracy
+    # the schedule counts optimizer steps: 3 warm-up steps are over inside the first rollout step
+    assert metrics[1]["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.e2e
+def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
+    """spin + sample_from=reference (the default): the engine holds the opponent p_θt for the whole iteration
+    (its log-probs agree with the reference's, not the moving policy's), and a run stopped in the middle of an
+    iteration resumes sampling from the same weights: metrics and final weights equal an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = [
+        "trainer.ref_update_freq=3",
+        "trainer.mini_batch_size=2",
+        "trainer.test_freq=0",
+        "trainer.save_freq=2",
+    ]
+    full = _train(tmp_path / "full", "trainer.total_steps=4", *common)
+    for step in range(1, 5):
+        assert full[step]["rollout/logp_diff"] < 1e-4, (step, full[step]["rollout/logp_diff"])
+    _train(tmp_path / "split", "trainer.total_steps=2", *common)
+    split = _train(tmp_path / "split", "trainer.total_steps=4", *common)  # resumes at step 2, inside iteration 1
+    for step in (3, 4):
+        for key in ("loss", "rewards/margins", "grad_norm", "objective/kl", "rollout/logp_diff"):
+            assert split[step][key] == full[step][key], (step, key)
+
+    def weights(run):
+        out = {}
+        for path in sorted((run / "hf").glob("*.safetensors")):
+            out.update(load_file(path))
+        return out
+
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.e2e
+def test_policy_sampling_differs_from_opponent_sampling(tmp_path):
+    """The two choices really sample from different weights: inside an iteration (steps 2, 3) the opponent's
+    samples differ from the policy's; at step 1 (reference == policy) they are identical."""
+    common = ["trainer.ref_update_freq=3", "trainer.total_steps=3", "trainer.test_freq=0",
+              "trainer.save_freq=0", "trainer.export_hf=false"]  # fmt: skip
+    _train(tmp_path / "ref", f"rollout.dump_path={tmp_path / 'ref' / 'samples.jsonl'}", *common)
+    _train(tmp_path / "pol", "algorithm.sample_from=policy", f"rollout.dump_path={tmp_path / 'pol' / 'samples.jsonl'}",
+           *common)  # fmt: skip
+
+    def dumped(run):
+        rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+        return {s: [r["response_ids"] for r in rows if r["step"] == s] for s in (1, 2, 3)}
+
+    ref, pol = dumped(tmp_path / "ref"), dumped(tmp_path / "pol")
+    assert ref[1] == pol[1]
+    assert ref[2] != pol[2] and ref[3] != pol[3]
