@@ -151,7 +151,9 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 256  # response length limit (finish_reason=length beyond)
     val_max_new_tokens: int | None = None  # greedy validation length (None: max_new_tokens)
-    sync_every: int = 1  # algorithm.sample_from=policy: push policy weights into the engine every k rollout steps
+    sync_every: int = (
+        1  # algorithm.sample_from=policy: push policy weights into the engine every k rollout steps
+    )
     sync_bucket_mb: int = 512  # weight-sync bucket size
     max_batch_size: int = 64  # hf engine: sequences decoded together
     dump_path: str | None = None  # write every step's samples to this jsonl
@@ -344,7 +346,9 @@ class TrainerConfig:
                 f"{self.prompts_per_step} (each optimizer step trains on an equal share of the rollout batch)"
             )
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
-            raise ConfigError(f"trainer.ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+            raise ConfigError(
+                f"trainer.ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}"
+            )
         if self.ref_update_freq and self.ref_model_sync_steps:
             raise ConfigError(
                 "trainer.ref_update_freq (rollout steps) and trainer.ref_model_sync_steps (optimizer steps) both "

@@ -77,6 +77,12 @@ def sampling_params(cfg: RolloutConfig, stop_ids: tuple[int, ...], seed: int, *,
     )
 
 
+def sampling_seed(cfg, step: int, groups: ParallelGroups) -> int:
+    """The sampling seed of a step: distinct per step and per data-parallel replica (each replica samples its own
+    prompts; equal seeds would correlate their draws)."""
+    return cfg.trainer.seed + 7919 * step + 1_000_003 * groups.dp_rank
+
+
 def _attempt(engine, examples, params, reward_fn, tokenizer, metric_fns=None):
     """On the engine rank: ("ok", samples) | ("rollout_failed", message) | ("error", exception)."""
     from spin_megatron.rollout.supervisor import RolloutError

@@ -19,11 +19,13 @@ from spin_megatron.experience import (
     metric_reward_fns,
     rollout_sum_keys,
     sampling_params,
+    sampling_seed,
     stop_token_ids,
 )
 from spin_megatron.faults import kill_point
 from spin_megatron.memory_fit import check_training_memory
 from spin_megatron.metrics import MetricsLogger, Timer
+from spin_megatron.minibatch import mini_batches
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
@@ -227,7 +229,9 @@ class SPINTrainer:
         ]
         sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
         grad_norm, counters = None, {"updates": 0.0, "nan_skipped": 0.0, "zero_pair": 0.0}
-        ref_of = [None] * len(chunks)  # the reference version each mini-batch's ref log-probs were computed with
+        ref_of = [None] * len(
+            chunks
+        )  # the reference version each mini-batch's ref log-probs were computed with
         sampled_by = self.ref_version  # the reference that sampled this batch (sample_from=reference)
         first = True
         for _epoch in range(t.update_epochs):
@@ -300,7 +304,10 @@ class SPINTrainer:
     def _metrics(self, experience, dpo_sums, grad_norm, counts) -> dict[str, float]:
         groups = self.groups
         rollout = sum_over_world(
-            experience.sums, rollout_sum_keys(self.cfg.algorithm), groups, contribute=groups.rank == self.engine_src
+            experience.sums,
+            rollout_sum_keys(self.cfg.algorithm),
+            groups,
+            contribute=groups.rank == self.engine_src,
         )
         on_last = groups.is_last_stage and groups.tp_rank == 0
         dpo = sum_over_world(
@@ -462,21 +469,3 @@ def resume_path(cfg: Config) -> Path | None:
     if mode == "auto":
         return latest
     return Path(mode)
-
-
-def sampling_seed(cfg: Config, step: int, groups: ParallelGroups) -> int:
-    """The sampling seed of a step: distinct per step and per data-parallel replica (each replica samples its own
-    prompts; equal seeds would correlate their draws)."""
-    return cfg.trainer.seed + 7919 * step + 1_000_003 * groups.dp_rank
-
-
-def mini_batches(items: list, item_prompts: list, examples: list, count: int) -> list[list]:
-    """Split this rank's pairs into ``count`` mini-batches by prompt: the k-th holds the pairs of the k-th
-    contiguous share of ``examples`` (this rank's prompts, in rollout order), so the k-th global mini-batch is the
-    union over data-parallel ranks of their k-th shares — ``mini_batch_size`` prompts when the ranks hold equal
-    shares. A prompt's pairs never straddle two mini-batches."""
-    chunk_of = {ex.prompt_id: k for k in range(count) for ex in shard(examples, k, count)}
-    chunks = [[] for _ in range(count)]
-    for item, prompt in zip(items, item_prompts, strict=True):
-        chunks[chunk_of[prompt]].append(item)
-    return chunks

@@ -11,7 +11,14 @@ from spin_megatron.parallel.packing import ScoredSequence, pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.rollout.supervisor import RolloutError
 
-_GEN_KEYS = ("val/prompts", "val/score_sum", "val/correct", "val/response_length_sum", "val/eos", "val/failed")
+_GEN_KEYS = (
+    "val/prompts",
+    "val/score_sum",
+    "val/correct",
+    "val/response_length_sum",
+    "val/eos",
+    "val/failed",
+)
 _NLL_KEYS = ("val/nll_sum", "val/nll_tokens")
 
 

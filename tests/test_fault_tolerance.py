@@ -87,7 +87,11 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
         ("kill:generate:3", ["step_0000002"], None),
         ("kill:checkpoint:4", ["step_0000002"], ".step_0000004.partial"),  # dies mid-write: never picked up
         ("kill:update:3", ["step_0000002"], None),
-        ("kill:sync:6", ["step_0000002", "step_0000004"], None),  # spin syncs the opponent at refreshes (2, 4, 6)
+        (
+            "kill:sync:6",
+            ["step_0000002", "step_0000004"],
+            None,
+        ),  # spin syncs the opponent at refreshes (2, 4, 6)
     ]:
         result = _run(faulty, *common, faults=fault)
         assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-2000:])

@@ -13,9 +13,9 @@ import torch
 
 from spin_megatron.compose import CONF_DIR
 from spin_megatron.data import PromptExample
-from spin_megatron.errors import ConfigError
+from spin_megatron.experience import sampling_seed
+from spin_megatron.minibatch import mini_batches
 from spin_megatron.train import load_config, main
-from spin_megatron.trainer import mini_batches, sampling_seed
 from tests.helpers import REPO
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -52,7 +52,10 @@ def test_seed_presets_have_the_seed_shape():
     "overrides, fragment",
     [
         (["trainer.ref_update_freq=1"], "trains against a reference equal to the policy"),
-        (["trainer.ref_update_freq=0", "trainer.ref_model_sync_steps=1"], "copies the policy into the reference"),
+        (
+            ["trainer.ref_update_freq=0", "trainer.ref_model_sync_steps=1"],
+            "copies the policy into the reference",
+        ),
         (["trainer.ref_model_sync_steps=3"], "both set the reference refresh"),
         (["trainer.mini_batch_size=3"], "must divide trainer.prompts_per_step=4"),
         (["trainer.update_epochs=0"], "trainer.update_epochs must be > 0"),
@@ -111,7 +114,9 @@ def test_mini_batches_split_by_prompt_in_rollout_order():
     items = [f"pair-{p}-{i}" for i, p in enumerate(item_prompts)]
     chunks = mini_batches(items, item_prompts, examples, 4)
     shares = [{7, 3}, {9, 1}, {5, 2}, {8, 4}]
-    assert [sorted({int(x.split("-")[1]) for x in c}) for c in chunks] == [sorted(s & set(item_prompts)) for s in shares]
+    assert [sorted({int(x.split("-")[1]) for x in c}) for c in chunks] == [
+        sorted(s & set(item_prompts)) for s in shares
+    ]
     assert sorted(sum(chunks, [])) == sorted(items)  # every pair once, a prompt's pairs together
     assert chunks[1].count("pair-1-0") == 1 and "pair-1-1" in chunks[1]
     assert mini_batches([], [], examples, 4) == [[], [], [], []]
@@ -131,7 +136,9 @@ def test_replicas_and_steps_sample_with_distinct_seeds():
     cfg = load_config(["experiment=tiny_cpu"])
     seeds = {sampling_seed(cfg, step, SimpleNamespace(dp_rank=r)) for step in range(1, 50) for r in range(8)}
     assert len(seeds) == 49 * 8  # no two (step, replica) draw with the same seed
-    assert sampling_seed(cfg, 3, SimpleNamespace(dp_rank=0)) == cfg.trainer.seed + 7919 * 3  # replica 0 unchanged
+    assert (
+        sampling_seed(cfg, 3, SimpleNamespace(dp_rank=0)) == cfg.trainer.seed + 7919 * 3
+    )  # replica 0 unchanged
 
 
 # ------------------------------------------------------------------------------------------------ refresh
@@ -172,7 +179,9 @@ for group in policy.optimizer.param_groups:
         groups_seen.append((names.get(id(p), "?"), group["weight_decay"], tuple(p.shape)))
 print(json.dumps(groups_seen))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert rows and all(name != "?" for name, _, _ in rows)
@@ -188,7 +197,11 @@ print(json.dumps(groups_seen))
 def _train(out: Path, *overrides):
     args = ["experiment=tiny_cpu", "logging.progress_bar=false", f"trainer.output_dir={out}", *overrides]
     result = subprocess.run(
-        [sys.executable, "-m", "spin_megatron.train", *args], capture_output=True, text=True, cwd=REPO, timeout=900
+        [sys.executable, "-m", "spin_megatron.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
@@ -216,7 +229,13 @@ def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
         assert m["train/updates"] == 4 and m["train/zero_pair_updates"] == 0, m
         assert abs(m["rewards/margins"]) > 1e-4 and m["rewards/accuracies"] > 0, m
         assert m["objective/kl"] != 0 and m["loss"] != pytest.approx(math.log(2), abs=1e-6)
-        for key in ("logits/chosen", "logits/rejected", "mean_token_accuracy", "entropy", "objective/entropy"):
+        for key in (
+            "logits/chosen",
+            "logits/rejected",
+            "mean_token_accuracy",
+            "entropy",
+            "objective/entropy",
+        ):
             assert math.isfinite(m[key]), key
         assert m["objective/entropy"] > 0 and m["entropy"] > 0 and 0 <= m["mean_token_accuracy"] <= 1
         assert m["reward/gsm8k_verl/accuracy"] == 0.0  # a random model; logged beside reward/accuracy
@@ -241,7 +260,9 @@ def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
     for step in range(1, 5):
         assert full[step]["rollout/logp_diff"] < 1e-4, (step, full[step]["rollout/logp_diff"])
     _train(tmp_path / "split", "trainer.total_steps=2", *common)
-    split = _train(tmp_path / "split", "trainer.total_steps=4", *common)  # resumes at step 2, inside iteration 1
+    split = _train(
+        tmp_path / "split", "trainer.total_steps=4", *common
+    )  # resumes at step 2, inside iteration 1
     for step in (3, 4):
         for key in ("loss", "rewards/margins", "grad_norm", "objective/kl", "rollout/logp_diff"):
             assert split[step][key] == full[step][key], (step, key)

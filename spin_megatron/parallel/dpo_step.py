@@ -150,7 +150,9 @@ def _reference_loss(batch, output, *, groups, settings, agreement=False, weight=
     token_logps = _token_logps(output, batch, groups, settings, weight=weight)
     batch.ref_logps = _as_used(token_logps, batch, settings).detach()
     batch.extras["ref_sums"] = sequence_sums(token_logps, batch).detach()
-    measured = _agreement(output, token_logps, batch, groups, settings, weight) if agreement else _zeros3(output)
+    measured = (
+        _agreement(output, token_logps, batch, groups, settings, weight) if agreement else _zeros3(output)
+    )
     return _no_loss(output, {"agreement": torch.stack(measured)})
 
 
@@ -214,7 +216,12 @@ def prepare_batch_terms(model, groups: ParallelGroups, batches: list[PackedMicro
     real = [b for b in batches if b.num_pairs]
     local = [
         torch.stack(
-            [b.extras["policy_used"][0::2], b.extras["policy_used"][1::2], b.ref_logps[0::2], b.ref_logps[1::2]],
+            [
+                b.extras["policy_used"][0::2],
+                b.extras["policy_used"][1::2],
+                b.ref_logps[0::2],
+                b.ref_logps[1::2],
+            ],
             dim=1,
         ).cpu()
         for b in real
