@@ -94,7 +94,9 @@ class SPINTrainer:
         # SPIN's opponent: the engine holds the reference (synced at refreshes), else the policy
         self._sample_source = cfg.algorithm.sampler
         self._engine_holds = None  # which model's weights the engine holds: "policy" | "reference"
-        self._ref_is_policy = False  # a hard refresh made them equal and no update has happened since
+        # the reference equals the policy: built as its copy, or a hard refresh and no update since (not known
+        # after a resume: then False, which costs at most one redundant sync)
+        self._ref_is_policy = resume_from is None
         if resume_from is not None:
             self._load(resume_from)
         self.logger = MetricsLogger(
