@@ -7,7 +7,7 @@ a string of 7s and ``tests.synthetic_task:sevens`` (fraction of 7s in a sample) 
 come to the gold. Printed per step: the mean sevens-score of the samples, the gold NLL on held-out prompts, the
 DPO margin and accuracy, and which weights sampled.
 
-    .venv/bin/python -m bench.sample_from [--steps 24] [--ref-update-freq 6] [--out runs/bench_sample_from]
+    .venv/bin/python -m bench.sample_from [--steps 24] [--ref-update-freq 6] [--seed 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def run(sample_from: str, out: Path, args) -> list[dict]:
         f"trainer.total_steps={args.steps}", "trainer.prompts_per_step=8", "trainer.mini_batch_size=4",
         f"trainer.ref_update_freq={args.ref_update_freq}", f"trainer.test_freq={args.test_freq}",
         "trainer.save_freq=0", "trainer.export_hf=false", "trainer.resume=never", f"trainer.output_dir={run_dir}",
+        f"trainer.seed={args.seed}", f"model.tiny.seed={args.seed}", f"data.seed={args.seed}",
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "spin_megatron.train", *overrides], cwd=REPO, capture_output=True, text=True
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--ref-update-freq", type=int, default=6)
     parser.add_argument("--test-freq", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0, help="model, sampling and shuffling seed")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_sample_from")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):

@@ -17,9 +17,17 @@ def step_metrics(
     times: dict,
     skipped_steps: int,
     rpo_alpha: float = 0.0,
+    sampler: str = "policy",
 ) -> dict[str, float]:
-    """Means over every pair the step's optimizer updates saw (a pair trained in E epochs counts E times)."""
+    """Means over every pair the step's optimizer updates saw (a pair trained in E epochs counts E times).
+    ``sampler``: which model generated the samples (``algorithm.sample_from``): the objective/* estimates are
+    taken under it."""
     pairs = dpo["pairs"]
+    # KL(sampler ‖ other) and the sampler's entropy, estimated on its own samples (TRL's online-DPO metrics when
+    # the policy samples; with the reference as SPIN's opponent, KL(ref ‖ π) and the reference's entropy)
+    own, other = dpo["logp_sample/sum"], dpo["ref_logp_sample/sum"]
+    if sampler == "reference":
+        own, other = other, own
     nll = _ratio(dpo["nll/chosen"], dpo["tokens/chosen"])
     tokens = dpo["tokens/chosen"] + dpo["tokens/rejected"]
     metrics = {
@@ -36,9 +44,8 @@ def step_metrics(
         "logits/rejected": _ratio(dpo["logits/rejected"], dpo["tokens/rejected"]),
         "mean_token_accuracy": _ratio(dpo["top1/chosen"], dpo["tokens/chosen"]),
         "entropy": _ratio(dpo["entropy/sum"], tokens),
-        # TRL's online-DPO estimates over the engine's samples: Σ_t (log π − log π_ref) and −Σ_t log π
-        "objective/kl": _ratio(dpo["kl/sum"], dpo["generated"]),
-        "objective/entropy": -_ratio(dpo["logp_sample/sum"], dpo["generated"]),
+        "objective/kl": _ratio(own - other, dpo["generated"]),
+        "objective/entropy": -_ratio(own, dpo["generated"]),
         "nll/chosen": nll,
         "reward/score_mean": _ratio(rollout["reward/sum"], rollout["samples"]),
         "reward/accuracy": _ratio(rollout["reward/correct"], rollout["samples"]),

@@ -325,6 +325,7 @@ class SPINTrainer:
             times=self.timer.pop(),
             skipped_steps=self.skipped_steps,
             rpo_alpha=self.cfg.algorithm.rpo_alpha,
+            sampler=self._sample_source,
         )
 
     def _sync(self, save_on_failure: bool = False, source: str | None = None) -> None:

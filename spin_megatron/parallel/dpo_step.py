@@ -34,8 +34,8 @@ METRIC_SUMS = (
     "tokens/chosen",
     "tokens/rejected",
     "generated",  # sequences the engine generated (spin: the rejected ones; online: both)
-    "kl/sum",  # Σ over generated sequences of Σ_t (log π − log π_ref)
-    "logp_sample/sum",  # Σ over generated sequences of Σ_t log π (−: the sample estimate of the entropy)
+    "logp_sample/sum",  # Σ over generated sequences of Σ_t log π
+    "ref_logp_sample/sum",  # Σ over generated sequences of Σ_t log π_ref
     "logits/chosen",  # Σ over chosen tokens of the mean logit over the vocabulary
     "logits/rejected",
     "top1/chosen",  # chosen tokens that are the policy's argmax
@@ -358,8 +358,8 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale, step, agreement
                 batch.response_lengths[0::2].sum(),
                 batch.response_lengths[1::2].sum(),
                 generated.sum(),
-                (generated * (raw - batch.extras["ref_sums"])).sum(),
                 (generated * raw).sum(),
+                (generated * batch.extras["ref_sums"]).sum(),
                 per_seq["mean_logit"][0::2].sum(),
                 per_seq["mean_logit"][1::2].sum(),
                 per_seq["is_top1"][0::2].sum(),
