@@ -468,13 +468,28 @@ def _check_reference_anchors(cfg: Config) -> None:
     log 2 whatever the data, every rewards/* metric is 0 and nothing anchors the policy (clipping and Adam
     cancel β)."""
     t, a = cfg.trainer, cfg.algorithm
+    if t.ref_model_mixup_alpha < 1.0:
+        if not (t.ref_update_freq or t.ref_model_sync_steps):
+            raise ConfigError(
+                "trainer.ref_model_mixup_alpha < 1 mixes the policy into the reference at each refresh, but no "
+                "refresh is set: set trainer.ref_update_freq (rollout steps) or trainer.ref_model_sync_steps"
+            )
+        if cfg.model.dtype != "fp32":
+            # α·(policy − ref) is usually below half a bf16 ulp of the weight at DPO learning rates: the
+            # reference would never move
+            raise ConfigError(
+                "trainer.ref_model_mixup_alpha < 1 (TR-DPO) needs model.dtype=fp32: in bf16 the soft update rounds "
+                "away; use a hard refresh (alpha 1) or fp32 parameters"
+            )
     if a.reference_free or t.ref_model_mixup_alpha < 1.0:
         return
     if t.ref_update_freq == 1 and t.updates_per_rollout == 1:
+        halves = [d for d in range(t.prompts_per_step // 2, 0, -1) if t.prompts_per_step % d == 0][:1]
+        hint = f"trainer.mini_batch_size={halves[0]}" if halves else "trainer.update_epochs=2"
         raise ConfigError(
             "trainer.ref_update_freq=1 with one optimizer step per rollout batch trains against a reference equal "
-            "to the policy (DPO logits always 0): take several optimizer steps per batch (e.g. "
-            f"trainer.mini_batch_size={max(1, t.prompts_per_step // 4)}), or set trainer.ref_update_freq ≥ 2"
+            f"to the policy (DPO logits always 0): take several optimizer steps per batch (e.g. {hint}), or set "
+            "trainer.ref_update_freq ≥ 2"
         )
     if t.ref_model_sync_steps == 1:
         raise ConfigError(

@@ -386,6 +386,10 @@ def _with_sglang(plan: MemoryPlan, cfg, heaviest: StageMemory) -> MemoryPlan:
         sync = trainer + moments + weights + buffers + (0 if s.enable_memory_saver else max(kv, 0))
         if not s.enable_memory_saver:  # weights and KV cache stay on the GPU while it trains
             stage = replace(stage, rollout_resident=stage.rollout_resident + weights + max(kv, 0))
+        elif cfg.algorithm.sampler == "reference" or cfg.rollout.sync_every > 1:
+            # the memory saver releases the weights only before a sync reloads them: on the other steps (the
+            # opponent between refreshes, sync_every > 1) they stay on the GPU while it trains
+            stage = replace(stage, rollout_resident=stage.rollout_resident + weights)
     notes = list(plan.notes)
     if s.sync_mode not in ("auto", plan.placement):
         notes.append(f"rollout.sglang.sync_mode={s.sync_mode} but cluster.placement={plan.placement}")

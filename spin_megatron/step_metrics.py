@@ -51,6 +51,8 @@ def step_metrics(
         "reward/accuracy": _ratio(rollout["reward/correct"], rollout["samples"]),
         "response_length/mean": _ratio(rollout["response_length/sum"], rollout["samples"]),
         "response/truncated_frac": _ratio(rollout["response/truncated"], rollout["samples"]),
+        # TRL online DPO's name (it is a training-sample metric there too): samples that ended with a stop token
+        "val/contain_eos_token": 1.0 - _ratio(rollout["response/truncated"], rollout["samples"]),
         "rollout/logp_diff": _ratio(dpo["logp_diff/sum"], dpo["logp_diff/tokens"]),
         "rollout/logp_diff_max": dpo["logp_diff/max"],
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -205,6 +205,13 @@ class SPINTrainer:
             return (done % t.ref_model_sync_steps) + t.updates_per_rollout >= t.ref_model_sync_steps
         return False
 
+    def _samples_from_scorer(self, first_update: bool, sampled_by: int) -> bool:
+        """Whether the model scoring this update generated the samples: the policy before its first update of a
+        step that follows a sync, or the reference version that sampled."""
+        if self._sample_source == "policy":
+            return first_update and (self.step - 1) % self.cfg.rollout.sync_every == 0
+        return self.ref_version == sampled_by
+
     def _refresh_reference(self) -> None:
         alpha = self.cfg.trainer.ref_model_mixup_alpha
         refresh_reference(self.reference, self.policy, alpha=alpha)
@@ -266,6 +273,7 @@ class SPINTrainer:
                         step=self.step,
                         # the engine sampled with the policy's current weights: the first update sees them
                         agreement=first and self._sample_source == "policy",
+                        sample_stats=self._samples_from_scorer(first, sampled_by),
                     )
                 first = False
                 sums[:-1] += step_sums[:-1]
@@ -278,8 +286,9 @@ class SPINTrainer:
                         self._save()
                         raise TrainingHalted(
                             f"{self.consecutive_skips} consecutive optimizer steps had NaN/Inf gradients and were "
-                            f"skipped (weights unchanged); saved the last good state as step {self.step} in "
-                            f"{self.out / 'checkpoints'}; lower optim.lr or check the data, then resume"
+                            f"skipped (weights unchanged by them); saved the state as step {self.step} (its remaining "
+                            f"optimizer steps and reference refresh not taken) in {self.out / 'checkpoints'}; lower "
+                            "optim.lr or check the data, then resume"
                         )
                     continue
                 self.consecutive_skips = 0
@@ -388,7 +397,6 @@ class SPINTrainer:
             "sampler": self.sampler.state_dict(),
             "model_signature": self.source.arch.signature(),
             "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips,
             "config": asdict(self.cfg),
         }
         save_checkpoint(
@@ -407,7 +415,7 @@ class SPINTrainer:
         )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
-        self.consecutive_skips = state.get("consecutive_skips", 0)
+        # (consecutive NaN skips are not carried over: a resume after a halt starts a fresh count)
         if self.groups.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 

@@ -76,6 +76,6 @@ def validate(
         "val/accuracy": gen["val/correct"] / count,
         "val/score_mean": gen["val/score_sum"] / count,
         "val/response_length": gen["val/response_length_sum"] / count,
-        "val/contain_eos_token": gen["val/eos"] / count,
+        "val/greedy_contain_eos_token": gen["val/eos"] / count,
         "val/gold_nll": nll["val/nll_sum"] / max(1.0, nll["val/nll_tokens"]),
     }

@@ -142,6 +142,10 @@ def test_colocated_sglang_shares_the_gpu_and_releases_memory_while_training():
     assert plan.sync_bytes_per_step == plan.full_model_params * 2 * 8  # DP 4 × 2 engines
     kept, _ = _plan("qwen2.5-3b", "rollout.sglang.enable_memory_saver=false")
     assert kept.training_peak == plan.training_peak + plan.sglang_weights + plan.sglang_kv
+    # weights are released only before a sync: the opponent (spin) and sync_every > 1 keep them while training
+    for overrides in (["algorithm.mode=spin"], ["rollout.sync_every=2"]):
+        resident, _ = _plan("qwen2.5-3b", *overrides)
+        assert resident.training_peak == plan.training_peak + plan.sglang_weights, overrides
 
 
 # ------------------------------------------------------------------------------------------ the check

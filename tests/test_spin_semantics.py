@@ -44,7 +44,11 @@ def test_seed_presets_have_the_seed_shape():
         cfg = load_config([f"experiment={preset}"])
         assert cfg.trainer.prompts_per_step == 256 and cfg.trainer.mini_batch_prompts == 64
         assert cfg.trainer.mini_batches == 4 and cfg.trainer.updates_per_rollout == 4
-        assert cfg.optim.lr_warmup_steps == 15 and cfg.optim.weight_decay == 0.01
+        # the seed warmed up over 15 rollout steps; the schedule here counts optimizer steps (4 per rollout step)
+        assert (
+            cfg.optim.lr_warmup_steps == 15 * cfg.trainer.updates_per_rollout
+            and cfg.optim.weight_decay == 0.01
+        )
         assert cfg.algorithm.reward == "gsm8k_verl" and cfg.algorithm.reward_metrics == ["gsm8k"]
 
 
@@ -209,11 +213,29 @@ def _train(out: Path, *overrides):
 
 @pytest.mark.e2e
 def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
-    """The seed presets' shape at tiny scale: reference refreshed every rollout step, 4 mini-batches per batch.
-    The first mini-batch of a step sees reference == policy; the three after it do not, so the step's margins,
-    accuracies and KL are not 0 (with one mini-batch they would be: the preflight refuses that)."""
+    """The seed presets' shape at tiny scale: online DPO, 2 samples per prompt, reference refreshed every rollout
+    step, 4 mini-batches per batch (synthetic task: a reward the tiny model can separate, tests/synthetic_task.py).
+    The first update of a step sees reference == policy (its margins are exactly 0); the three after it do not,
+    so the step's mean margin, accuracy and KL are not 0. With one update per batch the preflight refuses it."""
+    from transformers import AutoTokenizer
+
+    from tests.synthetic_task import make_char_tokenizer, make_prompt_file
+
+    tokenizer = make_char_tokenizer(tmp_path / "tokenizer")
+    prompts = make_prompt_file(tmp_path / "prompts.jsonl", n=32)
     metrics = _train(
         tmp_path / "run",
+        "algorithm.mode=online",
+        "rollout.n=2",
+        "algorithm.tie_policy=keep",  # a tiny model's two samples may tie; keep every prompt's pair
+        "algorithm.reward=tests.synthetic_task:sevens",
+        "algorithm.reward_metrics=[gsm8k_verl]",
+        f"model.tiny.vocab_size={len(AutoTokenizer.from_pretrained(tokenizer))}",
+        f"model.tokenizer_path={tokenizer}",
+        f"data.train_files={prompts}",
+        f"data.val_files={prompts}",
+        "data.instruction=''",
+        "rollout.max_new_tokens=8",
         "trainer.prompts_per_step=8",
         "trainer.mini_batch_size=2",
         "trainer.ref_update_freq=1",
@@ -222,13 +244,12 @@ def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
         "trainer.save_freq=0",
         "trainer.export_hf=false",
         "optim.lr_warmup_steps=3",
-        "algorithm.reward_metrics=[gsm8k_verl]",
     )
     for step in (1, 2):
         m = metrics[step]
         assert m["train/updates"] == 4 and m["train/zero_pair_updates"] == 0, m
         assert abs(m["rewards/margins"]) > 1e-4 and m["rewards/accuracies"] > 0, m
-        assert m["objective/kl"] != 0 and m["loss"] != pytest.approx(math.log(2), abs=1e-6)
+        assert m["loss"] != pytest.approx(math.log(2), abs=1e-6)
         for key in (
             "logits/chosen",
             "logits/rejected",
@@ -238,7 +259,10 @@ def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
         ):
             assert math.isfinite(m[key]), key
         assert m["objective/entropy"] > 0 and m["entropy"] > 0 and 0 <= m["mean_token_accuracy"] <= 1
-        assert m["reward/gsm8k_verl/accuracy"] == 0.0  # a random model; logged beside reward/accuracy
+        assert m["reward/gsm8k_verl/accuracy"] == 0.0  # logged beside reward/accuracy, never paired on
+        assert 0.0 <= m["val/contain_eos_token"] <= 1.0
+    # online: the policy samples; objective/kl is taken on the first update only, where π == the sampler == ref
+    assert metrics[1]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
     # the schedule counts optimizer steps: 3 warm-up steps are over inside the first rollout step
     assert metrics[1]["lr"] == pytest.approx(1e-3)
 
@@ -294,3 +318,47 @@ def test_policy_sampling_differs_from_opponent_sampling(tmp_path):
     ref, pol = dumped(tmp_path / "ref"), dumped(tmp_path / "pol")
     assert ref[1] == pol[1]
     assert ref[2] != pol[2] and ref[3] != pol[3]
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_soft_refresh_in_optimizer_steps_at_dp2_resumes_bit_exactly(tmp_path):
+    """DP=2, 2 mini-batches × 2 epochs (4 updates per rollout step), TRL's ref_model_sync_steps=3 with a soft
+    (TR-DPO) mix, so refreshes land inside steps; the opponent samples, validation puts the policy in the engine
+    and the next step the opponent back. The engine's log-probs agree with the reference that sampled at every
+    step, and 4 steps equal 2 + resume + 2 (metrics and final weights)."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_ranks
+
+    common = [
+        "experiment=tiny_cpu", "logging.progress_bar=false", "trainer.ref_update_freq=0",
+        "trainer.ref_model_sync_steps=3", "trainer.ref_model_mixup_alpha=0.5", "trainer.mini_batch_size=2",
+        "trainer.update_epochs=2", "trainer.test_freq=2", "trainer.save_freq=2",
+    ]  # fmt: skip
+
+    def train(out, steps):
+        assert run_ranks(2, "spin_megatron.train", *common, f"trainer.output_dir={out}",
+                         f"trainer.total_steps={steps}", timeout_s=900) == 0  # fmt: skip
+        return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    full = train(tmp_path / "full", 4)
+    for step in range(1, 5):
+        assert full[step]["train/updates"] == 4, full[step]
+        assert full[step]["rollout/logp_diff"] < 1e-4, (step, full[step]["rollout/logp_diff"])
+    assert "val/accuracy" in full[2] and "val/accuracy" in full[4]
+    train(tmp_path / "split", 2)
+    split = train(tmp_path / "split", 4)
+    for step in (3, 4):
+        for key in ("loss", "rewards/margins", "grad_norm", "objective/kl", "val/gold_nll"):
+            if key in full[step]:
+                assert split[step][key] == full[step][key], (step, key)
+
+    def weights(run):
+        out = {}
+        for path in sorted((run / "hf").glob("*.safetensors")):
+            out.update(load_file(path))
+        return out
+
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

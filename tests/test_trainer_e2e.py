@@ -81,7 +81,10 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
     # Adam's first step is lr·g/(|g|+eps): for the odd element with |g| ~ eps it turns the last-bit differences of
     # a TP/DP reduction order into lr-sized ones. A larger eps keeps the update Lipschitz in g (≤ lr/eps = 1), so
     # equal weights really mean equal gradients.
-    base = ["trainer.total_steps=1", "trainer.test_freq=0", "trainer.keep_last_n=1", "optim.adam_eps=1e-3"]
+    # two mini-batches × two epochs: each of the 4 updates is the exact mean over its mini-batch's pairs at any
+    # layout (at DP=2 a mini-batch holds one prompt of each replica)
+    base = ["trainer.total_steps=1", "trainer.test_freq=0", "trainer.keep_last_n=1", "optim.adam_eps=1e-3",
+            "trainer.mini_batch_size=2", "trainer.update_epochs=2"]  # fmt: skip
     reference_run = tmp_path / "tp1"
     dump = reference_run / "rollouts.jsonl"
     _train(f"trainer.output_dir={reference_run}", f"rollout.dump_path={dump}", *base)

@@ -132,13 +132,18 @@ def _ld_weights(batch) -> torch.Tensor | None:
     return (scored & (position <= shared[seq])).to(torch.float32)
 
 
-def _as_used(token_logps: torch.Tensor, batch, settings) -> torch.Tensor:
-    """The per-sequence log-probs the loss sees: summed (LD-DPO: shared part + α·tail), or length-averaged."""
+def _weighted_sums(token_logps: torch.Tensor, batch, settings) -> torch.Tensor:
+    """Per-sequence log-probs, summed (LD-DPO: shared part + α·tail): what rewards/* and logps/* report."""
     if settings.ld_alpha is not None and batch.num_pairs:
         shared = _ld_weights(batch).to(token_logps.dtype).view(token_logps.shape)
         token_logps = token_logps * (shared + settings.ld_alpha * (1 - shared))
-    sums = sequence_sums(token_logps, batch)
-    return sums / batch.response_lengths.clamp(min=1.0) if settings.length_normalize else sums
+    return sequence_sums(token_logps, batch)
+
+
+def _as_used(weighted: torch.Tensor, batch, settings) -> torch.Tensor:
+    """The per-sequence log-probs the loss sees: the weighted sums, length-averaged with ``length_normalize``
+    (IPO; TRL normalises inside the loss only, its metrics stay on sums — so do ours)."""
+    return weighted / batch.response_lengths.clamp(min=1.0) if settings.length_normalize else weighted
 
 
 def _no_loss(output, stats=None):
@@ -148,7 +153,9 @@ def _no_loss(output, stats=None):
 
 def _reference_loss(batch, output, *, groups, settings, agreement=False, weight=None):
     token_logps = _token_logps(output, batch, groups, settings, weight=weight)
-    batch.ref_logps = _as_used(token_logps, batch, settings).detach()
+    weighted = _weighted_sums(token_logps, batch, settings).detach()
+    batch.ref_logps = _as_used(weighted, batch, settings)
+    batch.extras["ref_weighted"] = weighted
     batch.extras["ref_sums"] = sequence_sums(token_logps, batch).detach()
     measured = (
         _agreement(output, token_logps, batch, groups, settings, weight) if agreement else _zeros3(output)
@@ -193,7 +200,9 @@ def _fold_agreement(parts, device) -> torch.Tensor:
 
 def _policy_used_loss(batch, output, *, groups, settings, weight=None):
     token_logps = _token_logps(output, batch, groups, settings, weight=weight)
-    batch.extras["policy_used"] = _as_used(token_logps, batch, settings).detach()
+    batch.extras["policy_used"] = _as_used(
+        _weighted_sums(token_logps, batch, settings), batch, settings
+    ).detach()
     return _no_loss(output)
 
 
@@ -305,13 +314,16 @@ def _agreement(
     return diff.sum(), torch.tensor(float(diff.numel()), device=output.device), diff.max()
 
 
-def _policy_loss(batch, output, *, groups, settings, pair_scale, step, agreement=False, weight=None):
+def _policy_loss(
+    batch, output, *, groups, settings, pair_scale, step, agreement=False, sample_stats=True, weight=None
+):
     stats = POLICY_STATS + (("log_sum_sq_probs",) if settings.use_weighting else ())
     token_logps, per_token = _token_logps(output, batch, groups, settings, weight=weight, stats=stats)
     if batch.num_pairs == 0:  # a placeholder micro-batch of a rank without pairs: contributes nothing
         return _no_loss(output, {"sums": torch.zeros(len(METRIC_SUMS), device=output.device)})
     sums = sequence_sums(token_logps, batch)
-    used = _as_used(token_logps, batch, settings)
+    weighted = _weighted_sums(token_logps, batch, settings)
+    used = _as_used(weighted, batch, settings)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         used[0::2],
         used[1::2],
@@ -337,7 +349,14 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale, step, agreement
         loss = loss + settings.rpo_alpha * chosen_nll * pair_scale
     loss = poison_loss(loss, step)
     with torch.no_grad():
-        generated = sums.new_ones(sums.shape)
+        if settings.length_normalize:  # the metrics stay on summed log-probs (TRL)
+            reference = (
+                torch.zeros_like(weighted) if settings.reference_free else batch.extras["ref_weighted"]
+            )
+            chosen_rewards = settings.beta * (weighted[0::2] - reference[0::2])
+            rejected_rewards = settings.beta * (weighted[1::2] - reference[1::2])
+        # objective/*: only where the scoring model is the one that sampled (sample_stats)
+        generated = sums.new_full(sums.shape, float(sample_stats))
         if settings.chosen_is_gold:
             generated[0::2] = 0
         raw = sums.detach()
@@ -352,8 +371,8 @@ def _policy_loss(batch, output, *, groups, settings, pair_scale, step, agreement
                 chosen_rewards.sum(),
                 rejected_rewards.sum(),
                 (chosen_rewards > rejected_rewards).float().sum(),
-                used[0::2].detach().sum(),
-                used[1::2].detach().sum(),
+                weighted[0::2].detach().sum(),
+                weighted[1::2].detach().sum(),
                 chosen_nll.detach(),
                 batch.response_lengths[0::2].sum(),
                 batch.response_lengths[1::2].sum(),
@@ -391,12 +410,14 @@ def train_step(
     global_chosen_tokens: int,
     step: int = 0,
     agreement: bool = False,
+    sample_stats: bool = True,
 ) -> tuple[torch.Tensor, float | None, bool]:
     """One optimizer step on this rank's micro-batches (their ``ref_logps`` filled on the last stage).
 
     Returns ``(metric sums of METRIC_SUMS — zeros off the last stage —, grad norm, whether it updated)``;
     ``logp_diff/max`` is a max, the others are sums. ``agreement``: measure |policy − engine| log-probs (the
-    engine sampled from these very weights). A NaN/Inf anywhere in the gradients skips the optimizer
+    engine sampled from these very weights). ``sample_stats``: add the ``objective/*`` sums (the policy or
+    reference scoring the samples is the model that generated them). A NaN/Inf anywhere in the gradients skips the optimizer
     step on every rank (weights and optimizer state stay as they were).
     """
     loss_fn = partial(
@@ -406,6 +427,7 @@ def train_step(
         pair_scale=global_pairs / max(1, global_chosen_tokens),
         step=step,
         agreement=agreement,
+        sample_stats=sample_stats,
     )
     optimizer.zero_grad()
     model.zero_grad_buffer()
