@@ -33,7 +33,7 @@ def _error(capsys, *overrides):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_passes_preflight(preset):
-    cfg = load_config([f"experiment={preset}"])
+    cfg = load_config([f"experiment={preset}"])  # raises ConfigError where the preflight refuses a preset
     t = cfg.trainer
     if t.ref_update_freq == 1:  # refreshed every step: only several optimizer steps per batch anchor anything
         assert t.updates_per_rollout > 1
@@ -64,6 +64,8 @@ def test_seed_presets_have_the_seed_shape():
         (["trainer.mini_batch_size=3"], "must divide trainer.prompts_per_step=4"),
         (["trainer.update_epochs=0"], "trainer.update_epochs must be > 0"),
         (["trainer.ref_model_mixup_alpha=0"], "trainer.ref_model_mixup_alpha must be in (0, 1]"),
+        (["trainer.ref_model_mixup_alpha=0.5", "model.dtype=bf16"], "needs model.dtype=fp32"),
+        (["trainer.ref_model_mixup_alpha=0.5", "trainer.ref_update_freq=0"], "but no refresh is set"),
         (["rollout.sync_every=2"], "rollout.sync_every applies to algorithm.sample_from=policy"),
         (["algorithm.sample_from=opponent"], "algorithm.sample_from='opponent' is not allowed"),
         (["algorithm.loss_type=exo_pair"], "needs algorithm.label_smoothing > 0"),
