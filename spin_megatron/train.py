@@ -67,15 +67,6 @@ def preflight(cfg: Config, world_size: int) -> None:
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than the "
             f"data-parallel size {dp}: every replica needs at least one prompt"
         )
-    t = cfg.trainer
-    uneven = t.mini_batches > 1 and t.prompts_per_step % (dp * t.mini_batches)
-    if uneven and os.environ.get("RANK", "0") == "0":
-        print(
-            f"spin-train: warning: {t.prompts_per_step} prompts over {dp} data-parallel replicas × "
-            f"{t.mini_batches} mini-batches do not split evenly: mini-batches will hold about "
-            f"{t.mini_batch_prompts} prompts, not exactly (each is still the exact mean over its own pairs)",
-            file=sys.stderr,
-        )
     for key in ("train_files", "val_files"):
         for path in getattr(cfg.data, key):
             if not Path(path).is_file():

@@ -25,7 +25,7 @@ from spin_megatron.experience import (
 from spin_megatron.faults import kill_point
 from spin_megatron.memory_fit import check_training_memory
 from spin_megatron.metrics import MetricsLogger, Timer
-from spin_megatron.minibatch import mini_batches
+from spin_megatron.minibatch import mini_batch_shares, mini_batches
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
@@ -144,9 +144,13 @@ class SPINTrainer:
                 self._engine_holds == "reference" or self._ref_is_policy
             ):
                 self._sync()  # validation left the policy in an engine that samples from the reference
-            examples = shard(
-                self.sampler.next_batch(cfg.trainer.prompts_per_step), groups.dp_rank, groups.dp_size
+            shares = mini_batch_shares(
+                self.sampler.next_batch(cfg.trainer.prompts_per_step),
+                groups.dp_rank,
+                groups.dp_size,
+                cfg.trainer.mini_batches,
             )
+            examples = [ex for share in shares for ex in share]
             params = sampling_params(cfg.rollout, self.stop_ids, seed=sampling_seed(cfg, self.step, groups))
             samples, error = generate_scored(
                 self.engine,
@@ -180,7 +184,7 @@ class SPINTrainer:
         if counts["rollout_failed"]:
             self._halt_after_rollout_failure(error, sampler_state)
         ref_version = self.ref_version
-        dpo_sums, grad_norm, updates = self._update(experience, examples)
+        dpo_sums, grad_norm, updates = self._update(experience, shares)
         counts.update(updates)
         if cfg.trainer.ref_update_freq and self.step % cfg.trainer.ref_update_freq == 0:
             self._refresh_reference()
@@ -218,16 +222,16 @@ class SPINTrainer:
         self.ref_version += 1
         self._ref_is_policy = alpha == 1.0
 
-    def _update(self, experience, examples):
+    def _update(self, experience, shares):
         """Reference log-probs, then the optimizer steps of this rollout batch: ``prompts_per_step /
-        mini_batch_size`` mini-batches (split by prompt, the same share of every data-parallel rank's prompts),
-        each one update whose loss is the exact mean over that mini-batch's pairs, ``update_epochs`` times.
+        mini_batch_size`` mini-batches (contiguous parts of the global batch, each sharded over the replicas: the
+        same prompts at any DP size), each one update whose loss is the exact mean over that mini-batch's pairs, ``update_epochs`` times.
 
         A mini-batch without pairs anywhere takes no step; a NaN/Inf gradient skips its step (weights unchanged).
         The LR schedule advances on applied updates only (Megatron's rule). Returns the metric sums over all
         updates, the last grad norm and the update counters."""
         t, groups = self.cfg.trainer, self.groups
-        chunks = mini_batches(experience.items, experience.item_prompts, examples, t.mini_batches)
+        chunks = mini_batches(experience.items, experience.item_prompts, shares)
         local = [[len(c), sum(len(i[0].response_ids) for i in c)] for c in chunks]
         flat = {f"{k}/{j}": float(v) for k, row in enumerate(local) for j, v in enumerate(row)}
         totals = sum_over_world(flat, tuple(flat), groups, contribute=groups.rank == self.engine_src)

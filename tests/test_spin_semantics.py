@@ -14,7 +14,7 @@ import torch
 from spin_megatron.compose import CONF_DIR
 from spin_megatron.data import PromptExample
 from spin_megatron.experience import sampling_seed
-from spin_megatron.minibatch import mini_batches
+from spin_megatron.minibatch import mini_batch_shares, mini_batches
 from spin_megatron.train import load_config, main
 from tests.helpers import REPO
 
@@ -114,26 +114,27 @@ def _examples(ids):
     return [PromptExample(prompt_id=i, prompt_ids=[1], gold_ids=[2], row={}) for i in ids]
 
 
-def test_mini_batches_split_by_prompt_in_rollout_order():
-    examples = _examples([7, 3, 9, 1, 5, 2, 8, 4])
+def test_mini_batches_are_the_same_prompts_at_any_dp_size():
+    batch = _examples([7, 3, 9, 1, 5, 2, 8, 4])  # the global rollout batch, in sampler order
+    expected = [{7, 3}, {9, 1}, {5, 2}, {8, 4}]  # 4 contiguous mini-batches of 2 prompts
+    for dp in (1, 2, 3):
+        shares = [mini_batch_shares(batch, r, dp, 4) for r in range(dp)]
+        for k in range(4):
+            assert {ex.prompt_id for rank in shares for ex in rank[k]} == expected[k], (dp, k)
+    # DP=3: replica 2 holds no prompt of any mini-batch here (2 prompts per mini-batch): placeholders, no error
+    assert all(share == [] for share in mini_batch_shares(batch, 2, 3, 4))
+
+
+def test_mini_batches_group_pairs_by_their_prompt():
+    shares = mini_batch_shares(_examples([7, 3, 9, 1, 5, 2, 8, 4]), 0, 1, 4)
     item_prompts = [1, 1, 2, 3, 4, 5, 7, 8, 9]  # pairs sorted by prompt id; prompt 1 has two
     items = [f"pair-{p}-{i}" for i, p in enumerate(item_prompts)]
-    chunks = mini_batches(items, item_prompts, examples, 4)
-    shares = [{7, 3}, {9, 1}, {5, 2}, {8, 4}]
-    assert [sorted({int(x.split("-")[1]) for x in c}) for c in chunks] == [
-        sorted(s & set(item_prompts)) for s in shares
-    ]
-    assert sorted(sum(chunks, [])) == sorted(items)  # every pair once, a prompt's pairs together
-    assert chunks[1].count("pair-1-0") == 1 and "pair-1-1" in chunks[1]
-    assert mini_batches([], [], examples, 4) == [[], [], [], []]
+    chunks = mini_batches(items, item_prompts, shares)
+    assert chunks == [["pair-3-3", "pair-7-6"], ["pair-1-0", "pair-1-1", "pair-9-8"], ["pair-2-2", "pair-5-5"],
+                      ["pair-4-4", "pair-8-7"]]  # fmt: skip
+    assert mini_batches([], [], shares) == [[], [], [], []]
     with pytest.raises(KeyError):
-        mini_batches(["x"], [99], examples, 2)  # a pair whose prompt is not in this rank's batch
-
-
-def test_mini_batches_of_uneven_ranks_follow_array_split():
-    # 5 prompts on this rank (an uneven DP split), 2 mini-batches: 3 + 2 prompts
-    chunks = mini_batches(list("abcde"), [0, 1, 2, 3, 4], _examples(range(5)), 2)
-    assert chunks == [["a", "b", "c"], ["d", "e"]]
+        mini_batches(["x"], [99], shares)  # a pair whose prompt is not in this replica's batch
 
 
 def test_replicas_and_steps_sample_with_distinct_seeds():
