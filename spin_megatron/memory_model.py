@@ -45,7 +45,7 @@ Disaggregated: the engines have GPUs of their own (pool ``f·GPU``). The KV cach
 ``n`` samples at full length. The ``hf`` engine keeps a full model copy and its KV cache on the replica's first GPU.
 
 Weight sync per step: every HF tensor in the parameter dtype (unpadded vocabulary) to each engine, every
-``sync_every`` steps, in buckets of ``sync_bucket_mb``; a sync holds the largest gathered tensor, a bucket and
+``sync_every`` steps (the opponent: every reference refresh), in buckets of ``sync_bucket_mb``; a sync holds the largest gathered tensor, a bucket and
 its flattened copy.
 """
 
@@ -129,7 +129,7 @@ class MemoryPlan:
 
     @property
     def sync_bytes_per_step(self) -> float:
-        return self.sync_bytes_per_engine * self.sync_engines / self.sync_every
+        return self.sync_bytes_per_engine * self.sync_engines / self.sync_every if self.sync_every else 0.0
 
     @property
     def kv_tokens(self) -> int:
@@ -347,7 +347,7 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
         logprob_paths=logprob_bytes(tokens, columns, arch.hidden_size, cfg.trainer.logprob_chunk_tokens, e),
         engine=engine,
         placement=cfg.cluster.placement,
-        sync_every=r.sync_every,
+        sync_every=_sync_interval(cfg),
         full_model_params=full,
         arch=arch,
     )
@@ -367,6 +367,19 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
         if engine == "sglang"
         else plan
     )
+
+
+def _sync_interval(cfg) -> int:
+    """Rollout steps between weight syncs: ``sync_every`` when the policy samples; the reference refresh interval
+    when the opponent does (``ref_model_sync_steps`` converted to rollout steps; never refreshed: 0, no sync)."""
+    if cfg.algorithm.sampler == "policy":
+        return cfg.rollout.sync_every
+    t = cfg.trainer
+    if t.ref_update_freq:
+        return t.ref_update_freq
+    if t.ref_model_sync_steps:
+        return max(1, t.ref_model_sync_steps // t.updates_per_rollout)
+    return 0
 
 
 def _with_sglang(plan: MemoryPlan, cfg, heaviest: StageMemory) -> MemoryPlan:

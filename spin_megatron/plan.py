@@ -156,7 +156,12 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
     if plan.sync_engines:
         lines.append(
             f"weight sync: {plan.sync_bytes_per_engine / GB:.2f} GB per engine × {plan.sync_engines} engine(s) "
-            f"every {plan.sync_every} step(s) = {plan.sync_bytes_per_step / GB:.1f} GB/step, "
+            + (
+                f"every {plan.sync_every} step(s)"
+                if plan.sync_every
+                else "once (the opponent is never refreshed)"
+            )
+            + f" = {plan.sync_bytes_per_step / GB:.1f} GB/step, "
             f"{plan.sync_buckets} buckets of {cfg.rollout.sync_bucket_mb} MB per engine"
         )
     lines += [f"note: {n}" for n in plan.notes]

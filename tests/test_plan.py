@@ -146,6 +146,13 @@ def test_colocated_sglang_shares_the_gpu_and_releases_memory_while_training():
     for overrides in (["algorithm.mode=spin"], ["rollout.sync_every=2"]):
         resident, _ = _plan("qwen2.5-3b", *overrides)
         assert resident.training_peak == plan.training_peak + plan.sglang_weights, overrides
+    # the opponent is synced at reference refreshes only
+    spin, _ = _plan("qwen2.5-3b", "algorithm.mode=spin", "trainer.ref_update_freq=4")
+    assert spin.sync_every == 4 and spin.sync_bytes_per_step == plan.sync_bytes_per_step / 4
+    never, _ = _plan(
+        "qwen2.5-3b", "algorithm.mode=spin", "trainer.ref_update_freq=0", "trainer.mini_batch_size=256"
+    )
+    assert never.sync_every == 0 and never.sync_bytes_per_step == 0
 
 
 # ------------------------------------------------------------------------------------------ the check
