@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo demo-convert lint format bench bench-gpu gpu-smoke clean sglang-venv
+.PHONY: install test test-fast demo demo-convert lint format bench bench-gpu gpu-smoke clean sglang-venv slurm-packages
 
 install: $(STAMP)
 
@@ -33,11 +33,16 @@ sglang-venv: $(SGLANG_STAMP)
 $(SGLANG_STAMP): tools/sglang_cpu/build_venv.sh
 	PYTHON=$(PYTHON) bash tools/sglang_cpu/build_venv.sh $(SGLANG_VENV)
 
+# Debian's slurm-wlm + munge for the real-Slurm tests (tests/test_slurm_real.py): apt-get as root, a no-op when
+# installed; without root/apt the tests skip. Not a prerequisite of `test`: it installs system packages.
+slurm-packages:
+	bash tools/slurm/install_packages.sh
+
 test: install sglang-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not dist and not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not dist and not e2e and not slow and not slurm" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python tools/demo.py

@@ -9,8 +9,8 @@
 # Environment: RAY_HEAD_ADDR, RAY_PORT (the head's GCS address), SPIN_ROLLOUT_FIRST_NODE, SLURM_NODEID,
 # RAY_NUM_GPUS (default: SLURM_GPUS_ON_NODE, else 8), RAY_JOIN_TIMEOUT_S (default 600: how long a worker
 # retries while the head starts; every RAY_JOIN_RETRY_S, default 5), RAY (the `ray` command; default ray), DRY_RUN=1 (print, do not start).
-# The task holds the srun step until it gets SIGTERM (spin.sbatch stops the step after training), then stops
-# this node's Ray.
+# The task holds the srun step until it gets SIGTERM or SIGUSR1, then stops this node's Ray. spin.sbatch stops the
+# step after training with SIGUSR1 to its srun, which forwards it (a SIGTERM to srun SIGKILLs the tasks instead).
 set -euo pipefail
 
 die() {
@@ -59,7 +59,7 @@ stop() {
     "$ray" stop --force >/dev/null 2>&1 || true
     exit 0
 }
-trap stop TERM INT
+trap stop TERM INT USR1
 while true; do  # `ray start` daemonizes: hold the srun task (and this node's Ray) until told to stop
     sleep 5 &
     wait $! || true
