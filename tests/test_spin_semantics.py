@@ -214,6 +214,20 @@ def _train(out: Path, *overrides):
     return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+def _assert_same_hf_export(run_a: Path, run_b: Path) -> None:
+    """The two runs' final HF exports are bit-identical."""
+    from safetensors.torch import load_file
+
+    def weights(run):
+        out = {}
+        for path in sorted((run / "hf").glob("*.safetensors")):
+            out.update(load_file(path))
+        return out
+
+    a, b = weights(run_a), weights(run_b)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.e2e
 def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
     """The seed presets' shape at tiny scale: online DPO, 2 samples per prompt, reference refreshed every rollout
@@ -276,8 +290,6 @@ def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
     (its log-probs agree with the reference's, not the moving policy's), and a run stopped in the middle of an
     iteration resumes sampling from the same weights: metrics and final weights equal an uninterrupted run.
     sample_from=policy really samples from other weights: the same at step 1 (reference == policy), not after."""
-    from safetensors.torch import load_file
-
     common = [
         "trainer.ref_update_freq=3",
         "trainer.mini_batch_size=2",
@@ -297,14 +309,7 @@ def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
         for key in ("loss", "rewards/margins", "grad_norm", "objective/kl", "rollout/logp_diff"):
             assert split[step][key] == full[step][key], (step, key)
 
-    def weights(run):
-        out = {}
-        for path in sorted((run / "hf").glob("*.safetensors")):
-            out.update(load_file(path))
-        return out
-
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_hf_export(tmp_path / "full", tmp_path / "split")
 
     policy = _train(tmp_path / "policy", "algorithm.sample_from=policy", "trainer.total_steps=3",
                     "trainer.export_hf=false", f"rollout.dump_path={tmp_path / 'pol.jsonl'}", *common)  # fmt: skip
@@ -326,8 +331,6 @@ def test_soft_refresh_in_optimizer_steps_at_dp2_resumes_bit_exactly(tmp_path):
     (TR-DPO) mix, so refreshes land inside steps; the opponent samples, validation puts the policy in the engine
     and the next step the opponent back. The engine's log-probs agree with the reference that sampled at every
     step, and 4 steps equal 2 + resume + 2 (metrics and final weights)."""
-    from safetensors.torch import load_file
-
     from tests.helpers import run_ranks
 
     common = [
@@ -353,11 +356,4 @@ def test_soft_refresh_in_optimizer_steps_at_dp2_resumes_bit_exactly(tmp_path):
             if key in full[step]:
                 assert split[step][key] == full[step][key], (step, key)
 
-    def weights(run):
-        out = {}
-        for path in sorted((run / "hf").glob("*.safetensors")):
-            out.update(load_file(path))
-        return out
-
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_hf_export(tmp_path / "full", tmp_path / "split")
