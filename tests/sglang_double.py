@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from spin_megatron.ports import pick_free_port
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang import protocol as proto
 from spin_megatron.rollout.sglang.protocol import parse_generate_response
@@ -187,18 +187,8 @@ def start_in_thread(state: DoubleState) -> tuple[ThreadingHTTPServer, str]:
 
 
 def free_port(span: int = 1) -> int:
-    """A port p such that p..p+span-1 are free right now."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if all(_bindable(port + offset) for offset in range(span)):
-            return port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:  # nobody listens there
-        return port <= 65535 and sock.connect_ex(("127.0.0.1", port)) != 0
+    """A port p such that p..p+span-1 are free right now, below the ephemeral range (spin_megatron/ports.py)."""
+    return pick_free_port("127.0.0.1", span=span)
 
 
 def pid_gone(pid: int, wait_s: float = 5.0) -> bool:

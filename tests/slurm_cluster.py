@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spin_megatron.ports import pick_free_port
 from tests.helpers import REPO
 
 CLUSTER_SH = REPO / "tools" / "slurm" / "cluster.sh"
@@ -37,14 +38,8 @@ def unavailable_reason() -> str | None:
 
 
 def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    first = pick_free_port("0.0.0.0", span=count)  # below the ephemeral range: see spin_megatron/ports.py
+    return list(range(first, first + count))
 
 
 def _field(text: str, key: str) -> str:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from spin_megatron.parallel.state import _free_port
+from spin_megatron.ports import pick_free_port
 from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.dist
@@ -46,7 +46,7 @@ def test_saved_at_tp2_loads_at_tp1_pp2_under_torchrun(qwen_tp2_ckpt, tiny_qwen2)
         "--nnodes=1",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={pick_free_port()}",
         "-m",
         "spin_megatron.convert",
         "verify",

@@ -6,6 +6,7 @@ sequence of each lifecycle. The double answers as SGLang 0.5.23 does where the t
 from __future__ import annotations
 
 import importlib.util
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import torch
 
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang import protocol as proto
+from spin_megatron.rollout.sglang import server as server_module
 from spin_megatron.rollout.sglang import weights as weights_module
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.engine import SGLangEngine
@@ -178,15 +180,33 @@ def fake_group(monkeypatch):
     return seen
 
 
+def test_a_taken_weight_sync_port_is_named_before_any_server_is_asked_to_join(double, fake_group):
+    url, state = double()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = SGLangConfig(urls=(url,), weight_sync_master_port=taken.getsockname()[1])
+        with SGLangEngine(config, trainer_gpu_ids=[]) as engine:
+            with pytest.raises(SGLangServerError, match=r"cannot host the weight-update rendezvous on 127.0.0.1:"
+                               r"\d+ .*weight_sync_master_port=0 \(a free port\)"):  # fmt: skip
+                engine.update_weights(BUCKET)
+    assert not [path for path, _ in state.calls if path == "/init_weights_update_group"]
+    assert fake_group["groups"] == []
+
+
 def test_disaggregated_sync_requests_inside_a_session(double, fake_group):
     (url_a, _), (url_b, state) = double(), double()
-    config = SGLangConfig(urls=(url_a, url_b), tp_size=2, weight_sync_master_port=29500)
+    config = SGLangConfig(urls=(url_a, url_b), tp_size=2)  # weight_sync_master_port=0: the OS picks one
     with SGLangEngine(config, trainer_gpu_ids=[]) as engine:
         engine.update_weights(BUCKET)
         engine.update_weights(BUCKET[:1])
         engine.finish_weight_update()
+    (trainer_end,) = fake_group["groups"]
+    # The servers are told the port of a store that is already bound (nothing to race for).
+    port = trainer_end["store"].port
+    assert port > 0 and trainer_end["master_port"] == port
     group = proto.init_weights_update_group_payload(  # server B's TP ranks are 3 and 4 of 1 + 2 × 2
-        master_address="127.0.0.1", master_port=29500, rank_offset=3, world_size=5, backend="gloo"
+        master_address="127.0.0.1", master_port=port, rank_offset=3, world_size=5, backend="gloo"
     )
     assert state.calls == [
         ("/begin_weight_update", {"selector": "all"}),
@@ -274,6 +294,18 @@ def test_a_server_that_dies_while_starting_reports_its_log_tail(tmp_path):
     died = r"(?s)died before becoming healthy: SGLang server 0 \(pid \d+\) exited with code 1.*No module"
     with pytest.raises(SGLangServerError, match=died):
         SGLangEngine(config, trainer_gpu_ids=[])
+
+
+def test_a_launch_onto_a_port_where_a_stale_server_answers_is_refused(double, tmp_path, monkeypatch):
+    """The stale server would pass the health check in place of the one being launched."""
+    url, state = double()
+    monkeypatch.setattr(server_module, "PORT_RELEASE_WAIT_S", 0.3)
+    port = int(url.rsplit(":", 1)[1])
+    config = SGLangConfig(model_path="/m", base_port=port - 1, num_engines=2, log_dir=str(tmp_path))
+    taken = rf"SGLang server 1: port {port} on 127.0.0.1 is in use .*set rollout.sglang.base_port to the first of 2"
+    with pytest.raises(SGLangServerError, match=taken):
+        SGLangEngine(config, trainer_gpu_ids=[])
+    assert not list(tmp_path.iterdir()) and state.calls == []  # nothing launched, the stale server not used
 
 
 def test_launched_fleet_with_router_generates_and_leaves_no_process_behind(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +73,6 @@ def validate_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
             f"{tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp / parallel.pp"
         )
     return world_size // (tp * pp)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launched_by_torchrun() -> bool:

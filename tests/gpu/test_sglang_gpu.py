@@ -7,12 +7,12 @@ against a real CPU server (tests/test_sglang_real.py)."""
 
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
 
 from spin_megatron.models.tiny import make_tiny_hf_model
+from spin_megatron.ports import pick_free_port
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.engine import SGLangEngine, current_trainer_gpus
@@ -37,15 +37,9 @@ def hf_dir(tmp_path_factory):
     return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "qwen2", "qwen2", seed=3, **TINY)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _config(hf_dir, tmp_path, **overrides) -> SGLangConfig:
     return SGLangConfig(
-        model_path=str(hf_dir), dtype="bfloat16", mem_fraction_static=0.3, base_port=_free_port(),
+        model_path=str(hf_dir), dtype="bfloat16", mem_fraction_static=0.3, base_port=pick_free_port(),
         random_seed=0, log_dir=str(tmp_path / "logs"), health_timeout_s=600,
         extra_server_args=("--disable-cuda-graph",), **overrides,
     )  # fmt: skip
@@ -246,7 +240,7 @@ def test_spin_train_with_colocated_sglang_and_the_memory_saver(hf_dir, tmp_path)
         [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "rollout.engine=sglang",
          "rollout.sglang.enable_memory_saver=true", "rollout.sglang.mem_fraction_static=0.3",
          "algorithm.sample_from=policy", "rollout.sync_every=2", "trainer.total_steps=4", "trainer.test_freq=1", f"trainer.output_dir={out}",
-         f"rollout.sglang.base_port={_free_port()}", "logging.progress_bar=false"],
+         f"rollout.sglang.base_port={pick_free_port()}", "logging.progress_bar=false"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]

@@ -23,6 +23,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from spin_megatron.ports import wait_port_free
 from spin_megatron.rollout.sglang.config import SGLangConfig, engine_urls
 from spin_megatron.rollout.sglang.protocol import (
     SGLangServerError,
@@ -37,6 +38,7 @@ LINUX = sys.platform.startswith(
     "linux"
 )  # die_with_parent needs prctl; elsewhere the actor's terminate() only
 LOG_TAIL_LINES = 40
+PORT_RELEASE_WAIT_S = 10.0  # how long a port may stay taken by a server that was just stopped
 
 
 def _die_with_parent() -> None:
@@ -290,7 +292,20 @@ class ServerFleet:
             self.log_dir = Path(tempfile.mkdtemp(prefix="spin_sglang_logs_"))
         return self.log_dir
 
+    def _check_port(self, port: int, what: str, fix: str) -> None:
+        """Refuse to launch onto a taken port: the launch would die, and a stale server still answering there
+        would pass the health check in its place. A just-stopped server may hold its socket for a moment."""
+        host = self.config.host
+        if not wait_port_free(host, port, timeout_s=PORT_RELEASE_WAIT_S):
+            raise SGLangServerError(
+                f"{what}: port {port} on {host} is in use (another SGLang server, a leftover of an earlier run, or "
+                f"another program listens there); stop it, or {fix}"
+            )
+
     def _launch_servers(self) -> None:
+        fix = f"set rollout.sglang.base_port to the first of {len(self.urls)} free consecutive ports"
+        for index in range(len(self.urls)):
+            self._check_port(self.config.base_port + index, f"SGLang server {index}", fix)
         for index, url in enumerate(self.urls):
             command = build_server_command(self.config, index, colocated=self.colocated)
             env = build_server_env(self.config, index, os.environ, colocated=self.colocated)
@@ -299,6 +314,9 @@ class ServerFleet:
 
     def _launch_router(self) -> None:
         url = f"http://{self.config.host}:{self.config.router_port}"
+        self._check_port(
+            self.config.router_port, "sglang_router", "set rollout.sglang.router_port to a free port"
+        )
         command = build_router_command(self.config, self.urls)
         process = ManagedProcess("sglang_router", command, os.environ, self._logs() / "sglang_router.log")
         self.processes[url] = process

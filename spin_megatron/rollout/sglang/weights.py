@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import sys
 import types
 from collections.abc import Sequence
@@ -141,21 +140,33 @@ class ColocatedWeightSync:
 
 
 # ----- disaggregated --------------------------------------------------------------------------------------
+def host_weight_update_store(master_address: str, master_port: int, world_size: int, timeout_s: float):
+    """The weight-update group's TCP store, hosted by the trainer (rank 0) and bound before any server is told
+    the port. ``master_port=0`` lets the OS choose a free one (read back as ``store.port``): nothing picks a
+    port, lets it go and hopes it is still free when the store binds it."""
+    return dist.TCPStore(
+        master_address, master_port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )  # fmt: skip
+
+
 def new_weight_update_group(
-    *, backend: str, master_address: str, master_port: int, world_size: int, rank: int, timeout_s: float
-):
+    *, backend: str, master_address: str, master_port: int, world_size: int, rank: int, timeout_s: float,
+    store=None,
+):  # fmt: skip
     """A process group of the trainer and the servers, beside (not replacing) the trainer's default group.
 
     The rendezvous is the one SGLang's ``init_custom_process_group`` performs on the servers' side: a TCP
-    store at ``master_address:master_port`` (rank 0, the trainer, hosts it), keys under the group name as
-    prefix. torch has no public API for a group outside the default world, hence its internal helper
+    store at ``master_address:master_port`` (rank 0, the trainer, hosts it: pass the one from
+    :func:`host_weight_update_store`), keys under the group name as prefix. torch has no public API for a group outside the default world, hence its internal helper
     (SGLang, verl and slime use the same one)."""
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
+    if store is None:  # a joining rank (or a trainer that did not host the store itself)
+        store, rank, world_size = next(
+            dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        )
     store.set_timeout(timeout)
     group, _ = _new_process_group_helper(
         world_size, rank, [], Backend(backend), PrefixStore(WEIGHT_UPDATE_GROUP, store),
@@ -188,7 +199,21 @@ class DisaggregatedWeightSync:
     def _connect(self) -> None:
         """Both sides block in the rendezvous, so the servers are asked to join before the trainer does."""
         offsets, world_size = engine_rank_offsets(len(self.urls), self.tp_size)
-        port = self.master_port or free_port(self.master_address)
+        try:
+            store = host_weight_update_store(
+                self.master_address, self.master_port, world_size, self.timeout_s
+            )
+        except (
+            RuntimeError,
+            OSError,
+        ) as exc:  # DistNetworkError: the port is taken or the address is not ours
+            raise SGLangServerError(
+                f"cannot host the weight-update rendezvous on {self.master_address}:{self.master_port or 'any'} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): set "
+                "rollout.sglang.weight_sync_master_address to an address of this host the servers reach, and "
+                "rollout.sglang.weight_sync_master_port=0 (a free port) or a free one"
+            ) from exc
+        port = store.port
         payloads = [
             init_weights_update_group_payload(
                 master_address=self.master_address, master_port=port, rank_offset=offset,
@@ -200,7 +225,7 @@ class DisaggregatedWeightSync:
         try:
             group = new_weight_update_group(
                 backend=self.backend, master_address=self.master_address, master_port=port,
-                world_size=world_size, rank=0, timeout_s=self.timeout_s,
+                world_size=world_size, rank=0, timeout_s=self.timeout_s, store=store,
             )  # fmt: skip
         except Exception as exc:
             # The servers' answers say why they did not join (unreachable address, taken port, ...).
@@ -254,11 +279,3 @@ class DisaggregatedWeightSync:
         finally:
             group, self._group = self._group, None
             dist.destroy_process_group(group)
-
-
-def free_port(host: str = "") -> int:
-    """A port the OS says is free now on ``host``'s interface. The TCP store binds it a moment later; the
-    servers learn it from the request, so nobody else is told about it in between."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
