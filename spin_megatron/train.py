@@ -104,6 +104,18 @@ def prepare_data(cfg: Config):
     return TrainingData(tokenizer=tokenizer, train=train, val=val, train_stats=stats)
 
 
+def lost_peer_message(reason: str, output_dir: str) -> str:
+    """What a surviving rank says when another rank of the run died or hung (see ``parallel/peers.py``)."""
+    from spin_megatron.checkpoint import find_latest
+
+    latest = find_latest(output_dir)
+    saved = f"the last complete checkpoint is {latest}" if latest else f"no checkpoint in {output_dir} yet"
+    return (
+        f"lost contact with another process of this run ({reason}): a node or rank died or hung; {saved}; "
+        "relaunch the same command on every node (trainer.resume=auto) to continue from it"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -117,21 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank == 0:  # prompts dropped or cut, gold responses truncated (those get no terminator)
         print(f"{PROG}: {data.train_stats.summary('train data')}", flush=True)
+    from spin_megatron.parallel.peers import EXIT_LOST_PEER, lost_peer
     from spin_megatron.parallel.state import destroy_parallel, init_parallel
     from spin_megatron.preemption import PreemptionFlag
     from spin_megatron.trainer import SPINTrainer
 
     preemption = PreemptionFlag().install()  # before the process group: a signal during set-up is kept
-    groups = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
+    where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        trainer = SPINTrainer(cfg, groups, data, preemption)
-        outcome = trainer.fit()
+        groups = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
+        try:
+            trainer = SPINTrainer(cfg, groups, data, preemption)
+            outcome = trainer.fit()
+        finally:
+            destroy_parallel()
     except UserError as exc:
-        where = f" [rank {rank}]" if groups.world_size > 1 else ""
         print(f"{PROG}: error{where}: {exc}", file=sys.stderr)
         return 2
-    finally:
-        destroy_parallel()
+    except Exception as exc:
+        reason = lost_peer(exc)
+        if reason is None:
+            raise  # a bug: keep the traceback
+        print(f"{PROG}: error{where}: {lost_peer_message(reason, cfg.trainer.output_dir)}", file=sys.stderr)
+        return EXIT_LOST_PEER
     out = Path(cfg.trainer.output_dir)
     if rank == 0 and outcome == "preempted":
         print(

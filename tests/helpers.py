@@ -26,6 +26,23 @@ def run_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def assert_same_hf_export(run_a: Path, run_b: Path) -> None:
+    """The two runs' final HF exports (``<run>/hf/*.safetensors``) are bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    def weights(run: Path) -> dict:
+        out = {}
+        for path in sorted((Path(run) / "hf").glob("*.safetensors")):
+            out.update(load_file(path))
+        assert out, f"no HF export in {Path(run) / 'hf'}"
+        return out
+
+    a, b = weights(run_a), weights(run_b)
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def missing(component: str, reason: str) -> None:
     """Skip a test whose optional component is absent, unless ``SPIN_REQUIRE_<COMPONENT>=1`` says it must be
     there (a GPU image that should carry TE or SGLang): then the absence is a failure, not a skip."""

@@ -10,10 +10,8 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_same_hf_export
 from tests.slurm_cluster import start_cluster, unavailable_reason
 
 pytestmark = pytest.mark.slurm
@@ -54,20 +52,6 @@ def _node_log(submit_dir, job_id, attempt: int, node: str = "node0") -> str:
 def _steps(run_dir) -> list[int]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _weights(run_dir) -> dict:
-    tensors = {}
-    for path in sorted((run_dir / "hf").glob("*.safetensors")):
-        tensors.update(load_file(path))
-    assert tensors, f"no HF export in {run_dir / 'hf'}"
-    return tensors
-
-
-def _assert_same_weights(run_dir, reference_dir):
-    a, b = _weights(run_dir), _weights(reference_dir)
-    assert sorted(a) == sorted(b)
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def _wait_for_step(cluster, job_id, run_dir, step: int, timeout_s: float = 240):
@@ -130,7 +114,7 @@ def test_the_jobs_signal_checkpoints_requeues_and_resumes_to_the_same_weights(sl
     assert f"spin-train: received SIGUSR1: stopped after step {step} with a checkpoint" in first
     assert "done: metrics" in _node_log(tmp_path, job_id, attempt=1)
     assert _steps(run_dir) == [1, 2, 3, 4]  # no step lost or repeated
-    _assert_same_weights(run_dir, reference_dir)
+    assert_same_hf_export(run_dir, reference_dir)
     print(f"preempted at step {step}, requeued and finished: {time.monotonic() - start:.0f} s")
 
 
@@ -167,7 +151,7 @@ def test_scancel_mid_run_checkpoints_stays_cancelled_and_a_new_job_finishes(slur
     assert job.state == "COMPLETED" and job.restarts == 0, job.text + _batch_log(tmp_path, rerun)
     assert "done: metrics" in _node_log(tmp_path, rerun, attempt=0)
     assert _steps(run_dir) == [1, 2, 3, 4]
-    _assert_same_weights(run_dir, reference_dir)
+    assert_same_hf_export(run_dir, reference_dir)
     print(f"scancel after step {step}, new job finished: {time.monotonic() - start:.0f} s")
 
 

@@ -16,7 +16,7 @@ from spin_megatron.data import PromptExample
 from spin_megatron.experience import sampling_seed
 from spin_megatron.minibatch import mini_batch_shares, mini_batches
 from spin_megatron.train import load_config, main
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_same_hf_export
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -214,20 +214,6 @@ def _train(out: Path, *overrides):
     return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def _assert_same_hf_export(run_a: Path, run_b: Path) -> None:
-    """The two runs' final HF exports are bit-identical."""
-    from safetensors.torch import load_file
-
-    def weights(run):
-        out = {}
-        for path in sorted((run / "hf").glob("*.safetensors")):
-            out.update(load_file(path))
-        return out
-
-    a, b = weights(run_a), weights(run_b)
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.e2e
 def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
     """The seed presets' shape at tiny scale: online DPO, 2 samples per prompt, reference refreshed every rollout
@@ -309,7 +295,7 @@ def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
         for key in ("loss", "rewards/margins", "grad_norm", "objective/kl", "rollout/logp_diff"):
             assert split[step][key] == full[step][key], (step, key)
 
-    _assert_same_hf_export(tmp_path / "full", tmp_path / "split")
+    assert_same_hf_export(tmp_path / "full", tmp_path / "split")
 
     policy = _train(tmp_path / "policy", "algorithm.sample_from=policy", "trainer.total_steps=3",
                     "trainer.export_hf=false", f"rollout.dump_path={tmp_path / 'pol.jsonl'}", *common)  # fmt: skip
@@ -356,4 +342,4 @@ def test_soft_refresh_in_optimizer_steps_at_dp2_resumes_bit_exactly(tmp_path):
             if key in full[step]:
                 assert split[step][key] == full[step][key], (step, key)
 
-    _assert_same_hf_export(tmp_path / "full", tmp_path / "split")
+    assert_same_hf_export(tmp_path / "full", tmp_path / "split")

@@ -12,6 +12,7 @@
 #   MASTER_PORT     rendezvous port (default 29500)
 #   RDZV_ID         rendezvous id, the same on every node (default $SLURM_JOB_ID, else "spin")
 #   NODE_RANK       this node's index 0..NNODES-1 (default $SLURM_NODEID); node 0 hosts the store
+#   RDZV_JOIN_TIMEOUT  seconds the nodes wait for each other at the rendezvous (torch's default: 600)
 #   PYTHON          interpreter (default: python, else python3)
 #   DRY_RUN=1       print the command instead of running it (same as --dry-run)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for its workers after a signal before SIGKILL
@@ -29,7 +30,7 @@ dry_run=${DRY_RUN:-0}
 while [[ $# -gt 0 ]]; do
     case $1 in
         --dry-run) dry_run=1; shift ;;
-        -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) break ;;  # the first Hydra override: everything from here on is passed through
     esac
 done
@@ -76,12 +77,19 @@ else
     cmd+=(--nnodes "$nnodes" --nproc_per_node "$nproc")
     cmd+=(--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$port" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-spin}}")
     node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
+    rdzv_conf=()
     if [[ -n $node_rank ]]; then
         [[ $node_rank =~ ^[0-9]+$ && $node_rank -lt $nnodes ]] ||
             die "NODE_RANK must be in 0..$((nnodes - 1)), got '$node_rank'"
         # Who hosts the c10d store: node 0, said explicitly instead of torch guessing from host names.
-        if [[ $node_rank -eq 0 ]]; then host_flag=1; else host_flag=0; fi
-        cmd+=(--rdzv_conf "is_host=$host_flag")
+        if [[ $node_rank -eq 0 ]]; then rdzv_conf+=(is_host=1); else rdzv_conf+=(is_host=0); fi
+    fi
+    if [[ -n ${RDZV_JOIN_TIMEOUT:-} ]]; then
+        is_positive_int "$RDZV_JOIN_TIMEOUT" || die "RDZV_JOIN_TIMEOUT must be a number of seconds, got '$RDZV_JOIN_TIMEOUT'"
+        rdzv_conf+=("join_timeout=$RDZV_JOIN_TIMEOUT")
+    fi
+    if [[ ${#rdzv_conf[@]} -gt 0 ]]; then
+        cmd+=(--rdzv_conf "$(IFS=,; echo "${rdzv_conf[*]}")")
     fi
 fi
 cmd+=(-m spin_megatron.train "$@")
