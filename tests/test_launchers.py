@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,6 +133,22 @@ def test_sbatch_dry_run_for_four_nodes_without_scontrol(tmp_path):
         assert "--standalone" not in args
         assert passed == [*overrides, "trainer.resume=auto"]
     assert not (tmp_path / "logs").exists()  # a dry run creates nothing
+
+
+def test_sbatch_steps_past_a_rendezvous_port_taken_on_the_first_node(tmp_path):
+    """The batch shell runs on the first node, where the store will listen: a taken default port is skipped."""
+    port = 20000 + JOB_ID % 10000
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", port))
+        except OSError:
+            pytest.skip(f"port {port} is in use on this machine already")
+        taken.listen()
+        out, _, nodes = _sbatch_dry_run(tmp_path, ["experiment=tiny_cpu"])
+    assert f"rendezvous port {port} is taken on" in out and f"using {port + 1}" in out
+    assert all(
+        _flag(_torchrun_args(argv)[1], "--rdzv_endpoint").endswith(f":{port + 1}") for argv in nodes.values()
+    )
 
 
 def test_sbatch_uses_scontrol_hostnames_and_respects_overrides(tmp_path):
