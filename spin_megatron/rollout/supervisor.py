@@ -5,6 +5,12 @@ must finish within ``timeout_s``; an exception, a timeout or a malformed answer 
 ``restart`` shuts the engine down (its processes too, for SGLang) and builds a new one from the factory; the
 trainer then re-syncs the weights and retries, a bounded number of times.
 
+A restart whose new engine cannot be built (a Ray cluster that lost the node a server needs, a server that does not
+come up) is recorded, not raised: the supervisor is then *down* until the next restart. Generating on a down engine
+fails like any engine failure (so the caller's bounded restarts, and past them the save-and-stop, apply); weight
+syncs and sleep/wake are skipped, since there are no weights to update, and every restart that brings an engine back
+is followed by a full re-sync by its caller (``generate_scored``'s ``resync``, the trainer's ``_sync`` loop).
+
 A weight sync that fails part-way is recorded, not raised: the other ranks of the model-parallel group keep
 streaming buckets to the engine rank, which must keep receiving them (and drop them) to stay in step. The
 trainer reads :meth:`EngineSupervisor.take_sync_error` after the sync, on every rank, and restarts and syncs
@@ -57,13 +63,16 @@ class EngineSupervisor:
         self.timeout_s = timeout_s
         self.vocab_size = vocab_size
         self.restarts = 0
-        self.engine = factory()
+        self.engine = factory()  # at start-up a failure is raised: there is nothing to fall back on
         self._sync_error: str | None = None
+        self.down: str | None = None  # why the last restart could not build an engine (None: an engine is up)
 
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, prompt_keys: list[Hashable] | None = None
     ) -> list[Sample]:
         keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
+        if self.down is not None:
+            raise RolloutError(f"no engine: restart {self.restarts} failed ({self.down})")
         box: dict = {}
 
         def work():
@@ -84,19 +93,26 @@ class EngineSupervisor:
         return box["samples"]
 
     def restart(self) -> None:
-        try:
-            self.engine.shutdown()
-        except Exception as exc:  # a dead engine may fail to shut down; it is replaced either way
-            print(
-                f"rollout: shutting down the failed engine raised {type(exc).__name__}: {exc}",
-                file=sys.stderr,
-            )
-        self.engine = self.factory()
+        if self.down is None:
+            try:
+                self.engine.shutdown()
+            except Exception as exc:  # a dead engine may fail to shut down; it is replaced either way
+                print(
+                    f"rollout: shutting down the failed engine raised {type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                )
         self.restarts += 1
         self._sync_error = None
+        try:
+            self.engine = self.factory()
+        except Exception as exc:
+            self.engine, self.down = None, f"{type(exc).__name__}: {exc}"
+            print(f"rollout: restart {self.restarts} failed: {self.down}", file=sys.stderr, flush=True)
+        else:
+            self.down = None
 
     def update_weights(self, named_tensors) -> None:
-        if self._sync_error is not None:
+        if self._sync_error is not None or self.down is not None:
             return  # this sync already failed: its remaining buckets are received and dropped
         try:
             self.engine.update_weights(named_tensors)
@@ -104,7 +120,7 @@ class EngineSupervisor:
             self._sync_error = f"{type(exc).__name__}: {exc}"
 
     def finish_weight_update(self) -> None:
-        if self._sync_error is not None:
+        if self._sync_error is not None or self.down is not None:
             return
         try:
             self.engine.finish_weight_update()
@@ -117,10 +133,13 @@ class EngineSupervisor:
         return error
 
     def sleep(self, *, release_weights: bool = True) -> None:
-        self.engine.sleep(release_weights=release_weights)
+        if self.down is None:
+            self.engine.sleep(release_weights=release_weights)
 
     def wake(self) -> None:
-        self.engine.wake()
+        if self.down is None:
+            self.engine.wake()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        if self.down is None:
+            self.engine.shutdown()

@@ -29,14 +29,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from spin_megatron.errors import ConfigError
+from spin_megatron.errors import ConfigError, UserError
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.protocol import SGLangServerError, build_server_command
 from spin_megatron.rollout.sglang.server import HttpClient, ManagedProcess, ServerFleet
 
 CONNECT_RETRY_S = 2.0
+PLACEMENT_POLL_S = 1.0  # while a placement group is pending, how often the cluster is checked for lost nodes
 ACTOR_CALL_TIMEOUT_S = 60.0
 PORT_SEARCH_SPAN = 2000
+
+
+class RayClusterError(SGLangServerError, UserError):
+    """The Ray cluster cannot take the fleet: nobody answers, or its (alive) nodes could never hold it.
+
+    A :class:`UserError`, so a trainer that cannot start its fleet says so in one line; a supervisor restarting a
+    fleet treats it like any failed restart."""
 
 
 def import_ray():
@@ -58,6 +66,26 @@ def gcs_endpoint(address: str) -> tuple[str, int] | None:
     if "://" in address or not host or not port.isdigit():
         return None  # auto without RAY_ADDRESS (this node's cluster), local, or a ray:// client address
     return host, int(port)
+
+
+def follow_token_auth() -> bool:
+    """Use Ray's token authentication when a token is there and ``RAY_AUTH_MODE`` is unset; True if it is on.
+
+    ``ray start --head`` switches token authentication on by itself when it finds a token
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``, which any local ``ray.init()``
+    writes), but ``ray.init`` with an explicit address does not, and the head then refuses the driver after
+    about 20 s ("InvalidAuthToken", surfacing as a ConnectionError). The trainer makes the head's choice with
+    Ray's own rule (``tools/launch/ray_node.sh`` does the same for joining nodes); a ``RAY_AUTH_MODE`` set by the
+    user always wins. Setting the variable alone is not enough once Ray is imported (its config is cached),
+    hence Ray's helper, which refreshes it (Ray 2.5x; older Rays have no token authentication).
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def connect_ray(config: SGLangConfig):
@@ -82,17 +110,22 @@ def connect_ray(config: SGLangConfig):
                 break
         except OSError as exc:
             if time.monotonic() + CONNECT_RETRY_S > deadline:
-                raise SGLangServerError(
+                raise RayClusterError(
                     f"no Ray cluster answers at {endpoint[0]}:{endpoint[1]} (rollout.sglang.ray_address="
                     f"{config.ray_address!r}) within {config.health_timeout_s:g} s ({exc}); {fix}"
                 ) from exc
             time.sleep(CONNECT_RETRY_S)
+    token = follow_token_auth() if endpoint is not None else os.environ.get("RAY_AUTH_MODE") == "token"
     try:
         ray.init(address=config.ray_address or None, namespace=config.ray_namespace, log_to_driver=False)
     except ConnectionError as exc:
-        raise SGLangServerError(
+        auth = (
+            f"; Ray token authentication is {'on' if token else 'off'} here (RAY_AUTH_MODE="
+            f"{os.environ.get('RAY_AUTH_MODE', '')!r}): the head and every node must agree"
+        )
+        raise RayClusterError(
             f"could not connect to the Ray cluster (rollout.sglang.ray_address={config.ray_address!r}): "
-            f"{str(exc).splitlines()[0]}; {fix}"
+            f"{str(exc).splitlines()[0]}{auth}; {fix}"
         ) from exc
     return ray
 
@@ -142,6 +175,7 @@ class SGLangServerActor:
         return {
             "url": self.url,
             "node_ip": host,
+            "node_id": ray.get_runtime_context().get_node_id(),  # nodes of one host share the IP
             "gpus": env.get("CUDA_VISIBLE_DEVICES", ""),
             "pid": self.process.pid,
             "log": str(log),
@@ -214,7 +248,7 @@ class RayServerFleet(ServerFleet):
         self.urls = []  # known once the actors have picked their nodes and ports
         self.placement_group = None
         self.actors: list = []
-        self.servers: list[dict[str, Any]] = []  # what each actor reported: url, node_ip, gpus, pid, log
+        self.servers: list[dict[str, Any]] = []  # each actor's url, node_ip, node_id, gpus, pid, log
 
     def _launch_servers(self) -> None:
         ray = connect_ray(self.config)
@@ -229,14 +263,19 @@ class RayServerFleet(ServerFleet):
             [dict(bundle) for _ in range(config.num_engines)], strategy=config.ray_placement_strategy,
             name=name,
         )  # fmt: skip
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=config.health_timeout_s)
-        if not ready:
-            raise SGLangServerError(
-                f"Ray could not place {config.num_engines} SGLang server(s) × {config.tp_size} GPU(s) "
-                f"({config.ray_placement_strategy}) within {config.health_timeout_s:g} s; free now: "
-                f"{_gpus_cpus(ray.available_resources())} of {_gpus_cpus(ray.cluster_resources())}. Free GPUs "
-                "(another job holds them), lower rollout.sglang.num_engines/tp_size, or use strategy=SPREAD/PACK"
-            )
+        ready_ref, deadline = self.placement_group.ready(), time.monotonic() + config.health_timeout_s
+        while not ray.wait([ready_ref], timeout=min(PLACEMENT_POLL_S, config.health_timeout_s))[0]:
+            # A node lost while waiting (or lost just before, and only now marked dead by Ray) can make the
+            # group unplaceable for good: say so now rather than after health_timeout_s.
+            self._check_capacity(ray, bundle, waiting=True)
+            if time.monotonic() >= deadline:
+                raise SGLangServerError(
+                    f"Ray could not place {config.num_engines} SGLang server(s) × {config.tp_size} GPU(s) "
+                    f"({config.ray_placement_strategy}) within {config.health_timeout_s:g} s; free now: "
+                    f"{_gpus_cpus(ray.available_resources())} of {_gpus_cpus(ray.cluster_resources())}. Free "
+                    "GPUs (another job holds them), lower rollout.sglang.num_engines/tp_size, or use "
+                    "strategy=SPREAD/PACK"
+                )
         actor_class = ray.remote(SGLangServerActor)
         log_dir = str(self.log_dir) if self.log_dir else ""
         for index in range(config.num_engines):
@@ -254,18 +293,48 @@ class RayServerFleet(ServerFleet):
         for index, (actor, info) in enumerate(zip(self.actors, self.servers, strict=True)):
             self.processes[info["url"]] = RemoteServerProcess(ray, actor, info, index)
 
-    def _check_capacity(self, ray, bundle: dict[str, float]) -> None:
-        """Refuse at once what the whole cluster could never hold (waiting could not help)."""
+    def _check_capacity(self, ray, bundle: dict[str, float], *, waiting: bool = False) -> None:
+        """Refuse at once what the cluster's alive nodes could never hold (waiting could not help): too few
+        GPUs/CPUs in all, no node big enough for one server, or too few nodes for the placement strategy."""
+        config, count = self.config, self.config.num_engines
         total = ray.cluster_resources()
         knob = {"GPU": "tp_size", "CPU": "ray_cpus_per_engine"}
         for resource, per_server in bundle.items():
-            need, have = per_server * self.config.num_engines, total.get(resource, 0.0)
+            need, have = per_server * count, total.get(resource, 0.0)
             if have < need:
-                raise SGLangServerError(
+                raise RayClusterError(
                     f"the Ray cluster has {have:g} {resource}(s) in all but rollout.sglang.num_engines="
-                    f"{self.config.num_engines} × {knob[resource]}={per_server:g} need {need:g}: add Ray nodes "
-                    "or lower them"
+                    f"{count} × {knob[resource]}={per_server:g} need {need:g}: add Ray nodes or lower them"
                 )
+        # how many servers each alive node could hold if it were idle
+        fits = [_servers_that_fit(node["Resources"], bundle) for node in ray.nodes() if node.get("Alive")]
+        strategy = config.ray_placement_strategy
+        holds = {
+            "STRICT_SPREAD": sum(k >= 1 for k in fits),
+            "STRICT_PACK": max(fits, default=0),
+        }.get(strategy, sum(fits))
+        if holds >= count:
+            return
+        per_server = f"{config.tp_size} GPU(s) + {config.ray_cpus_per_engine:g} CPU(s) per server"
+        if strategy == "STRICT_SPREAD":
+            what = (
+                f"{holds} alive node(s) can hold a server ({per_server}) but STRICT_SPREAD puts each of the "
+                f"{count} servers on a node of its own: add or restart Ray nodes, lower rollout.sglang.num_engines, "
+                "or use ray_placement_strategy=SPREAD"
+            )
+        elif strategy == "STRICT_PACK":
+            what = (
+                f"no alive node can hold all {count} servers ({per_server}, STRICT_PACK: one node): lower "
+                "rollout.sglang.num_engines or use ray_placement_strategy=PACK"
+            )
+        else:
+            what = (
+                f"its alive nodes can hold only {holds} of the {count} servers ({per_server}; a server's GPUs "
+                "are on one node): add Ray nodes or lower rollout.sglang.num_engines/tp_size"
+            )
+        alive = f"{len(fits)} alive node(s)"
+        when = " (a node was lost while Ray was placing the fleet)" if waiting else ""
+        raise RayClusterError(f"the Ray cluster cannot place the SGLang fleet{when}: {alive}; {what}")
 
     def shutdown(self) -> None:
         """Stop the router and each server's process group (via its actor), then the actors, then the group."""
@@ -281,6 +350,11 @@ class RayServerFleet(ServerFleet):
 
                     remove_placement_group(self.placement_group)
             self.actors, self.placement_group, self.urls = [], None, []
+
+
+def _servers_that_fit(resources: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many bundles a node with these total resources holds."""
+    return int(min(resources.get(name, 0.0) // amount for name, amount in bundle.items() if amount > 0))
 
 
 def _gpus_cpus(resources: dict[str, float]) -> str:
