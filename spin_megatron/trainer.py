@@ -43,7 +43,7 @@ from spin_megatron.policy import build_policy, build_reference, refresh_referenc
 from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.rewards import get_reward_fn
 from spin_megatron.rollout import build_engine, maybe_dump, reported_logprob_temperature
-from spin_megatron.rollout.supervisor import EngineSupervisor
+from spin_megatron.rollout.supervisor import EngineSupervisor, RolloutError
 from spin_megatron.step_metrics import step_metrics
 from spin_megatron.validation import validate
 
@@ -115,13 +115,13 @@ class SPINTrainer:
         """Train to ``trainer.total_steps``; returns "finished" or "preempted" (checkpoint written either way)."""
         trainer_cfg = self.cfg.trainer
         if self.step == 0 and trainer_cfg.test_freq:
-            self.logger.log(0, self._validate())
+            self.logger.log(0, self._validate_or_halt({}))
         while self.step < trainer_cfg.total_steps:
             self.step += 1
             metrics = self.train_one_step()
             last = self.step == trainer_cfg.total_steps
             if trainer_cfg.test_freq and (self.step % trainer_cfg.test_freq == 0 or last):
-                metrics.update(self._validate())
+                metrics.update(self._validate_or_halt(metrics))
             self.logger.log(self.step, metrics)
             saved = last or (trainer_cfg.save_freq and self.step % trainer_cfg.save_freq == 0)
             if saved:
@@ -375,6 +375,23 @@ class SPINTrainer:
             f"{saved}; fix the engine and resume (trainer.resume=auto)"
         )
 
+    def _validate_or_halt(self, step_metrics: dict[str, float]) -> dict[str, float]:
+        """Validation metrics; if its generation fails past the engine's restarts, the step's training metrics
+        are logged and its state saved (a resume goes on with the next step), then the run stops in one line."""
+        try:
+            return self._validate()
+        except RolloutError as exc:
+            if self.step == 0:
+                raise TrainingHalted(
+                    f"validation before the first step: {exc}; fix the engine and rerun"
+                ) from exc
+            self.logger.log(self.step, step_metrics)
+            self._save()
+            raise TrainingHalted(
+                f"{exc} (after {self.cfg.rollout.max_restarts} engine restart(s)); saved step {self.step} in "
+                f"{self.out / 'checkpoints'} without its validation; fix the engine and resume (trainer.resume=auto)"
+            ) from exc
+
     def _validate(self) -> dict[str, float]:
         if self.engine is not None:
             self.engine.wake()  # no-op when awake (train_one_step wakes it at its end)
@@ -393,6 +410,8 @@ class SPINTrainer:
             engine_src=self.engine_src,
             settings=self.settings,
             token_budget=self.cfg.trainer.micro_batch_tokens,
+            max_restarts=self.cfg.rollout.max_restarts,
+            resync=lambda: self._sync(source="policy"),
         )
 
     def _save(self) -> None:

@@ -35,8 +35,13 @@ def validate(
     engine_src: int,
     settings: DPOSettings,
     token_budget: int,
+    max_restarts: int = 0,
+    resync=None,
 ) -> dict[str, float]:
-    """``val/accuracy`` (reward ≥ 1 under greedy decoding), ``val/score_mean``, ``val/gold_nll`` (per token)."""
+    """``val/accuracy`` (reward ≥ 1 under greedy decoding), ``val/score_mean``, ``val/gold_nll`` (per token).
+
+    A failed generation restarts the engine and re-syncs it (``resync()``) up to ``max_restarts`` times, as in
+    training; past that :class:`RolloutError` is raised on every rank."""
     params = sampling_params(rollout_cfg, stop_ids, seed=0, greedy=True)
     samples, error = generate_scored(
         engine,
@@ -46,6 +51,8 @@ def validate(
         tokenizer=tokenizer,
         groups=groups,
         engine_src=engine_src,
+        max_restarts=max_restarts,
+        resync=resync,
     )
     samples = samples or []
     local = {

@@ -213,3 +213,24 @@ def test_engine_failing_past_its_restarts_saves_and_stops(tmp_path):
     resumed = _run(out, "trainer.total_steps=2", "trainer.save_freq=0")  # the batch of step 2 is retried
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
+def test_validation_failing_past_its_restarts_logs_saves_and_stops(tmp_path):
+    """Validation generation gets the same restarts as training; past them the step is kept (logged, saved)."""
+    out = tmp_path / "val_dead"
+    # generate calls: 1 = validation before step 1, 2 and 3 = steps 1 and 2, 4 = validation after step 2 (dies),
+    # 5 = its retry after the restart (dies too)
+    faulty = ["trainer.test_freq=2", "rollout.engine=tests.faulty_engine:make", "rollout.max_restarts=1"]
+    result = _run(out, "trainer.total_steps=4", "trainer.save_freq=0", *faulty, engine_faults="die@4,die@5")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "spin-train: error: validation generation failed on 1 replica(s): engine failed: RuntimeError: injected "
+        "engine death (after 1 engine restart(s)); saved step 2 in "
+    ), last
+    assert "restarting the engine (1/1)" in result.stderr
+    assert _checkpoints(out) == ["step_0000002"]
+    assert [m["step"] for m in _metrics(out)] == [0, 1, 2] and "val/accuracy" not in _metrics(out)[-1]
+    resumed = _run(out, "trainer.total_steps=3", "trainer.save_freq=0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["step"] for m in _metrics(out)] == [0, 1, 2, 3]
