@@ -332,3 +332,22 @@ def test_launched_fleet_with_router_generates_and_leaves_no_process_behind(tmp_p
     children = [int(line.split()[-1]) for line in lines if line.startswith("child pid")]
     assert len(pids) == 3 and len(children) == 3
     assert all(pid_gone(pid) for pid in pids + children)  # the servers' own children die with them
+
+
+def test_spin_train_with_a_taken_server_port_fails_in_one_line(capsys, tmp_path, monkeypatch):
+    from spin_megatron.train import main
+
+    monkeypatch.setattr(server_module, "PORT_RELEASE_WAIT_S", 0.3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        capsys.readouterr()
+        code = main(
+            ["experiment=tiny_cpu", f"trainer.output_dir={tmp_path / 'run'}", "rollout.engine=sglang",
+             f"rollout.sglang.base_port={port}", "rollout.sglang.enable_memory_saver=false"]
+        )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    (line,) = [line for line in err.splitlines() if "error" in line]  # (above it: the initial model's writer)
+    assert code == 2 and line == err.splitlines()[-1], err
+    assert line.startswith(f"spin-train: error: SGLang server 0: port {port} on 127.0.0.1 is in use"), err

@@ -23,6 +23,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from spin_megatron.errors import UserError
 from spin_megatron.ports import wait_port_free
 from spin_megatron.rollout.sglang.config import SGLangConfig, engine_urls
 from spin_megatron.rollout.sglang.protocol import (
@@ -48,6 +49,10 @@ def _die_with_parent() -> None:
     if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG = 1
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
+
+
+class PortTakenError(SGLangServerError, UserError):
+    """A port a launched server or router needs is taken: one line at start-up, a failed restart later."""
 
 
 class ManagedProcess:
@@ -297,7 +302,7 @@ class ServerFleet:
         would pass the health check in its place. A just-stopped server may hold its socket for a moment."""
         host = self.config.host
         if not wait_port_free(host, port, timeout_s=PORT_RELEASE_WAIT_S):
-            raise SGLangServerError(
+            raise PortTakenError(
                 f"{what}: port {port} on {host} is in use (another SGLang server, a leftover of an earlier run, or "
                 f"another program listens there); stop it, or {fix}"
             )
