@@ -156,6 +156,10 @@ class RolloutConfig:
     )
     sync_bucket_mb: int = 512  # weight-sync bucket size
     max_batch_size: int = 64  # hf engine: sequences decoded together
+    hf_process: str = (
+        "inline"  # hf engine: inline (in the trainer's process) | separate (a process of its own)
+    )
+    hf_threads: int = 0  # hf_process=separate: the engine process's torch threads (0: torch's default)
     dump_path: str | None = None  # write every step's samples to this jsonl
     replay_path: str | None = None  # engine=replay: serve samples from this dump
     timeout_s: float = 3600.0  # a generation call longer than this counts as a hung engine
@@ -165,6 +169,8 @@ class RolloutConfig:
     def __post_init__(self):
         if ":" not in self.engine:  # 'package.module:factory' plugs in a custom engine
             _choice("rollout.engine", self.engine, ("hf", "sglang", "replay"))
+        _choice("rollout.hf_process", self.hf_process, ("inline", "separate"))
+        _positive("rollout.hf_threads", self.hf_threads, zero_ok=True)
         _positive("rollout.timeout_s", self.timeout_s)
         _positive("rollout.max_restarts", self.max_restarts, zero_ok=True)
         _positive("rollout.n", self.n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 
@@ -41,22 +42,36 @@ def build_engine(cfg, source, groups: ParallelGroups):
     if rollout.engine == "replay":
         return ReplayEngine(dump_files(rollout.replay_path))
     if rollout.engine == "hf":
-        from spin_megatron.rollout.hf_engine import HFEngine
-
-        pad = source.arch.hf_config.get("pad_token_id") or 0
-        engine = HFEngine.from_config(
+        build = functools.partial(
+            build_hf_engine,
             source.arch.hf_config,
             dtype=parse_dtype(cfg.model.dtype),
-            pad_token_id=pad,
+            device=str(groups.device),
             max_batch_size=rollout.max_batch_size,
             seed=cfg.trainer.seed,
             show_progress=cfg.logging.progress_bar,
         )
-        engine.model.to(groups.device)
-        return engine
+        if rollout.hf_process == "separate":
+            from spin_megatron.rollout.engine_process import EngineProcess
+
+            return EngineProcess(build, threads=rollout.hf_threads)
+        return build()
     from spin_megatron.rollout.sglang.factory import build_sglang_engine
 
     return build_sglang_engine(cfg, source, groups)
+
+
+def build_hf_engine(hf_config: dict, *, dtype, device: str, max_batch_size: int, seed: int, show_progress: bool):
+    """The ``hf`` engine with random weights of the policy's shapes (the first weight sync fills them); a
+    module-level function so that ``rollout.hf_process=separate`` can build it in a spawned process."""
+    from spin_megatron.rollout.hf_engine import HFEngine
+
+    engine = HFEngine.from_config(
+        hf_config, dtype=dtype, pad_token_id=hf_config.get("pad_token_id") or 0, max_batch_size=max_batch_size,
+        seed=seed, show_progress=show_progress,
+    )  # fmt: skip
+    engine.model.to(device)
+    return engine
 
 
 def maybe_dump(rollout_cfg, groups: ParallelGroups, step: int, samples, *, on_engine_rank: bool) -> None:
