@@ -86,8 +86,10 @@ def save_checkpoint(
     trainer_state: dict,
     *,
     keep_last_n: int = 0,
+    write_extra=None,
 ) -> Path:
-    """Collective. Returns the final checkpoint path."""
+    """Collective. Returns the final checkpoint path. ``write_extra(folder)`` (every rank) adds files of its own
+    to the checkpoint before it is marked complete."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(output_dir)
@@ -100,6 +102,8 @@ def save_checkpoint(
     dist.barrier()
     dist_checkpointing.save(_sharded_state(policy, reference, is_loading=False), str(partial_dir / "dist"))
     torch.save(_rng_state(), partial_dir / "rng" / f"rank_{groups.rank:05d}.pt")
+    if write_extra is not None:
+        write_extra(partial_dir)
     kill_point("checkpoint", step)
     dist.barrier()
     if groups.rank == 0:

@@ -164,12 +164,16 @@ class RolloutConfig:
     replay_path: str | None = None  # engine=replay: serve samples from this dump
     timeout_s: float = 3600.0  # a generation call longer than this counts as a hung engine
     max_restarts: int = 2  # engine restarts (+ weight re-sync) per generation before the run saves and stops
+    # 1: the next step's batch is generated while this step trains (one policy version old when sampling from the
+    # policy; exact, staleness 0, when sampling from the reference); 0: generate, then train (spin_megatron/overlap.py)
+    max_staleness: int = 0
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: servers, sync mode, ...
 
     def __post_init__(self):
         if ":" not in self.engine:  # 'package.module:factory' plugs in a custom engine
             _choice("rollout.engine", self.engine, ("hf", "sglang", "replay"))
         _choice("rollout.hf_process", self.hf_process, ("inline", "separate"))
+        _choice("rollout.max_staleness", self.max_staleness, (0, 1))
         _positive("rollout.hf_threads", self.hf_threads, zero_ok=True)
         _positive("rollout.timeout_s", self.timeout_s)
         _positive("rollout.max_restarts", self.max_restarts, zero_ok=True)
@@ -454,6 +458,7 @@ class Config:
                 f"algorithm.pairs_per_prompt={self.algorithm.pairs_per_prompt} exceeds rollout.n={self.rollout.n}"
             )
         _check_reference_anchors(self)
+        _check_overlap(self)
         if self.algorithm.sampler == "reference" and self.rollout.sync_every != 1:
             raise ConfigError(
                 "rollout.sync_every applies to algorithm.sample_from=policy; with sample_from=reference the engine "
@@ -467,6 +472,28 @@ class Config:
             raise ConfigError(
                 "algorithm.missing_eos=penalize ranks samples; spin mode ranks nothing: keep or exclude"
             )
+
+
+def _check_overlap(cfg: Config) -> None:
+    """rollout.max_staleness=1 needs an engine that runs beside the trainer and a sync at step boundaries."""
+    r, t = cfg.rollout, cfg.trainer
+    if not r.max_staleness:
+        return
+    why = None
+    if r.engine == "hf" and r.hf_process == "inline":
+        why = "the in-process hf engine shares the trainer's threads: set rollout.hf_process=separate"
+    elif r.engine == "sglang" and (r.sglang.enable_memory_saver or r.sglang.sync_mode == "colocated"):
+        why = "colocated SGLang shares the training GPUs and keeps the synchronous loop: use disaggregated servers"
+    elif cfg.algorithm.sampler == "policy" and r.sync_every != 1:
+        why = "it replaces rollout.sync_every (the staleness bound would not hold): remove rollout.sync_every"
+    elif cfg.algorithm.sampler == "reference" and t.ref_model_sync_steps:
+        why = (
+            "trainer.ref_model_sync_steps refreshes the reference inside a step: use trainer.ref_update_freq"
+        )
+    if why:
+        raise ConfigError(
+            f"rollout.max_staleness={r.max_staleness} overlaps generation with training, but {why}"
+        )
 
 
 def _check_reference_anchors(cfg: Config) -> None:

@@ -83,7 +83,7 @@ def sampling_seed(cfg, step: int, groups: ParallelGroups) -> int:
     return cfg.trainer.seed + 7919 * step + 1_000_003 * groups.dp_rank
 
 
-def _attempt(engine, examples, params, reward_fn, tokenizer, metric_fns=None):
+def attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns=None):
     """On the engine rank: ("ok", samples) | ("rollout_failed", message) | ("error", exception)."""
     from spin_megatron.rollout.supervisor import RolloutError
 
@@ -135,7 +135,7 @@ def generate_scored(
     """
     for attempt in range(max_restarts + 1):
         outcome = (
-            _attempt(engine, examples, params, reward_fn, tokenizer, metric_fns)
+            attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns)
             if groups.rank == engine_src
             else None
         )

@@ -28,6 +28,7 @@ from spin_megatron.metrics import MetricsLogger, Timer
 from spin_megatron.minibatch import mini_batch_shares, mini_batches
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
+from spin_megatron.overlap import RolloutOverlap
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
 from spin_megatron.parallel.dpo_step import (
     METRIC_SUMS,
@@ -97,6 +98,9 @@ class SPINTrainer:
         # the reference equals the policy: built as its copy, or a hard refresh and no update since (not known
         # after a resume: then False, which costs at most one redundant sync)
         self._ref_is_policy = resume_from is None
+        self._engine_version = 0  # sample_from=policy: the step whose policy the engine holds
+        self._staleness = 0  # of the batch being trained (policy versions between sampler and trainee)
+        self.overlap = RolloutOverlap(self) if cfg.rollout.max_staleness else None
         if resume_from is not None:
             self._load(resume_from)
         self.logger = MetricsLogger(
@@ -137,39 +141,21 @@ class SPINTrainer:
     def train_one_step(self) -> dict[str, float]:
         cfg, groups, timer = self.cfg, self.groups, self.timer
         sampler_state = self.sampler.state_dict()
+        prefetched = self.overlap.take(self.step) if self.overlap is not None else None
         with timer("generate"):
-            if self.engine is not None:
-                self.engine.wake()  # colocated SGLang: take the KV cache back
-            if self._sample_source == "reference" and not (
-                self._engine_holds == "reference" or self._ref_is_policy
-            ):
-                self._sync()  # validation left the policy in an engine that samples from the reference
-            shares = mini_batch_shares(
-                self.sampler.next_batch(cfg.trainer.prompts_per_step),
-                groups.dp_rank,
-                groups.dp_size,
-                cfg.trainer.mini_batches,
-            )
+            if prefetched is not None:  # generated while the last step trained
+                shares, samples, error = prefetched.shares, prefetched.samples, None
+                self._staleness = self.overlap.staleness(prefetched.version)
+                sampler_state = prefetched.sampler_before
+            else:
+                shares, samples, error = self._generate()
             examples = [ex for share in shares for ex in share]
-            params = sampling_params(cfg.rollout, self.stop_ids, seed=sampling_seed(cfg, self.step, groups))
-            samples, error = generate_scored(
-                self.engine,
-                examples,
-                params,
-                reward_fn=self.reward_fn,
-                metric_fns=self.metric_fns,
-                tokenizer=self.tokenizer,
-                groups=groups,
-                engine_src=self.engine_src,
-                max_restarts=cfg.rollout.max_restarts,
-                resync=self._sync,
-            )
             experience = make_pairs(samples or [], examples, cfg.algorithm)
             maybe_dump(
                 cfg.rollout, groups, self.step, samples or [], on_engine_rank=groups.rank == self.engine_src
             )
         syncs_this_step = self._sync_due()
-        if self.engine is not None:
+        if self.engine is not None and self.overlap is None:
             # Colocated SGLang: free its GPU memory for the update (no-op otherwise). Released weights come
             # back empty, so they are released only when this step's sync reloads them.
             self.engine.sleep(release_weights=syncs_this_step)
@@ -183,18 +169,56 @@ class SPINTrainer:
         counts = sum_over_world(counts, tuple(counts), groups, contribute=groups.rank == self.engine_src)
         if counts["rollout_failed"]:
             self._halt_after_rollout_failure(error, sampler_state)
+        counts["staleness"] = max_over_world(float(self._staleness), groups)
+        if self.overlap is not None:
+            self.overlap.start()  # the next batch, generated while this one trains
         ref_version = self.ref_version
         dpo_sums, grad_norm, updates = self._update(experience, shares)
         counts.update(updates)
         if cfg.trainer.ref_update_freq and self.step % cfg.trainer.ref_update_freq == 0:
             self._refresh_reference()
+        if self.overlap is not None:
+            with timer("wait_rollout"):
+                self.overlap.finish()  # before the sync: a sync never lands inside a generation
         if syncs_this_step or (self._sample_source == "reference" and self.ref_version != ref_version):
             kill_point("sync", self.step)
             with timer("sync"):
                 self._sync(save_on_failure=True)
-        if self.engine is not None:
+        if self.engine is not None and self.overlap is None:
             self.engine.wake()  # validation, the next step and a checkpointed stop all find it awake
         return self._metrics(experience, dpo_sums, grad_norm, counts)
+
+    def _generate(self):
+        """This step's prompts and their scored samples, generated now (the synchronous loop)."""
+        cfg, groups = self.cfg, self.groups
+        if self.engine is not None:
+            self.engine.wake()  # colocated SGLang: take the KV cache back
+        if self._sample_source == "reference" and not (
+            self._engine_holds == "reference" or self._ref_is_policy
+        ):
+            self._sync()  # validation left the policy in an engine that samples from the reference
+        self._staleness = 0 if self._sample_source == "reference" else (self.step - 1) - self._engine_version
+        shares = mini_batch_shares(
+            self.sampler.next_batch(cfg.trainer.prompts_per_step),
+            groups.dp_rank,
+            groups.dp_size,
+            cfg.trainer.mini_batches,
+        )
+        examples = [ex for share in shares for ex in share]
+        params = sampling_params(cfg.rollout, self.stop_ids, seed=sampling_seed(cfg, self.step, groups))
+        samples, error = generate_scored(
+            self.engine,
+            examples,
+            params,
+            reward_fn=self.reward_fn,
+            metric_fns=self.metric_fns,
+            tokenizer=self.tokenizer,
+            groups=groups,
+            engine_src=self.engine_src,
+            max_restarts=cfg.rollout.max_restarts,
+            resync=self._sync,
+        )
+        return shares, samples, error
 
     def _sync_due(self) -> bool:
         """Whether this step ends with a weight sync (known before the update: colocated engines release
@@ -213,7 +237,9 @@ class SPINTrainer:
         """Whether the model scoring this update generated the samples: the policy before its first update of a
         step that follows a sync, or the reference version that sampled."""
         if self._sample_source == "policy":
-            return first_update and (self.step - 1) % self.cfg.rollout.sync_every == 0
+            return (
+                first_update and self._staleness == 0 and (self.step - 1) % self.cfg.rollout.sync_every == 0
+            )
         return self.ref_version == sampled_by
 
     def _refresh_reference(self) -> None:
@@ -276,7 +302,7 @@ class SPINTrainer:
                         global_chosen_tokens=chosen_tokens,
                         step=self.step,
                         # the engine sampled with the policy's current weights: the first update sees them
-                        agreement=first and self._sample_source == "policy",
+                        agreement=first and self._sample_source == "policy" and self._staleness == 0,
                         sample_stats=self._samples_from_scorer(first, sampled_by),
                     )
                 first = False
@@ -361,6 +387,8 @@ class SPINTrainer:
             error = broadcast_object(error, self.engine_src, self.groups.pgs.mp)
             if error is None:
                 self._engine_holds = source
+                if source == "policy":
+                    self._engine_version = self.step
                 return
             if attempt < max_restarts and self.engine is not None:
                 print(f"rollout: weight sync failed ({error}); restarting the engine", file=sys.stderr)
@@ -417,7 +445,9 @@ class SPINTrainer:
     def _save(self) -> None:
         state = {
             "scheduler": self.policy.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.overlap.sampler_state()
+            if self.overlap is not None
+            else self.sampler.state_dict(),
             "model_signature": self.source.arch.signature(),
             "skipped_steps": self.skipped_steps,
             "config": asdict(self.cfg),
@@ -430,6 +460,7 @@ class SPINTrainer:
             self.groups,
             state,
             keep_last_n=self.cfg.trainer.keep_last_n,
+            write_extra=self.overlap.save if self.overlap is not None else None,
         )
 
     def _load(self, path: Path) -> None:
@@ -438,6 +469,8 @@ class SPINTrainer:
         )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        if self.overlap is not None:
+            self.overlap.load(path)
         # (consecutive NaN skips are not carried over: a resume after a halt starts a fresh count)
         if self.groups.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -454,6 +487,8 @@ class SPINTrainer:
                 tokenizer_src=self.source.tokenizer_dir,
             )
         self.logger.finish()
+        if self.overlap is not None:
+            self.overlap.close()
         if self.engine is not None:
             self.engine.shutdown()
 
