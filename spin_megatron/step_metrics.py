@@ -63,7 +63,9 @@ def step_metrics(
         "train/zero_pair_updates": counts.get("zero_pair", 0.0),
         "train/tokens": counts["tokens"],
         "rollout/restarts": counts.get("restarts", 0.0),
-        "rollout/staleness": counts.get("staleness", 0.0),  # policy versions between sampler and trainee (max)
+        "rollout/staleness": counts.get(
+            "staleness", 0.0
+        ),  # policy versions between sampler and trainee (max)
         **{k: v for k, v in rollout.items() if k.startswith("pairs/")},
         # algorithm.reward_metrics (logged only): the summed reward/<name>/correct → reward/<name>/accuracy
         **{

@@ -61,7 +61,9 @@ def build_engine(cfg, source, groups: ParallelGroups):
     return build_sglang_engine(cfg, source, groups)
 
 
-def build_hf_engine(hf_config: dict, *, dtype, device: str, max_batch_size: int, seed: int, show_progress: bool):
+def build_hf_engine(
+    hf_config: dict, *, dtype, device: str, max_batch_size: int, seed: int, show_progress: bool
+):
     """The ``hf`` engine with random weights of the policy's shapes (the first weight sync fills them); a
     module-level function so that ``rollout.hf_process=separate`` can build it in a spawned process."""
     from spin_megatron.rollout.hf_engine import HFEngine
