@@ -34,6 +34,11 @@ Differences in the work done, by design of each trainer (not tuned here):
   backward + optimizer step (ours: Megatron DDP + distributed optimizer over one rank, torch AdamW without weight
   decay; TRL: accelerate, ``adamw_torch_fused``).
 
+A third worker, ``overlap``, is ours with ``rollout.max_staleness=1`` and the engine in a process of its own
+(``rollout.hf_process=separate``, one thread): the next step's batch is generated while this one trains, so it uses
+two cores (trainer + engine) where the other two use one. Its timed step includes waiting for that prefetch, so
+no work is left running between steps.
+
 Threads: each worker runs ``--threads`` torch threads (default 1, the same for both). On this 2-core machine,
 shared with other jobs, 2 OpenMP threads per process made small ops stall (a [16,128]×[128,384] matmul took
 0.15–2.5 ms instead of 24 µs), and much more so in TRL's process than in ours: with ``--threads 2`` TRL's step
@@ -64,7 +69,11 @@ if str(REPO) not in sys.path:  # `python bench/step_vs_trl.py`: tests/ and bench
     sys.path.insert(0, str(REPO))
 
 MARK = "@@bench "  # prefix of the workers' protocol lines on stdout (anything else there is ignored)
-SIDES = ("ours", "trl")
+SIDES = (
+    "ours",
+    "overlap",
+    "trl",
+)  # overlap: ours with rollout.max_staleness=1, the engine in its own process
 
 
 def _parse():
@@ -151,8 +160,12 @@ def make_setup(args, tmp: Path) -> dict:
         f"trainer.output_dir={tmp / 'ours'}",
         "logging.progress_bar=false",
     ]
+    overlap = [o for o in overrides if not o.startswith("trainer.output_dir=")]
+    overlap += [f"trainer.output_dir={tmp / 'overlap'}", "rollout.hf_process=separate", "rollout.hf_threads=1",
+                "rollout.max_staleness=1"]  # fmt: skip
     return {
         "overrides": overrides,
+        "overlap_overrides": overlap,
         "model_dir": str(model_dir),
         "out_dir": str(tmp / "trl"),
         "steps": steps,
@@ -161,7 +174,7 @@ def make_setup(args, tmp: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ ours
-def ours_worker(setup: dict) -> None:
+def ours_worker(setup: dict, overlap: bool = False) -> None:
     import torch
 
     import spin_megatron.trainer as trainer_module
@@ -179,7 +192,7 @@ def ours_worker(setup: dict) -> None:
 
     trainer_module.pack_items = counting_pack_items
 
-    cfg = load_config(setup["overrides"])
+    cfg = load_config(setup["overlap_overrides" if overlap else "overrides"])
     preflight(cfg, 1)
     data = prepare_data(cfg)
     groups = init_parallel(1, 1, seed=cfg.trainer.seed)
@@ -392,6 +405,7 @@ def report(args, results: dict[str, list[dict]], threads: dict[str, int]) -> Non
         f"online DPO step, TRL {trl.__version__} OnlineDPOTrainer vs ours (SPINTrainer, TP=1), torch "
         f"{torch.__version__}, transformers {transformers.__version__}, CPU fp32, torch threads per worker "
         + ", ".join(f"{side} {n}" for side, n in threads.items())
+        + " (overlap: plus its engine process, 1 thread: 2 cores in all; ours and trl: 1 core)"
     )
     print(
         f"tiny Qwen2 hidden {args.hidden} × {args.layers} layers, {args.tokenizer} tokenizer, {args.prompts} "
@@ -421,13 +435,20 @@ def report(args, results: dict[str, list[dict]], threads: dict[str, int]) -> Non
         "generate and the reference forward; it has no weight sync (it samples with the training model)."
     )
     print(f"ours / TRL pairs/s: {ratio:.2f}× (target ≥ 1.5×: {'met' if ratio >= 1.5 else 'NOT met'})")
+    overlap = (med("overlap", "pairs") / med("overlap", "seconds")) / trl_rate
+    print(
+        f"ours overlapped / TRL pairs/s: {overlap:.2f}× (target ≥ 2×: {'met' if overlap >= 2 else 'NOT met'})"
+    )
 
 
 def main() -> int:
     args = _parse()
     if args.worker:
         setup = json.loads(Path(args.setup).read_text())
-        (ours_worker if args.worker == "ours" else trl_worker)(setup)
+        if args.worker == "trl":
+            trl_worker(setup)
+        else:
+            ours_worker(setup, overlap=args.worker == "overlap")
         return 0
     try:
         import trl  # noqa: F401
