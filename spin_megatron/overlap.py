@@ -140,8 +140,9 @@ class RolloutOverlap:
     # ----- checkpoint ----------------------------------------------------------------------------------------
     def sampler_state(self) -> dict:
         """The sampler as checkpointed: before the prefetched prompts (a resume that cannot use the prefetched
-        batch — another layout, a lost file — draws them again; one that can steps past them)."""
-        if self.pending is not None and self.pending.samples is not None:
+        batch — another layout, a lost file, a save while it was in flight — draws them again; one that can steps
+        past them)."""
+        if self.pending is not None:  # collected (saved beside) or still in flight (a halt mid-update: not saved)
             return self.pending.sampler_before
         return self.trainer.sampler.state_dict()
 
