@@ -9,12 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.train import load_config
 from tests.helpers import REPO, assert_same_hf_export
+from tests.sglang_double import pid_gone
 
 SEPARATE = ["rollout.hf_process=separate", "rollout.hf_threads=1"]
 
@@ -39,12 +42,12 @@ def test_overlap_is_refused_where_it_cannot_overlap_or_bound_staleness(overrides
         load_config(["experiment=tiny_cpu", "rollout.max_staleness=2", *SEPARATE])
 
 
-def _train(out, *overrides, faults=""):
+def _train(out, *overrides, faults="", engine=tuple(SEPARATE)):
     """Output to a file, not a pipe: a SIGKILLed trainer leaves helpers (megatron-core's checkpoint writers) holding
     inherited descriptors; they die with the session, after the trainer."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPIN_FAULTS": faults}
     cmd = [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "logging.progress_bar=false",
-           f"trainer.output_dir={out}", *SEPARATE, *overrides]  # fmt: skip
+           f"trainer.output_dir={out}", *engine, *overrides]  # fmt: skip
     log = out.parent / f"{out.name}.log"
     with open(log, "a") as sink:
         proc = subprocess.Popen(
@@ -64,27 +67,83 @@ def _metrics(out) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+TINY = ["trainer.test_freq=2", "trainer.save_freq=0"]  # tiny_cpu: SPIN, reference refreshed every 2 steps
+
+
+@pytest.fixture(scope="module")
+def inline_sync(tmp_path_factory):
+    """The reference run: the synchronous loop with the hf engine in the trainer's process (one thread)."""
+    out = tmp_path_factory.mktemp("inline") / "run"
+    code, text = _train(out, *TINY, engine=())
+    assert code == 0, text[-3000:]
+    return out
+
+
+def _same_run(out, reference):
+    """Every metric but the timings, and the final weights."""
+    ours, theirs = _metrics(out), _metrics(reference)
+    assert sorted(ours) == sorted(theirs) == [0, 1, 2, 3, 4]
+    for step, m in ours.items():
+        differ = {
+            k for k, v in m.items() if not k.startswith(("time/", "perf/")) and theirs[step].get(k) != v
+        }
+        assert differ <= {"rollout/restarts"}, (step, differ)
+    assert_same_hf_export(out, reference)
+
+
 @pytest.mark.e2e
-def test_spin_from_the_reference_overlaps_exactly(tmp_path):
-    """tiny_cpu: SPIN, reference refreshed every 2 steps. Steps 2 and 4 are generated while 1 and 3 train
-    (no refresh in between); every metric but the timings, and the final weights, equal the synchronous run's."""
-    runs = {}
-    for staleness in (0, 1):
-        out = tmp_path / f"staleness{staleness}"
-        code, text = _train(
-            out, f"rollout.max_staleness={staleness}", "trainer.test_freq=2", "trainer.save_freq=0"
-        )
-        assert code == 0, text[-3000:]
-        runs[staleness] = out
-    sync, overlapped = _metrics(runs[0]), _metrics(runs[1])
-    assert sorted(sync) == sorted(overlapped) == [0, 1, 2, 3, 4]
-    for step, m in overlapped.items():
-        differ = {k for k, v in m.items() if not k.startswith(("time/", "perf/")) and sync[step].get(k) != v}
-        assert differ == set(), (step, differ)
-    assert overlapped[2]["time/wait_rollout"] >= 0 and all(
-        m.get("rollout/staleness", 0) == 0 for m in overlapped.values()
-    )
-    assert_same_hf_export(runs[0], runs[1])
+def test_spin_from_the_reference_overlaps_exactly(inline_sync, tmp_path):
+    """Steps 2 and 4 are generated (by the engine in its own process) while 1 and 3 train — no refresh in between;
+    step 4's after validation at step 2 had put the policy in the engine. The run is the synchronous in-process
+    one: the same metrics and weights."""
+    out = tmp_path / "overlap"
+    code, text = _train(out, *TINY, "rollout.max_staleness=1")
+    assert code == 0, text[-3000:]
+    _same_run(out, inline_sync)
+    overlapped = _metrics(out)
+    assert "time/wait_rollout" in overlapped[1] and "time/wait_rollout" in overlapped[3]
+    assert all(m.get("rollout/staleness", 0) == 0 for m in overlapped.values())
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing-spawned children of ``pid`` (not its resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.e2e
+def test_a_separate_engine_killed_mid_run_is_rebuilt_and_the_run_matches_in_process(inline_sync, tmp_path):
+    """rollout.hf_process=separate, its engine process SIGKILLed after step 1: the supervisor builds a new one,
+    the weights are re-synced, the generation retried with its seed — the in-process run, to the bit."""
+    out = tmp_path / "separate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "logging.progress_bar=false",
+           f"trainer.output_dir={out}", *SEPARATE, *TINY]  # fmt: skip
+    log = tmp_path / "separate.log"
+    with open(log, "w") as sink:
+        trainer = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").is_file() or len(_metrics(out)) < 2:  # step 0 (validation), 1
+                assert trainer.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            (child,) = _spawned_children(trainer.pid)
+            os.kill(child, signal.SIGKILL)
+            assert trainer.wait(timeout=300) == 0, log.read_text()[-3000:]
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+    assert f"rollout engine process (pid {child}) exited with code -9 (killed)" in log.read_text()
+    assert _metrics(out)[4]["rollout/restarts"] == 1 and pid_gone(child)
+    _same_run(out, inline_sync)
 
 
 @pytest.mark.e2e
