@@ -142,7 +142,9 @@ class RolloutOverlap:
         """The sampler as checkpointed: before the prefetched prompts (a resume that cannot use the prefetched
         batch — another layout, a lost file, a save while it was in flight — draws them again; one that can steps
         past them)."""
-        if self.pending is not None:  # collected (saved beside) or still in flight (a halt mid-update: not saved)
+        if (
+            self.pending is not None
+        ):  # collected (saved beside) or still in flight (a halt mid-update: not saved)
             return self.pending.sampler_before
         return self.trainer.sampler.state_dict()
 
