@@ -9,7 +9,7 @@ from spin_megatron.data import PromptExample
 from spin_megatron.errors import ConfigError
 from spin_megatron.experience import (
     ROLLOUT_SUMS,
-    _attempt,
+    attempt_scored,
     make_pairs,
     metric_reward_fns,
     rollout_sum_keys,
@@ -54,7 +54,7 @@ def _example():
 
 
 def _scored(cfg):
-    status, samples = _attempt(
+    status, samples = attempt_scored(
         _Engine(),
         [_example()],
         SamplingParams(n=len(RESPONSES)),
