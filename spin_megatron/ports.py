@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
-LOWEST = 10000  # below: well-known and registered services (and SGLang's default 30000 lies above)
+LOWEST = 20000  # below: registered services and Ray's worker ports (10002-19999 by default)
 
 
 def ephemeral_range() -> tuple[int, int]:

@@ -37,13 +37,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from spin_megatron.ports import pick_free_port
 from tests.helpers import REPO
 
 RAY_NODE_SH = REPO / "tools" / "launch" / "ray_node.sh"
@@ -63,30 +63,14 @@ def ray_cli() -> Path | None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    return pick_free_port("0.0.0.0")
 
 
 def server_base_port(span: int = 4) -> int:
     """A base port for the servers with ``span`` free ports, between Ray's worker ports (10002-19999 by default)
     and Linux's ephemeral range (from 32768): a port the OS hands out for outgoing connections (Ray opens many)
     was taken again between the probe and the server's bind ("Address already in use")."""
-    import random
-
-    while True:
-        port = random.randrange(20000, 32000 - span)
-        if all(_bindable(port + offset) for offset in range(span)):
-            return port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return False
-    return True
+    return pick_free_port("0.0.0.0", span=span)
 
 
 def _pid_gone(pid: int) -> bool:

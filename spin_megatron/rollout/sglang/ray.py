@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from spin_megatron.errors import ConfigError, UserError
+from spin_megatron.ports import port_free
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.protocol import SGLangServerError, build_server_command
 from spin_megatron.rollout.sglang.server import HttpClient, ManagedProcess, ServerFleet
@@ -130,20 +131,10 @@ def connect_ray(config: SGLangConfig):
     return ray
 
 
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port(host: str, start: int) -> int:
     """The first port ≥ ``start`` this node can bind on ``host`` (below the ephemeral range by default)."""
     for port in range(start, min(start + PORT_SEARCH_SPAN, 65536)):
-        if _bindable(host, port):
+        if port_free(host, port):
             return port
     raise SGLangServerError(f"no free TCP port on {host} in [{start}, {start + PORT_SEARCH_SPAN})")
 
