@@ -83,3 +83,29 @@ def test_a_build_that_fails_in_the_child_is_one_error(trained):
     config = {**trained[0], "model_type": "no_such_model"}
     with pytest.raises(EngineProcessError, match=r"failed to start: .*no_such_model"):
         EngineProcess(_build(config), threads=1)
+
+
+def test_weights_go_through_shared_memory_that_grows_and_leaves_no_file(trained, one_thread):
+    """A bucket larger than the staging buffer gets a new one; every file is unlinked once mapped, also when the
+    child refuses the bucket; the weights are those sent (the same samples as in-process)."""
+    config, weights = trained
+    shm = os.path.isdir("/dev/shm")
+    before = set(os.listdir("/dev/shm")) if shm else set()
+    inline = _build(config)()
+    inline.update_weights(weights)
+    engine = EngineProcess(_build(config), threads=1)
+    try:
+        small = min(weights, key=lambda w: w[1].numel())
+        engine.update_weights([small])  # a small buffer first
+        first = engine._staging.buffer.numel()
+        engine.update_weights(weights)  # larger: a new buffer
+        assert engine._staging.buffer.numel() > first
+        with pytest.raises(EngineProcessError, match="no parameter 'nope'"):
+            engine.update_weights([("nope", torch.zeros(3))])
+        engine.update_weights(weights[:2])  # a new buffer after the error, weights still arrive
+        engine.finish_weight_update()
+        assert engine.generate(PROMPTS, PARAMS) == inline.generate(PROMPTS, PARAMS)
+        left = set(os.listdir("/dev/shm")) - before if shm else set()
+        assert not [f for f in left if f.startswith("spin-weights-")]
+    finally:
+        engine.shutdown()

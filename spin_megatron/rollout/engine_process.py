@@ -10,16 +10,20 @@ every sampled token — is the in-process engine's. What it buys:
 - a crash in the engine (or the supervisor's timeout) takes down the child, not the trainer: the supervisor kills
   it and builds a new one, and the trainer re-syncs the weights.
 
-Weights travel by value (``torch.save`` bytes per bucket): the trainer's parameter storage is never moved into
-shared memory under Megatron's feet, and nothing depends on file-descriptor passing. The child gets SIGKILL when
+Weights travel through a staging buffer in shared memory (:class:`_Staging`): the trainer copies a bucket into a
+file in ``/dev/shm`` that both processes map, and sends only the names, dtypes, shapes and offsets; the child
+copies from its mapping into the model. The trainer's own parameter storage never moves into shared memory under
+Megatron's feet, and nothing depends on file-descriptor passing: the child maps the file by path, and the file is
+unlinked as soon as it has (so a killed run leaves nothing in ``/dev/shm``; the memory lives while either maps
+it). The buffer is as large as the largest bucket and grows when a larger one comes. The child gets SIGKILL when
 the trainer dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
+import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Hashable, Iterable
@@ -37,14 +41,54 @@ class EngineProcessError(RuntimeError):
     """The engine process died, did not start, or raised (its exception's text is in the message)."""
 
 
-def _pack(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save([(name, tensor.detach().cpu()) for name, tensor in named], buffer)
-    return buffer.getvalue()
+_ALIGN = 64  # bytes: every tensor starts aligned, so the child can view the bytes as its dtype
 
 
-def _unpack(blob: bytes) -> list[tuple[str, torch.Tensor]]:
-    return torch.load(io.BytesIO(blob), weights_only=True)
+def _map(path: str, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over the file (MAP_SHARED: both processes see the same pages)."""
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def _shm_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class _Staging:
+    """The trainer's side of the shared staging buffer."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def write(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str | None, int, list]:
+        """Copy a bucket into the buffer (a larger one first if it does not fit). Returns the new file's path
+        (None: the child's mapping is current), the buffer's size and the tensors' (name, dtype, shape, start)."""
+        named = [(name, tensor.detach()) for name, tensor in named]
+        metas, offset = [], 0
+        for name, tensor in named:
+            metas.append((name, tensor.dtype, tuple(tensor.shape), offset))
+            offset += tensor.numel() * tensor.element_size()
+            offset += -offset % _ALIGN
+        path = None
+        if self.buffer is None or self.buffer.numel() < offset:
+            fd, path = tempfile.mkstemp(prefix="spin-weights-", dir=_shm_dir())
+            try:
+                os.ftruncate(fd, max(offset, 1))
+            finally:
+                os.close(fd)
+            self.buffer = _map(path, max(offset, 1))
+        for (_, tensor), (_, dtype, shape, start) in zip(named, metas, strict=True):
+            nbytes = tensor.numel() * tensor.element_size()
+            self.buffer[start : start + nbytes].view(dtype).view(shape).copy_(tensor)
+        return path, self.buffer.numel(), metas
+
+
+def _read(buffer: torch.Tensor, metas: list) -> list[tuple[str, torch.Tensor]]:
+    """The child's views of a bucket in its mapping (copied into the model by the engine)."""
+    views = []
+    for name, dtype, shape, start in metas:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        views.append((name, buffer[start : start + nbytes].view(dtype).view(shape)))
+    return views
 
 
 def _serve(conn, build: Callable[[], object], threads: int) -> None:
@@ -60,6 +104,7 @@ def _serve(conn, build: Callable[[], object], threads: int) -> None:
         conn.send(("error", _describe(exc)))
         return
     conn.send(("ready", os.getpid()))
+    staging = None  # the child's mapping of the trainer's staging buffer
     while True:
         try:
             op, args, kwargs = conn.recv()
@@ -67,7 +112,10 @@ def _serve(conn, build: Callable[[], object], threads: int) -> None:
             return  # the trainer is gone
         try:
             if op == "update_weights":
-                args = (_unpack(args[0]),)
+                path, nbytes, metas = args
+                if path is not None:
+                    staging = _map(path, nbytes)
+                args = (_read(staging, metas),)
             result = getattr(engine, op)(*args, **kwargs)
             reply = ("ok", result if op == "generate" else None)
         except BaseException as exc:  # answered, never dropped: the trainer decides what to do
@@ -97,7 +145,8 @@ class EngineProcess:
         )
         self._process.start()
         child.close()
-        self._lock = threading.Lock()  # one call at a time; held while a call waits for its answer
+        self._lock = threading.RLock()  # one call at a time; held while a call waits for its answer
+        self._staging = _Staging()
         self.pid = self._process.pid
         if not self._conn.poll(start_timeout_s):
             self._kill()
@@ -118,7 +167,16 @@ class EngineProcess:
         return self._call("generate", prompt_ids, params, prompt_keys)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self._call("update_weights", _pack(named_tensors))
+        with self._lock:  # the buffer is written only between calls (the child reads it during this one)
+            path, nbytes, metas = self._staging.write(named_tensors)
+            try:
+                self._call("update_weights", path, nbytes, metas)
+            except BaseException:
+                self._staging.buffer = None  # the child may not have mapped it: the next call maps a new one
+                raise
+            finally:
+                if path is not None:
+                    os.unlink(path)  # mapped by both now (or the child is gone): the name is not needed
 
     def finish_weight_update(self) -> None:
         self._call("finish_weight_update")
@@ -143,6 +201,7 @@ class EngineProcess:
         self._process.join(SHUTDOWN_GRACE_S if not self._process.is_alive() else 2.0)
         self._kill()
         self._conn.close()
+        self._staging.buffer = None  # unmaps the trainer's side
 
     # ----- plumbing ------------------------------------------------------------------------------------------
     def _call(self, op: str, *args, **kwargs):
