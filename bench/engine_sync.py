@@ -36,7 +36,9 @@ CONFIG = {
 
 
 def _build():
-    return build_hf_engine(CONFIG, dtype=torch.float32, device="cpu", max_batch_size=4, seed=0, show_progress=False)
+    return build_hf_engine(
+        CONFIG, dtype=torch.float32, device="cpu", max_batch_size=4, seed=0, show_progress=False
+    )
 
 
 def _by_value_child(conn) -> None:
