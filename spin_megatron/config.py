@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spin_megatron.errors import ConfigError
+from spin_megatron.reward_model.config import RewardModelConfig
 from spin_megatron.rollout.sglang.config import SGLangConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +211,8 @@ class AlgorithmConfig:
     length_normalize: bool | None = None
     ld_alpha: float | None = None  # LD-DPO: tokens past the shorter response of a pair weigh α; None: off
     use_weighting: bool = False  # WPO: weight each pair by the policy's (length-averaged) probability of both
-    reward: str = "gsm8k"  # registered reward name or 'package.module:function'
+    # registered reward name or 'package.module:function'; none: no rule (a reward model decides: reward_model.*)
+    reward: str | None = "gsm8k"
     # more reward names scored on every sample and LOGGED only (reward/<name>/accuracy), never used for pairing
     reward_metrics: list[str] = field(default_factory=list)
     tie_policy: str = "drop"  # online: what to do when every sample of a prompt scores the same
@@ -262,6 +264,11 @@ class AlgorithmConfig:
             raise ConfigError(
                 f"algorithm.pairs_per_prompt must be an integer ≥ 1 or all; got {self.pairs_per_prompt!r}"
             )
+
+    @property
+    def rule_reward(self) -> str | None:
+        """``reward``, None when it is off (null or 'none')."""
+        return None if self.reward in (None, "none") else self.reward
 
     @property
     def sampler(self) -> str:
@@ -447,6 +454,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # machines, for spin-plan
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # online labels from a model
 
     def __post_init__(self):
         self.model.check_source()
@@ -459,6 +467,7 @@ class Config:
             )
         _check_reference_anchors(self)
         _check_overlap(self)
+        _check_reward_model(self)
         if self.algorithm.sampler == "reference" and self.rollout.sync_every != 1:
             raise ConfigError(
                 "rollout.sync_every applies to algorithm.sample_from=policy; with sample_from=reference the engine "
@@ -494,6 +503,34 @@ def _check_overlap(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.max_staleness={r.max_staleness} overlaps generation with training, but {why}"
         )
+
+
+def _check_reward_model(cfg: Config) -> None:
+    rm, a = cfg.reward_model, cfg.algorithm
+    if not rm.enabled:
+        if a.rule_reward is None:
+            raise ConfigError(
+                "algorithm.reward=none leaves nothing to rank the samples: set a reward model (reward_model.path, "
+                "or reward_model.backend=judge) or a rule reward"
+            )
+        return
+    if a.mode != "online":
+        raise ConfigError(
+            "reward_model ranks samples, and algorithm.mode=spin ranks nothing (chosen is the gold response): use "
+            "algorithm.mode=online or remove reward_model.path"
+        )
+    if rm.combine != "model" and a.rule_reward is None:
+        raise ConfigError(f"reward_model.combine={rm.combine} combines the model with the rule reward, but "
+                          "algorithm.reward=none: set a rule reward or reward_model.combine=model")  # fmt: skip
+    if rm.backend == "judge":
+        if cfg.rollout.n != 2:
+            raise ConfigError(f"reward_model.backend=judge compares two answers per prompt: set rollout.n=2 (got "
+                              f"{cfg.rollout.n})")  # fmt: skip
+        if a.rule_reward is None and cfg.trainer.test_freq:
+            raise ConfigError(
+                "validation scores one greedy answer per prompt, which a pairwise judge cannot: set a rule reward "
+                "(algorithm.reward) for validation, or trainer.test_freq=0"
+            )
 
 
 def _check_reference_anchors(cfg: Config) -> None:

@@ -185,8 +185,25 @@ def _prompt_texts(questions: list, cfg: DataConfig, split_name: str) -> list[str
                 f"row {index} of {split_name}: prompt field {cfg.prompt_key!r} holds {type(question).__name__}, "
                 "not text; set data.prompt_key to a text field"
             )
-        texts.append(f"{question}\n{cfg.instruction}" if cfg.instruction else question)
+        texts.append(_with_instruction(question, cfg))
     return texts
+
+
+def _with_instruction(question: str, cfg: DataConfig) -> str:
+    return f"{question}\n{cfg.instruction}" if cfg.instruction else question
+
+
+def _system_messages(cfg: DataConfig) -> list[dict[str, str]]:
+    return [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+
+
+def prompt_conversation(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
+    """The prompt of a dataset row as chat messages (system, user), as the policy's template renders it: what a
+    reward model is shown before the response."""
+    return [
+        *_system_messages(cfg),
+        {"role": "user", "content": _with_instruction(str(row[cfg.prompt_key]), cfg)},
+    ]
 
 
 def _gold_texts(answers: list, cfg: DataConfig, split_name: str) -> list[str]:
@@ -208,8 +225,7 @@ def _tokenize_prompts(texts: list[str], tokenizer, cfg: DataConfig) -> list[list
         raise ConfigError(
             f"tokenizer {tokenizer.name_or_path} has no chat template; set data.use_chat_template=false"
         )
-    system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
-    conversations = [[*system, {"role": "user", "content": text}] for text in texts]
+    conversations = [[*_system_messages(cfg), {"role": "user", "content": text}] for text in texts]
     rendered = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
     # The template already wrote every special token (BOS included, where a model has one).
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]

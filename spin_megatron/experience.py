@@ -32,6 +32,14 @@ ROLLOUT_SUMS = (
     "pairs/all_wrong",
     "pairs/dropped_too_few",
     "pairs/excluded_truncated",
+    # with a reward model: its scores and the rule's, summed over the samples each scored, and over the pairs of
+    # a prompt's samples the rule tells apart, how many the model orders the same way
+    "reward/model_sum",
+    "reward/model_scored",
+    "reward/rule_sum",
+    "reward/rule_scored",
+    "reward/rule_model_agree",
+    "reward/rule_model_pairs",
 )
 
 
@@ -83,8 +91,12 @@ def sampling_seed(cfg, step: int, groups: ParallelGroups) -> int:
     return cfg.trainer.seed + 7919 * step + 1_000_003 * groups.dp_rank
 
 
-def attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns=None):
-    """On the engine rank: ("ok", samples) | ("rollout_failed", message) | ("error", exception)."""
+def attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns=None, reward_model=None):
+    """On the engine rank: ("ok", samples) | ("rollout_failed", message) | ("error", exception).
+
+    ``reward_fn`` (None: no rule reward) scores first; then ``reward_model`` (a ``RewardModelScoring``), if
+    given, scores the conversations and sets the ranking reward. A reward-model backend failure is an error,
+    like the reward function's: raised on every rank."""
     from spin_megatron.rollout.supervisor import RolloutError
 
     try:
@@ -99,13 +111,17 @@ def attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns=No
         return "rollout_failed", str(exc)
     try:
         rows = {ex.prompt_id: ex.row for ex in examples}
-        score_samples(
-            samples,
-            reward_fn,
-            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            rows=rows,
-            metric_fns=metric_fns,
-        )
+
+        def decode(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        score_samples(samples, reward_fn, decode=decode, rows=rows, metric_fns=metric_fns)
+        if reward_model is not None:
+            reward_model.apply(
+                samples,
+                rows,
+                lambda s: s.response_text if s.response_text is not None else decode(s.response_ids),
+            )
     except Exception as exc:  # re-raised on every rank of the group below, so none of them waits forever
         return "error", exc
     return "ok", samples
@@ -123,6 +139,7 @@ def generate_scored(
     max_restarts: int = 0,
     resync=None,
     metric_fns: dict[str, RewardFn] | None = None,
+    reward_model=None,
 ) -> tuple[list[Sample] | None, str | None]:
     """Samples (with rewards) of this replica's prompts, on every rank of its model-parallel group.
 
@@ -135,7 +152,7 @@ def generate_scored(
     """
     for attempt in range(max_restarts + 1):
         outcome = (
-            attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns)
+            attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns, reward_model)
             if groups.rank == engine_src
             else None
         )
@@ -166,7 +183,10 @@ class Experience:
     sums: dict[str, float]  # rollout_sum_keys(cfg) of this replica
 
 
-def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: AlgorithmConfig) -> Experience:
+def make_pairs(
+    samples: list[Sample], examples: list[PromptExample], cfg: AlgorithmConfig, *, margin: float = 0.0
+) -> Experience:
+    """Pairs and the rollout sums; ``margin``: ``reward_model.margin`` (near-ties are ties)."""
     if cfg.mode == "online":
         pairs, stats = build_online_pairs(
             samples,
@@ -174,6 +194,7 @@ def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: Algori
             tie_break=cfg.tie_break,
             missing_eos=cfg.missing_eos,
             missing_eos_penalty=cfg.missing_eos_penalty,
+            margin=margin,
         )
     else:
         gold = {ex.prompt_id: ex.gold_ids for ex in examples}
@@ -197,14 +218,40 @@ def make_pairs(samples: list[Sample], examples: list[PromptExample], cfg: Algori
     sums = {
         "prompts": float(len(examples)),
         "samples": float(len(samples)),
-        "reward/sum": sum(s.reward for s in samples),
-        "reward/correct": float(sum(s.reward >= 1.0 for s in samples)),
+        "reward/sum": sum(s.reward for s in samples if s.reward is not None),
+        "reward/correct": float(sum(s.reward >= 1.0 for s in samples if s.reward is not None)),
         "response_length/sum": float(sum(len(s.response_ids) for s in samples)),
         "response/truncated": float(sum(s.truncated for s in samples)),
         **{k: metrics.get(k, 0.0) for k in ROLLOUT_SUMS if k.startswith("pairs/")},
+        **_model_and_rule(samples),
         **_metric_correct(samples, cfg.reward_metrics),
     }
     return Experience(samples=samples, items=items, item_prompts=[p.prompt_id for p in pairs], sums=sums)
+
+
+def _model_and_rule(samples: list[Sample]) -> dict[str, float]:
+    """The reward-model sums of ROLLOUT_SUMS (zeros without a reward model)."""
+    model = [s.model_reward for s in samples if s.model_reward is not None]
+    rule = [s.rule_reward for s in samples if s.rule_reward is not None]
+    agree = pairs = 0
+    by_prompt: dict = {}
+    for s in samples:
+        if s.model_reward is not None and s.rule_reward is not None:
+            by_prompt.setdefault(s.prompt_id, []).append(s)
+    for group in by_prompt.values():
+        for i, a in enumerate(group):
+            for b in group[i + 1 :]:
+                if a.rule_reward != b.rule_reward:
+                    pairs += 1
+                    agree += (a.rule_reward > b.rule_reward) == (a.model_reward > b.model_reward)
+    return {
+        "reward/model_sum": float(sum(model)),
+        "reward/model_scored": float(len(model)),
+        "reward/rule_sum": float(sum(rule)),
+        "reward/rule_scored": float(len(rule)),
+        "reward/rule_model_agree": float(agree),
+        "reward/rule_model_pairs": float(pairs),
+    }
 
 
 def _metric_correct(samples: list[Sample], names: list[str]) -> dict[str, float]:

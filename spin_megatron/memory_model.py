@@ -51,8 +51,11 @@ its flattened copy.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 GB = 1 << 30
 SGLANG_RUNTIME_BYTES = 2 * GB  # SGLang outside its static pool: CUDA graphs, decode activations (assumed)
@@ -76,6 +79,7 @@ class StageMemory:
     transient: int
     step_temp: int
     rollout_resident: int  # hf engine weights + KV cache, or SGLang without memory saver during training
+    reward_model: int = 0  # reward_model.backend=hf: its weights + one scoring micro-batch, beside the engine
 
     @property
     def resident_at_launch(self) -> int:
@@ -83,7 +87,7 @@ class StageMemory:
 
     @property
     def training_peak(self) -> int:
-        static = self.resident_at_launch + self.optimizer_moments + self.rollout_resident
+        static = self.resident_at_launch + self.optimizer_moments + self.rollout_resident + self.reward_model
         return static + max(self.activations + self.logprob + self.transient, self.step_temp)
 
 
@@ -208,6 +212,44 @@ def full_model_params(arch) -> int:
     return arch.num_layers * layer_params(arch, 1) + embeddings + arch.hidden_size
 
 
+def reward_model_params(config: dict) -> int:
+    """Parameters of a decoder reward model from its HF config (embeddings, layers, final norm, scalar head)."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv, hd = config.get("num_key_value_heads") or heads, config.get("head_dim") or h // heads
+    attention = h * heads * hd * 2 + 2 * h * kv * hd
+    if config.get("model_type") == "qwen2" or config.get("attention_bias"):  # q, k, v biases
+        attention += heads * hd + 2 * kv * hd
+    mlp = 3 * h * config["intermediate_size"]
+    return config["vocab_size"] * h + layers * (attention + mlp + 2 * h) + h + h * config.get("num_labels", 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _reward_config(path: str) -> dict:
+    from spin_megatron.errors import ConfigError
+
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(
+            f"reward_model.path={path} has no config.json: point it at a Hugging Face reward model"
+        )
+    config = json.loads(file.read_text())
+    return config.get("text_config", config)
+
+
+def reward_model_bytes(cfg) -> int:
+    """The hf reward model on the engine's GPU: its weights and one micro-batch's forward (micro_batch_size ×
+    max_length tokens; flash attention: no score matrix). SGLang-served or judge backends: 0 here."""
+    rm = cfg.reward_model
+    if not rm.enabled or rm.backend != "hf":
+        return 0
+    config = _reward_config(rm.path)
+    e = 4 if rm.dtype == "float32" else 2
+    tokens = rm.micro_batch_size * rm.max_length
+    forward = tokens * (4 * config["hidden_size"] + 2 * config["intermediate_size"]) * e
+    return reward_model_params(config) * e + forward
+
+
 def _kv(arch) -> int:
     return arch.num_kv_heads * arch.head_dim
 
@@ -289,6 +331,7 @@ def _stage(
     if kernels == "cpu":  # torch's per-tensor AdamW; gloo's coalesced all-gather of the distributed optimizer
         step_temp = max(2 * 4 * largest, 2 * e * n if cfg.optim.use_distributed_optimizer else 0)
     return StageMemory(
+        reward_model=reward_model_bytes(cfg),
         stage=stage,
         num_params=n,
         params=e * n,

@@ -103,7 +103,14 @@ class RolloutOverlap:
             examples = [ex for share in shares for ex in share]
             params = sampling_params(t.cfg.rollout, t.stop_ids, seed=sampling_seed(t.cfg, nxt, t.groups))
             self.pending.future = self._pool.submit(
-                attempt_scored, t.engine, examples, params, t.reward_fn, t.tokenizer, t.metric_fns
+                attempt_scored,
+                t.engine,
+                examples,
+                params,
+                t.reward_fn,
+                t.tokenizer,
+                t.metric_fns,
+                t.reward_model,
             )
 
     def finish(self) -> None:

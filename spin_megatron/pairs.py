@@ -109,8 +109,14 @@ def build_online_pairs(
     missing_eos: str = "keep",
     missing_eos_penalty: float = 1.0,
     correct_threshold: float = 1.0,
+    margin: float = 0.0,
 ) -> tuple[list[PreferencePair], PairStats]:
     """Pair the best- and worst-scored sample of every prompt (rewards must be filled in).
+
+    ``Sample.reward_tiebreak`` (a reward model's score under ``reward_model.combine=rule_then_model``), when
+    set, ranks samples of equal score before ``tie_break`` does. ``margin`` makes near-ties ties: a prompt whose
+    best and worst differ by at most ``margin`` — in score, or with tiebreaks, in tiebreak at equal score — is
+    tied (``tie_policy`` decides). 0: only exact ties.
 
     Ranking score = reward, minus ``missing_eos_penalty`` for a truncated sample when ``missing_eos="penalize"``
     (TRL's ``missing_eos_penalty``); ``"exclude"`` removes truncated samples first. Equal scores are ordered by
@@ -129,6 +135,8 @@ def build_online_pairs(
     _check_choice("algorithm.tie_policy", tie_policy, TIE_POLICIES)
     _check_choice("algorithm.tie_break", tie_break, TIE_BREAKS)
     _check_choice("algorithm.missing_eos", missing_eos, MISSING_EOS_POLICIES)
+    if not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+        raise ConfigError(f"reward_model.margin must be a finite number ≥ 0; got {margin!r}")
     if not isinstance(missing_eos_penalty, (int, float)) or not 0 <= missing_eos_penalty < math.inf:
         raise ConfigError(
             f"algorithm.missing_eos_penalty must be a finite number ≥ 0; got {missing_eos_penalty!r}"
@@ -156,6 +164,7 @@ def build_online_pairs(
             tie_policy=tie_policy,
             tie_break=tie_break,
             correct_threshold=correct_threshold,
+            margin=margin,
         )
         if pair is not None:
             pairs.append(pair)
@@ -185,6 +194,7 @@ def _online_pair(
     tie_policy: str,
     tie_break: str,
     correct_threshold: float,
+    margin: float = 0.0,
 ) -> PreferencePair | None:
     if len(group) < 2:
         stats.dropped_too_few += 1
@@ -193,14 +203,21 @@ def _online_pair(
     def score(sample: Sample) -> float:
         return sample.reward - penalty if sample.truncated else sample.reward
 
-    def preference(sample: Sample) -> tuple[float, int, int]:
+    def tiebreak(sample: Sample) -> float:
+        return sample.reward_tiebreak if sample.reward_tiebreak is not None else 0.0
+
+    def preference(sample: Sample) -> tuple[float, float, int, int]:
         # Higher is better; the last element makes the order total, hence independent of input order.
         length = len(sample.response_ids)
         by_length = {"shorter": -length, "longer": length, "first": 0}[tie_break]
-        return score(sample), by_length, -sample.sample_index
+        return score(sample), tiebreak(sample), by_length, -sample.sample_index
 
     chosen, rejected = max(group, key=preference), min(group, key=preference)
-    if score(chosen) == score(rejected):
+    if any(sample.reward_tiebreak is not None for sample in group):
+        tied = score(chosen) == score(rejected) and tiebreak(chosen) - tiebreak(rejected) <= margin
+    else:
+        tied = score(chosen) - score(rejected) <= margin
+    if tied:
         if all(sample.reward >= correct_threshold for sample in group):
             stats.all_correct += 1
         elif all(sample.reward < correct_threshold for sample in group):

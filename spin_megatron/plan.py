@@ -123,6 +123,15 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
         rows.append(
             ("rollout engine (resident)", s.rollout_resident, "hf engine, or SGLang without memory saver")
         )
+    if s.reward_model:
+        rm = cfg.reward_model
+        rows.append(
+            (
+                "reward model",
+                s.reward_model,
+                f"{rm.dtype} weights + {rm.micro_batch_size} × {rm.max_length} tokens",
+            )
+        )
     rows.append(("= training peak", plan.training_peak, ""))
     if plan.engine == "sglang":
         seqs = plan.kv_tokens // max(1, plan.kv_min_tokens // cfg.rollout.n)

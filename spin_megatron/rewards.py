@@ -247,13 +247,14 @@ def gsm8k_verl(prompt: str, response: str, sample: Mapping[str, Any]) -> float:
 
 def score_samples(
     samples: Sequence[Sample],
-    reward_fn: RewardFn,
+    reward_fn: RewardFn | None,
     *,
     decode: Callable[[list[int]], str],
     rows: Mapping[Hashable, Mapping[str, Any]] | None = None,
     metric_fns: Mapping[str, RewardFn] | None = None,
 ) -> list[float]:
-    """Set every ``sample.reward`` in place and return the rewards in input order.
+    """Set every ``sample.reward`` in place and return the rewards in input order (``reward_fn`` None: no rule
+    reward, ``algorithm.reward=none``; the metrics are still scored and the rewards left as they are).
 
     The response text is ``sample.response_text`` when the engine filled it, else ``decode(response_ids)``.
     The dataset row is ``rows[sample.prompt_id]`` when ``rows`` is given, else ``sample.metadata``.
@@ -274,8 +275,9 @@ def score_samples(
             raise ValueError(
                 f"no dataset row for prompt id {sample.prompt_id!r}: `rows` must cover every prompt"
             )
-        reward = reward_fn(prompt_texts[sample.prompt_id], response, row)
-        sample.reward = _checked_reward(reward, reward_fn, sample)
+        if reward_fn is not None:
+            reward = reward_fn(prompt_texts[sample.prompt_id], response, row)
+            sample.reward = _checked_reward(reward, reward_fn, sample)
         rewards.append(sample.reward)
         for name, metric_fn in (metric_fns or {}).items():
             metric = metric_fn(prompt_texts[sample.prompt_id], response, row)

@@ -73,8 +73,23 @@ def step_metrics(
             for k, v in rollout.items()
             if k.startswith("reward/") and k.endswith("/correct") and k != "reward/correct"
         },
+        **_reward_model_metrics(rollout),
         **times,
     }
     busy = sum(times.values())
     metrics["perf/tokens_per_s"] = _ratio(counts["tokens"], busy)
+    return metrics
+
+
+def _reward_model_metrics(rollout: dict) -> dict[str, float]:
+    """With a reward model: the mean of its scores and of the rule's, and how often they agree on the order of
+    two samples of a prompt that the rule tells apart (NaN when no such pair)."""
+    if not rollout.get("reward/model_scored"):
+        return {}
+    metrics = {"reward/model_mean": _ratio(rollout["reward/model_sum"], rollout["reward/model_scored"])}
+    if rollout.get("reward/rule_scored"):
+        metrics["reward/rule_mean"] = _ratio(rollout["reward/rule_sum"], rollout["reward/rule_scored"])
+        metrics["reward/rule_model_agreement"] = _ratio(
+            rollout["reward/rule_model_agree"], rollout["reward/rule_model_pairs"]
+        )
     return metrics

@@ -47,10 +47,12 @@ def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need no process group: layout vs model and world size, weights, files, resume state,
     reward function and engine plug-in."""
     from spin_megatron.checkpoint import read_trainer_state
+    from spin_megatron.memory_fit import check_training_memory
     from spin_megatron.models.hf_io import HFReader
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import check_hf_checkpoint
     from spin_megatron.parallel.state import validate_parallel_sizes
+    from spin_megatron.reward_model import preflight_reward_model
     from spin_megatron.rewards import get_reward_fn
     from spin_megatron.trainer import resume_path
 
@@ -79,8 +81,11 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"checkpoint {resume} is from a different model than the configured one; point "
                 "trainer.output_dir (or trainer.resume) elsewhere, or configure that model"
             )
-    for reward in [cfg.algorithm.reward, *cfg.algorithm.reward_metrics]:
-        get_reward_fn(reward)
+    for reward in [cfg.algorithm.rule_reward, *cfg.algorithm.reward_metrics]:
+        if reward is not None:
+            get_reward_fn(reward)
+    preflight_reward_model(cfg)
+    check_training_memory(cfg, arch, world_size)  # on GPU: the plan, reward model included, before any group
     if ":" in cfg.rollout.engine:
         module, _, name = cfg.rollout.engine.partition(":")
         try:

@@ -42,6 +42,7 @@ from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
 from spin_megatron.preemption import PreemptionFlag
+from spin_megatron.reward_model import build_reward_scoring
 from spin_megatron.rewards import get_reward_fn
 from spin_megatron.rollout import build_engine, maybe_dump, reported_logprob_temperature
 from spin_megatron.rollout.supervisor import EngineSupervisor, RolloutError
@@ -71,7 +72,7 @@ class SPINTrainer:
         self.tokenizer = data.tokenizer
         self.sampler = PromptSampler(data.train, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
         self.val_examples = shard(data.val, groups.dp_rank, groups.dp_size)
-        self.reward_fn = get_reward_fn(cfg.algorithm.reward)
+        self.reward_fn = get_reward_fn(cfg.algorithm.rule_reward) if cfg.algorithm.rule_reward else None
         self.metric_fns = metric_reward_fns(cfg.algorithm)  # logged beside the reward, never paired on
         self.source = resolve_model_source(cfg, groups, groups.tp_size)
         check_training_memory(
@@ -83,7 +84,9 @@ class SPINTrainer:
         self.settings = dpo_settings(cfg, self.source.arch.vocab_size)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.engine_src = engine_rank(groups)
-        self.engine = None
+        self.engine, self.reward_model = None, None
+        if groups.rank == self.engine_src and cfg.reward_model.enabled:  # scores beside the engine
+            self.reward_model = build_reward_scoring(cfg, str(groups.device))
         if groups.rank == self.engine_src:
             self.engine = EngineSupervisor(
                 lambda: build_engine(cfg, self.source, groups),
@@ -150,7 +153,7 @@ class SPINTrainer:
             else:
                 shares, samples, error = self._generate()
             examples = [ex for share in shares for ex in share]
-            experience = make_pairs(samples or [], examples, cfg.algorithm)
+            experience = make_pairs(samples or [], examples, cfg.algorithm, margin=cfg.reward_model.margin)
             maybe_dump(
                 cfg.rollout, groups, self.step, samples or [], on_engine_rank=groups.rank == self.engine_src
             )
@@ -212,6 +215,7 @@ class SPINTrainer:
             params,
             reward_fn=self.reward_fn,
             metric_fns=self.metric_fns,
+            reward_model=self.reward_model,
             tokenizer=self.tokenizer,
             groups=groups,
             engine_src=self.engine_src,
@@ -433,6 +437,8 @@ class SPINTrainer:
             rollout_cfg=self.cfg.rollout,
             stop_ids=self.stop_ids,
             reward_fn=self.reward_fn,
+            # without a rule, the reward model scores the greedy answers (a pairwise judge cannot: refused)
+            reward_model=self.reward_model if self.reward_fn is None else None,
             tokenizer=self.tokenizer,
             groups=self.groups,
             engine_src=self.engine_src,
@@ -491,6 +497,8 @@ class SPINTrainer:
             self.overlap.close()
         if self.engine is not None:
             self.engine.shutdown()
+        if self.reward_model is not None:
+            self.reward_model.shutdown()
 
 
 def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:

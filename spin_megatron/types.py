@@ -24,7 +24,12 @@ class Sample:
     sample_index: int = 0  # 0..n-1 within its prompt
     logprobs: list[float] | None = None  # engine's per-token log-probs of response_ids, when it returns them
     response_text: str | None = None
-    reward: float | None = None
+    reward: float | None = None  # the ranking score pairs are built on
+    # with a reward model (reward_model.*): its score and the rule's (algorithm.reward), kept apart for logging;
+    # ``reward_tiebreak`` ranks samples of equal ``reward`` (reward_model.combine=rule_then_model)
+    rule_reward: float | None = None
+    model_reward: float | None = None
+    reward_tiebreak: float | None = None
     # scores of algorithm.reward_metrics by name: logged only, never used for pairing
     metric_rewards: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)  # e.g. the dataset row (gold answer) the reward needs

@@ -26,6 +26,9 @@ _FIELDS = (
     "logprobs",
     "reward",
     "response_text",
+    "rule_reward",
+    "model_reward",
+    "reward_tiebreak",
 )
 
 
