@@ -120,7 +120,8 @@ class DataConfig:
     train_split: str = "train"  # hub split for training
     val_split: str = "test"  # hub split for validation
     prompt_key: str = "question"  # field holding the prompt text
-    answer_key: str = "answer"  # field holding the gold response (SPIN's chosen; GSM8K's '#### n' answer)
+    # field holding the gold response (SPIN's chosen; GSM8K's '#### n' answer); null: prompts only (online mode)
+    answer_key: str | None = "answer"
     instruction: str = 'Let\'s think step by step and output the final answer after "####".'  # appended
     system_prompt: str | None = None  # None: the chat template's default
     use_chat_template: bool = True  # wrap prompts with the tokenizer's chat template
@@ -476,6 +477,11 @@ class Config:
         if self.rollout.engine == "replay" and self.trainer.test_freq:
             raise ConfigError(
                 "rollout.engine=replay serves recorded training samples only: set trainer.test_freq=0"
+            )
+        if self.algorithm.mode == "spin" and self.data.answer_key is None:
+            raise ConfigError(
+                "algorithm.mode=spin trains toward the dataset's responses (chosen = gold), but data.answer_key is "
+                "null: name the response field, or use algorithm.mode=online"
             )
         if self.algorithm.mode == "spin" and self.algorithm.missing_eos == "penalize":
             raise ConfigError(

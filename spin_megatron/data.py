@@ -290,9 +290,12 @@ def build_examples(
         raise ConfigError(f"{split_name} has no rows")
     terminator = gold_terminator(tokenizer, cfg)
     questions = _column(rows, cfg.prompt_key, "data.prompt_key", split_name)
-    answers = _column(rows, cfg.answer_key, "data.answer_key", split_name)
     prompt_ids = _tokenize_prompts(_prompt_texts(questions, cfg, split_name), tokenizer, cfg)
-    gold_ids = tokenizer(_gold_texts(answers, cfg, split_name), add_special_tokens=False)["input_ids"]
+    if cfg.answer_key is None:  # prompts only (online mode with a reward model): no gold responses
+        gold_ids = [[] for _ in questions]
+    else:
+        answers = _column(rows, cfg.answer_key, "data.answer_key", split_name)
+        gold_ids = tokenizer(_gold_texts(answers, cfg, split_name), add_special_tokens=False)["input_ids"]
     records = rows.to_list() if isinstance(rows, datasets.Dataset) else [dict(r) for r in rows]
 
     examples = []
@@ -303,7 +306,9 @@ def build_examples(
                 continue
             prompt = prompt[-cfg.max_prompt_tokens :]  # keep the end: the question and the generation prompt
             stats.truncated += 1
-        if len(gold) + len(terminator) > cfg.max_gold_tokens:
+        if cfg.answer_key is None:
+            gold = []
+        elif len(gold) + len(terminator) > cfg.max_gold_tokens:
             gold = list(gold[: cfg.max_gold_tokens])
             stats.gold_truncated += 1
         else:

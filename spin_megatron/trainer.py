@@ -446,6 +446,7 @@ class SPINTrainer:
             token_budget=self.cfg.trainer.micro_batch_tokens,
             max_restarts=self.cfg.rollout.max_restarts,
             resync=lambda: self._sync(source="policy"),
+            gold=self.cfg.data.answer_key is not None,
         )
 
     def _save(self) -> None:

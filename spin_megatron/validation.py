@@ -38,6 +38,7 @@ def validate(
     token_budget: int,
     max_restarts: int = 0,
     resync=None,
+    gold: bool = True,
 ) -> dict[str, float]:
     """``val/accuracy`` (reward ≥ 1 under greedy decoding), ``val/score_mean``, ``val/gold_nll`` (per token).
 
@@ -60,8 +61,8 @@ def validate(
     local = {
         "val/failed": float(error is not None),
         "val/prompts": float(len(samples)),
-        "val/score_sum": sum(s.reward for s in samples),
-        "val/correct": float(sum(s.reward >= 1.0 for s in samples)),
+        "val/score_sum": sum(s.reward for s in samples if s.reward is not None),
+        "val/correct": float(sum(s.reward >= 1.0 for s in samples if s.reward is not None)),
         "val/response_length_sum": float(sum(len(s.response_ids) for s in samples)),
         "val/eos": float(sum(not s.truncated for s in samples)),  # ended with a stop token, not at the limit
     }
@@ -71,6 +72,8 @@ def validate(
             f"validation generation failed on {int(gen['val/failed'])} replica(s)"
             + (f": {error}" if error else "")
         )
+    if not gold:  # data.answer_key=null: no reference answers to measure
+        return _val_metrics(gen, None)
     batches = pack_items(
         [[ScoredSequence(ex.prompt_ids, ex.gold_ids)] for ex in examples],
         token_budget=token_budget,
@@ -80,11 +83,17 @@ def validate(
     nll = sum_over_world(
         dict(zip(_NLL_KEYS, nll)), _NLL_KEYS, groups, contribute=groups.is_last_stage and groups.tp_rank == 0
     )
+    return _val_metrics(gen, nll)
+
+
+def _val_metrics(gen: dict, nll: dict | None) -> dict[str, float]:
     count = max(1.0, gen["val/prompts"])
-    return {
+    metrics = {
         "val/accuracy": gen["val/correct"] / count,
         "val/score_mean": gen["val/score_sum"] / count,
         "val/response_length": gen["val/response_length_sum"] / count,
         "val/greedy_contain_eos_token": gen["val/eos"] / count,
-        "val/gold_nll": nll["val/nll_sum"] / max(1.0, nll["val/nll_tokens"]),
     }
+    if nll is not None:
+        metrics["val/gold_nll"] = nll["val/nll_sum"] / max(1.0, nll["val/nll_tokens"])
+    return metrics

@@ -225,6 +225,7 @@ def test_a_pairwise_judge_decides_the_pair():
         (["reward_model.backend=sglang"], "reward_model.path is needed"),
         (["reward_model.path=/x", "reward_model.combine=best"], "reward_model.combine must be one of"),
         (["reward_model.path=/x", "reward_model.margin=-1"], "reward_model.margin must be a finite number"),
+        (["algorithm.mode=spin", "data.answer_key=null"], "data.answer_key is null"),
     ],
 )
 def test_config_refusals(overrides, message):
@@ -346,3 +347,28 @@ def test_online_mode_with_a_reward_model_choosing_the_pairs(tmp_path, char_token
         if m["reward/rule_model_agreement"] == m["reward/rule_model_agreement"]
     ]
     assert agreement and min(agreement) >= 0.75, agreement
+
+
+@pytest.mark.e2e
+def test_chat_prompts_without_answers_or_rule_the_model_alone_decides(tmp_path, char_tokenizer, sevens_rm):
+    """data.answer_key=null, algorithm.reward=none: prompts only, the reward model ranks the samples and scores
+    validation's greedy answers; no rule parts, no gold NLL."""
+    vocab = len(AutoTokenizer.from_pretrained(char_tokenizer))
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say 7 and {i}"}) + "\n" for i in range(8)))
+    run = tmp_path / "run"
+    result = _spin_train(
+        "experiment=tiny_cpu", "logging.progress_bar=false", "algorithm.mode=online", "rollout.n=2",
+        "algorithm.reward=none", f"reward_model.path={sevens_rm}", "data.answer_key=null", "data.prompt_key=prompt",
+        f"model.tiny.vocab_size={vocab}", f"model.tokenizer_path={char_tokenizer}", f"data.train_files=[{prompts}]",
+        f"data.val_files=[{prompts}]", "data.val_max_prompts=4", "data.instruction=''", "rollout.max_new_tokens=6",
+        "trainer.total_steps=2", "trainer.prompts_per_step=4", "trainer.ref_update_freq=2", "trainer.test_freq=2",
+        "trainer.save_freq=0", "trainer.export_hf=false", f"trainer.output_dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = metrics[-1]
+    assert last["reward/score_mean"] == pytest.approx(last["reward/model_mean"])
+    assert "reward/rule_mean" not in last and "val/gold_nll" not in last
+    # every prompt holds a 7, so the model scores every greedy answer above 0 (unscored would count 0)
+    assert last["val/score_mean"] > 0.0
