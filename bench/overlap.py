@@ -87,7 +87,7 @@ def curves(args, root: Path) -> None:
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     train = _prompts(root / "train.jsonl", 64, 0)
-    finals = {0: [], 1: []}
+    finals, halfway = {0: [], 1: []}, {0: [], 1: []}
     for seed in range(args.seeds):
         for staleness in (0, 1):
             metrics = _train(
@@ -95,19 +95,22 @@ def curves(args, root: Path) -> None:
                 ["experiment=tiny_cpu", "algorithm.mode=online", "algorithm.sample_from=policy", "rollout.n=2",
                  "algorithm.tie_policy=keep", "algorithm.reward=tests.synthetic_task:sevens",
                  f"model.tiny.vocab_size={vocab}", f"model.tokenizer_path={tokenizer}", f"data.train_files={train}",
-                 f"data.val_files={train}", "data.instruction=''", "rollout.max_new_tokens=10", "optim.lr=2e-3",
+                 f"data.val_files={train}", "data.instruction=''", "rollout.max_new_tokens=10", f"optim.lr={args.lr}",
                  f"trainer.total_steps={args.curve_steps}", "trainer.prompts_per_step=8",
                  "trainer.mini_batch_size=4", "trainer.ref_update_freq=6", f"rollout.max_staleness={staleness}",
                  f"trainer.seed={seed}", f"model.tiny.seed={seed}", f"data.seed={seed}"],
             )  # fmt: skip
             scores = [m["reward/score_mean"] for m in metrics if m["step"] > args.curve_steps - args.last]
             finals[staleness].append(statistics.mean(scores))
+            reached = [m["step"] for m in metrics if m["step"] >= 1 and m["reward/score_mean"] >= 0.5]
+            halfway[staleness].append(reached[0] if reached else None)
             curve = " ".join(f"{m['reward/score_mean']:.2f}" for m in metrics if m["step"] >= 1)
             print(f"seed {seed} max_staleness={staleness}: score per step {curve}")
     for staleness, values in finals.items():
         spread = max(values) - min(values)
         print(f"max_staleness={staleness}: mean score over the last {args.last} steps {statistics.mean(values):.3f} "
               f"(seeds {', '.join(f'{v:.3f}' for v in values)}; spread {spread:.3f})")  # fmt: skip
+        print(f"max_staleness={staleness}: first step with a mean score ≥ 0.5, per seed: {halfway[staleness]}")
 
 
 def main() -> None:
@@ -123,10 +126,13 @@ def main() -> None:
     parser.add_argument("--curve-steps", type=int, default=24)
     parser.add_argument("--last", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="the learning curves' learning rate")
+    parser.add_argument("--curves-only", action="store_true", help="skip the step-time part")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_overlap_") as tmp:
-        step_times(args, Path(tmp))
-        if args.curves:
+        if not args.curves_only:
+            step_times(args, Path(tmp))
+        if args.curves or args.curves_only:
             curves(args, Path(tmp))
 
 
