@@ -85,6 +85,13 @@ def _parse():
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--logprob-impl",
+        default="fused_head",
+        choices=("fused_head", "logits"),
+        help="ours: fused_head (the default: the [T, V] logits never exist; the backward recomputes them chunk by "
+        "chunk) or logits (materialised, as TRL does)",
+    )
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
@@ -159,6 +166,7 @@ def make_setup(args, tmp: Path) -> dict:
         f"trainer.seed={args.seed}",
         f"trainer.output_dir={tmp / 'ours'}",
         "logging.progress_bar=false",
+        f"trainer.logprob_impl={args.logprob_impl}",
     ]
     overlap = [o for o in overrides if not o.startswith("trainer.output_dir=")]
     overlap += [f"trainer.output_dir={tmp / 'overlap'}", "rollout.hf_process=separate", "rollout.hf_threads=1",
