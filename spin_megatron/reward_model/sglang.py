@@ -1,0 +1,538 @@
+"""The SGLang-served reward model (``reward_model.backend=sglang``): scalar reward models such as
+Skywork-Reward-Llama-3.1-8B served by ``python -m sglang.launch_server --is-embedding``, launched here or attached
+to by URL.
+
+The wire format is SGLang's native ``POST /classify`` (SGLang 0.5.23: ``srt/entrypoints/http_server.py``,
+``classify_request``), which takes an ``EmbeddingReqInput`` (``srt/managers/io_struct.py``) and answers, for a
+batch of ``input_ids``, a list ``[{"embedding": [score, ...], "meta_info": {...}}, ...]`` in request order.
+``embedding`` is the model's raw head output at the LAST token (``Pooler(PoolingType.LAST, normalize=False)``,
+then ``tensor.tolist()``): no softmax, no sigmoid — for a ``num_labels=1`` head, one float, transformers'
+``AutoModelForSequenceClassification`` logit. (The OpenAI-style ``/v1/classify`` softmaxes over the labels, which
+turns a one-label head into 1.0 for everything: not used.)
+
+Conversations are rendered client-side with the reward model's own tokenizer and chat template and sent as token
+ids, so the template is ours (the servers may run with ``--skip-tokenizer-init``). A conversation longer than
+``max_length`` tokens is refused, not cut. Micro-batches of ``micro_batch_size`` conversations go round-robin to
+the servers, at most ``max_inflight_requests`` at once; neighbouring conversations (the samples of one prompt)
+share a request and thus a server, whose radix cache prefills their common prompt once.
+
+A Qwen2/Qwen3ForSequenceClassification checkpoint without ``score.bias`` is refused before launch (SGLang 0.5.23
+would add a random constant to its scores, different per server; see :func:`missing_head_bias`), with the fix
+(:func:`add_zero_score_bias`). Servers, HTTP and health come from the rollout engine's plumbing
+(``spin_megatron.rollout.sglang.server``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from spin_megatron.errors import ConfigError
+from spin_megatron.ports import wait_port_free
+from spin_megatron.reward_model.base import Conversation, RewardModelError
+from spin_megatron.rollout.sglang.config import SERVER_DTYPES, SGLangConfig
+from spin_megatron.rollout.sglang.protocol import (
+    SGLangServerError,
+    build_server_command,
+    build_server_env,
+    snippet,
+)
+from spin_megatron.rollout.sglang.server import (
+    PORT_RELEASE_WAIT_S,
+    HttpClient,
+    ManagedProcess,
+    PortTakenError,
+    wait_until_healthy,
+)
+
+_KEY = "reward_model.sglang"
+CLASSIFY = "/classify"
+# --is-embedding: serve the model's pooled head output on /classify. 0.5.23 already treats the reward and
+# sequence-classification architectures as non-generative (configs/model_config.py, is_generation_model), but
+# a checkpoint whose architecture it does not list would otherwise come up as a generation server.
+REWARD_SERVER_FLAGS = ("--is-embedding",)
+# Architectures SGLang 0.5.23 serves with a scalar head (srt/models/*): llama_reward.py, qwen2_rm.py,
+# qwen2_classification.py, qwen3_rm.py, qwen3_classification.py, gemma2_reward.py, internlm2_reward.py
+REWARD_ARCHITECTURES = (
+    "LlamaForSequenceClassification",
+    "LlamaForSequenceClassificationWithNormal_Weights",
+    "Qwen2ForRewardModel",
+    "Qwen2ForSequenceClassification",
+    "Qwen3ForRewardModel",
+    "Qwen3ForSequenceClassification",
+    "Gemma2ForSequenceClassification",
+    "InternLM2ForRewardModel",
+)
+
+
+def _fail(name: str, requirement: str, value: object) -> ConfigError:
+    return ConfigError(f"{_KEY}.{name} {requirement}; got {value!r}")
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise _fail(name, "must be a TCP port in [1, 65535]", port)
+
+
+@dataclass(kw_only=True)
+class RewardSGLangConfig:
+    """``reward_model.sglang.*``: where the reward-model servers run (launched from ``reward_model.path``, or
+    attached to by ``urls``) and how they are talked to."""
+
+    urls: tuple[str, ...] = ()  # attach to these running reward servers (http://h:32000) instead of launching
+    num_engines: int = 1  # servers to launch, each with a full model copy; micro-batches go round-robin
+    tp_size: int = 1  # tensor-parallel GPUs per launched server
+    gpu_ids: tuple[int, ...] = ()  # physical GPUs of launched servers, tp_size each, in order; () = 0..N-1
+    host: str = "127.0.0.1"  # interface launched servers bind to
+    base_port: int = 32000  # launched server i listens on base_port + i (rollout servers default to 30000)
+    mem_fraction_static: float = 0.8  # fraction of GPU memory each server reserves (lower it to share a GPU)
+    dtype: str = "auto"  # --dtype of launched servers: auto | bfloat16 | float16 | float32
+    skip_tokenizer_init: bool = True  # token ids in: servers need no tokenizer (ours renders, tokenizes)
+    random_seed: int = 0  # --random-seed of launched servers
+    timeout_s: float = 300.0  # timeout of one /classify request (one micro-batch)
+    health_timeout_s: float = 900.0  # how long a launched server may take to answer /health with 200
+    max_inflight_requests: int = 8  # /classify requests in flight at once, over all servers
+    log_dir: str = ""  # per-server log files ("" = a fresh temporary directory)
+    extra_server_args: tuple[str, ...] = ()  # appended verbatim to every launch_server command line
+    extra_server_env: dict[str, str] = field(default_factory=dict)  # added to launched servers' environment
+    python_executable: str = ""  # interpreter that runs the servers ("" = the trainer's own)
+
+    def __post_init__(self):
+        for name in ("urls", "gpu_ids", "extra_server_args"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # Hydra hands lists over
+        self.extra_server_env = {str(k): str(v) for k, v in dict(self.extra_server_env).items()}
+        for name in ("num_engines", "tp_size", "max_inflight_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _fail(name, "must be an integer ≥ 1", value)
+        for name in ("timeout_s", "health_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise _fail(name, "must be > 0 seconds", getattr(self, name))
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise _fail(
+                "mem_fraction_static", "must be in the open interval (0, 1)", self.mem_fraction_static
+            )
+        if self.dtype not in SERVER_DTYPES:
+            raise _fail("dtype", f"must be one of {', '.join(map(repr, SERVER_DTYPES))}", self.dtype)
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise _fail("urls", "must be full server addresses such as 'http://127.0.0.1:32000'", url)
+        if self.urls and self.num_engines not in (1, len(self.urls)):
+            raise _fail(
+                "num_engines",
+                f"must be 1 or len(urls)={len(self.urls)} when urls are given",
+                self.num_engines,
+            )
+        _check_port("base_port", self.base_port)
+        _check_port("base_port", self.base_port + self.num_engines - 1)
+        if self.gpu_ids:
+            if len(self.gpu_ids) != self.num_engines * self.tp_size:
+                raise _fail(
+                    "gpu_ids",
+                    f"must list num_engines × tp_size = {self.num_engines * self.tp_size} GPUs (or be empty)",
+                    self.gpu_ids,
+                )
+            if len(set(self.gpu_ids)) != len(self.gpu_ids) or min(self.gpu_ids) < 0:
+                raise _fail("gpu_ids", "must be distinct non-negative GPU indices", self.gpu_ids)
+
+    @property
+    def launches_servers(self) -> bool:
+        return not self.urls
+
+    def server_urls(self) -> list[str]:
+        """The given ``urls``, or ``http://host:base_port+i`` of the servers to launch."""
+        if self.urls:
+            return [url.rstrip("/") for url in self.urls]
+        return [f"http://{self.host}:{self.base_port + i}" for i in range(self.num_engines)]
+
+
+# ----- checkpoints SGLang 0.5.23 misreads ------------------------------------------------------------------
+# SGLang's heads of these architectures are nn.Linear(hidden, num_labels) WITH a bias (models/qwen2_classification.py,
+# qwen3_classification.py), transformers' have none: a checkpoint without `score.bias` is served with the bias
+# left at its random init, a constant added to every score that differs from launch to launch and from server
+# to server (--random-seed does not fix it; sgl-project/sglang#38768). Seen on the CPU server: offsets of -0.055
+# and -0.034 on two launches with the same seed; exact agreement with transformers once a zero bias is added.
+BIASED_SCORE_HEADS = ("Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification")
+ZERO_BIAS_FILE = "score_bias.safetensors"
+_INDEX = "model.safetensors.index.json"
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    index = path / _INDEX
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def missing_head_bias(path: str) -> str | None:
+    """Why SGLang 0.5.23 would add a random constant to this local checkpoint's scores (None: it would not)."""
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return None  # a hub name or no checkpoint here: nothing to inspect
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    biased = [a for a in architectures if a in BIASED_SCORE_HEADS]
+    if not biased or "score.bias" in _checkpoint_keys(directory):
+        return None
+    return (
+        f"{path} is a {biased[0]} checkpoint without score.bias: SGLang 0.5.23 serves its head with a bias left at "
+        "its random initialisation, shifting every score by a constant that differs between servers and launches "
+        f'(sgl-project/sglang#38768). Add a zero bias once (transformers ignores it): python -c "from '
+        f"spin_megatron.reward_model.sglang import add_zero_score_bias; add_zero_score_bias('{path}')\" — or use "
+        "reward_model.backend=hf"
+    )
+
+
+def add_zero_score_bias(path: str) -> Path:
+    """Write ``score.bias = 0`` beside the checkpoint's weights (``score_bias.safetensors``, listed in the
+    safetensors index when there is one), so that SGLang serves exactly transformers' ``W·h``."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    index = directory / _INDEX
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    files = [directory / weight_map["score.weight"]] if weight_map else list(directory.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            if "score.weight" in handle.keys():
+                weight = handle.get_tensor("score.weight")
+                break
+    else:
+        raise ValueError(
+            f"{path}: no score.weight in its safetensors files; is it a sequence-classification model?"
+        )
+    out = directory / ZERO_BIAS_FILE
+    save_file({"score.bias": torch.zeros(weight.shape[0], dtype=weight.dtype)}, str(out))
+    if weight_map is not None:
+        data = json.loads(index.read_text())
+        data["weight_map"]["score.bias"] = ZERO_BIAS_FILE
+        index.write_text(json.dumps(data, indent=2))
+    return out
+
+
+# ----- command lines (the rollout engine's, plus the reward-model flags) ----------------------------------
+def _as_server_config(model_path: str, config: RewardSGLangConfig) -> SGLangConfig:
+    return SGLangConfig(
+        model_path=model_path, num_engines=config.num_engines, tp_size=config.tp_size, gpu_ids=config.gpu_ids,
+        host=config.host, base_port=config.base_port, mem_fraction_static=config.mem_fraction_static,
+        dtype=config.dtype, skip_tokenizer_init=config.skip_tokenizer_init, random_seed=config.random_seed,
+        extra_server_args=(*REWARD_SERVER_FLAGS, *config.extra_server_args),
+        extra_server_env=config.extra_server_env, python_executable=config.python_executable,
+    )  # fmt: skip
+
+
+def build_reward_server_command(model_path: str, config: RewardSGLangConfig, index: int) -> list[str]:
+    """``python -m sglang.launch_server --model-path MODEL ... --is-embedding ...`` for reward server ``index``
+    (on its own GPUs, ``CUDA_VISIBLE_DEVICES`` from :func:`build_reward_server_env`)."""
+    return build_server_command(_as_server_config(model_path, config), index, colocated=False)
+
+
+def build_reward_server_env(
+    model_path: str, config: RewardSGLangConfig, index: int, base_env: Mapping[str, str]
+) -> dict[str, str]:
+    return build_server_env(_as_server_config(model_path, config), index, base_env, colocated=False)
+
+
+def launch_reward_servers(
+    model_path: str, config: RewardSGLangConfig, client: HttpClient
+) -> dict[str, ManagedProcess]:
+    """Launch ``config.num_engines`` reward servers and wait until every one answers /health; {url: process}.
+    On any failure, stops what was started and raises (:class:`PortTakenError` for a taken port,
+    :class:`RewardModelError` for a server that dies or never becomes healthy, with its log tail)."""
+    urls = config.server_urls()
+    for index in range(len(urls)):
+        port = config.base_port + index
+        if not wait_port_free(config.host, port, timeout_s=PORT_RELEASE_WAIT_S):
+            raise PortTakenError(
+                f"reward model server {index}: port {port} on {config.host} is in use; stop whatever listens "
+                f"there, or set {_KEY}.base_port to the first of {len(urls)} free consecutive ports"
+            )
+    log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="spin_reward_sglang_logs_"))
+    processes: dict[str, ManagedProcess] = {}
+    try:
+        for index, url in enumerate(urls):
+            command = build_reward_server_command(model_path, config, index)
+            env = build_reward_server_env(model_path, config, index, os.environ)
+            log = log_dir / f"reward_server_{index}.log"
+            processes[url] = ManagedProcess(f"SGLang reward model server {index}", command, env, log)
+        for url, process in processes.items():
+            try:
+                wait_until_healthy(
+                    client,
+                    url,
+                    timeout_s=config.health_timeout_s,
+                    process=process,
+                    what="reward model server",
+                )
+            except SGLangServerError as exc:
+                message = str(exc).replace("rollout.sglang.health_timeout_s", f"{_KEY}.health_timeout_s")
+                raise RewardModelError(message) from exc
+    except BaseException:
+        for process in processes.values():
+            process.terminate()
+        raise
+    return processes
+
+
+# ----- rendering, requests, responses (pure) --------------------------------------------------------------
+def load_chat_template(chat_template: str | None) -> str | None:
+    """A Jinja template given as a string, or as the path of a file ending in ``.jinja``."""
+    if chat_template is not None and chat_template.endswith(".jinja") and "\n" not in chat_template:
+        return Path(chat_template).read_text()
+    return chat_template
+
+
+def render_conversation_ids(
+    tokenizer, conversation: Conversation, chat_template: str | None = None
+) -> list[int]:
+    """The reward model's token ids of one conversation: rendered by its chat template (``chat_template``
+    overrides the tokenizer's own), then tokenized WITHOUT adding special tokens (the template writes them;
+    transformers' ``apply_chat_template(tokenize=True)`` does the same)."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_conversation(index: int, conversation: Any) -> None:
+    """A list of ``{"role", "content"}`` messages ending with the assistant's response, or ValueError."""
+    ok = isinstance(conversation, list) and conversation and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in conversation
+    )  # fmt: skip
+    if not ok:
+        raise ValueError(
+            f"conversation {index} is not a non-empty list of {{'role': str, 'content': str}} messages: "
+            f"{snippet(repr(conversation), 200)}"
+        )
+    if conversation[-1]["role"] != "assistant":
+        raise ValueError(
+            f"conversation {index} ends with a {conversation[-1]['role']!r} message; a reward model scores the "
+            "assistant's response, so the conversation must end with it"
+        )
+
+
+def classify_payload(batch_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """An ``EmbeddingReqInput`` for a batch (always a list of lists, so the answer is always a list)."""
+    return {"input_ids": [[int(token) for token in ids] for ids in batch_ids]}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_classify_response(body: Any, expected: int, where: str) -> list[float]:
+    """The scalar score of each of ``expected`` conversations from a /classify answer, or RewardModelError
+    (one line, naming ``where``, the server and endpoint)."""
+
+    def malformed(why: str) -> RewardModelError:
+        return RewardModelError(
+            f"{where}: malformed /classify response ({why}): {_line(snippet(repr(body), 200))}"
+        )
+
+    if not isinstance(body, list) or len(body) != expected:  # a batch request is always answered by a list
+        count = len(body) if isinstance(body, list) else type(body).__name__
+        raise malformed(f"expected a list of {expected} results, got {count}")
+    scores = []
+    for item in body:
+        if not isinstance(item, dict) or "embedding" not in item:
+            finish = item.get("meta_info", {}).get("finish_reason") if isinstance(item, dict) else None
+            if isinstance(finish, dict) and finish.get("type") == "abort":
+                raise RewardModelError(
+                    f"{where}: SGLang aborted the request: {_line(str(finish.get('message')))}"
+                )
+            raise malformed("a result without 'embedding'")
+        embedding = item["embedding"]
+        if not isinstance(embedding, list) or not all(_is_number(v) for v in embedding):
+            raise malformed("'embedding' is not a list of numbers")
+        if len(embedding) != 1:
+            raise RewardModelError(
+                f"{where}: the served model returns {len(embedding)} values per conversation, not one scalar: "
+                "it is an embedding or multi-label model, not a reward model (a *ForSequenceClassification / "
+                "*ForRewardModel checkpoint with num_labels=1)"
+            )
+        value = float(embedding[0])
+        if not math.isfinite(value):
+            raise RewardModelError(f"{where}: the reward model returned a non-finite score ({value})")
+        scores.append(value)
+    return scores
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ----- the scorer -----------------------------------------------------------------------------------------
+class SGLangRewardModel:
+    """A :class:`~spin_megatron.reward_model.base.RewardScorer` backed by SGLang reward-model servers."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        config: RewardSGLangConfig | None = None,
+        tokenizer_path: str | None = None,
+        chat_template: str | None = None,
+        max_length: int = 4096,
+        micro_batch_size: int = 8,
+        tokenizer=None,
+    ):
+        """``path``: the reward model (launched servers load it; its tokenizer renders, unless
+        ``tokenizer_path`` or an already loaded ``tokenizer`` is given). ``chat_template``: a Jinja string or a
+        ``.jinja`` file overriding the tokenizer's template."""
+        self.config = config or RewardSGLangConfig()
+        if max_length < 1 or micro_batch_size < 1:
+            raise ConfigError(
+                f"max_length and micro_batch_size must be ≥ 1; got {max_length}, {micro_batch_size}"
+            )
+        self.max_length, self.micro_batch_size = max_length, micro_batch_size
+        self.chat_template = load_chat_template(chat_template)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"the reward model's tokenizer ({tokenizer_path or path}) has no chat template; give one with "
+                "reward_model.chat_template (a Jinja string or a .jinja file)"
+            )
+        self.tokenizer = tokenizer
+        why = missing_head_bias(path) if path else None
+        if why and self.config.launches_servers:
+            raise ConfigError(why)
+        if why:  # attached servers may load a fixed copy; we cannot tell
+            print(f"warning: {why}", file=sys.stderr, flush=True)
+        self.urls = self.config.server_urls()
+        inflight = self.config.max_inflight_requests
+        self._client = HttpClient(timeout_s=self.config.timeout_s, pool_size=inflight)
+        self._pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="reward_sglang")
+        self._processes: dict[str, ManagedProcess] = {}
+        self._next_url = 0
+        self._closed = False
+        if self.config.launches_servers:
+            if not path:
+                raise ConfigError("reward_model.path is needed to launch reward model servers (or give urls)")
+            try:
+                self._processes = launch_reward_servers(path, self.config, self._client)
+            except BaseException:
+                self._pool.shutdown(wait=False)
+                raise
+        atexit.register(self.shutdown)
+
+    def __enter__(self) -> SGLangRewardModel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
+        """Token ids of every conversation; ValueError for a malformed one or one over ``max_length``."""
+        rows = []
+        for index, conversation in enumerate(conversations):
+            check_conversation(index, conversation)
+            ids = render_conversation_ids(self.tokenizer, conversation, self.chat_template)
+            if len(ids) > self.max_length:
+                raise ValueError(
+                    f"conversation {index} is {len(ids)} reward-model tokens long, over reward_model.max_length="
+                    f"{self.max_length}; raise reward_model.max_length (up to the reward model's context length) "
+                    "or shorten the responses (rollout max_new_tokens) or the prompts"
+                )
+            rows.append(ids)
+        return rows
+
+    def score(self, conversations: list[Conversation]) -> list[float]:
+        return self.score_ids(self.encode(conversations))
+
+    def score_ids(self, ids: Sequence[Sequence[int]]) -> list[float]:
+        """Scores of tokenized conversations, in their order: micro-batches round-robin over the servers, all in
+        flight at once (up to ``max_inflight_requests``); every request is waited for before an error is raised."""
+        if self._closed:
+            raise RewardModelError("the SGLang reward model was used after shutdown()")
+        starts = range(0, len(ids), self.micro_batch_size)
+        jobs = []
+        for offset, start in enumerate(starts):
+            batch = ids[start : start + self.micro_batch_size]
+            url = self.urls[(self._next_url + offset) % len(self.urls)]
+            jobs.append((start, batch, self._pool.submit(self._classify, url, batch)))
+        self._next_url = (self._next_url + len(jobs)) % len(self.urls)
+        scores: list[float] = [0.0] * len(ids)
+        errors: list[RewardModelError] = []
+        for start, batch, future in jobs:
+            try:
+                scores[start : start + len(batch)] = future.result()
+            except RewardModelError as exc:
+                errors.append(exc)
+        if errors:
+            more = f" (and {len(errors) - 1} more request(s) failed)" if len(errors) > 1 else ""
+            raise RewardModelError(f"{errors[0]}{more}") from errors[0]
+        return scores
+
+    def _classify(self, url: str, batch: Sequence[Sequence[int]]) -> list[float]:
+        try:
+            body = self._client.post_json(url, CLASSIFY, classify_payload(batch))
+        except SGLangServerError as exc:
+            raise RewardModelError(self._describe(url, exc)) from exc
+        return parse_classify_response(body, len(batch), where=f"reward model server {url}{CLASSIFY}")
+
+    def _describe(self, url: str, exc: SGLangServerError) -> str:
+        """One line: what failed at ``url``, and whether the server we launched there has exited."""
+        if isinstance(exc.__cause__, requests.Timeout):
+            message = (
+                f"reward model server {url}{CLASSIFY}: no answer within {self.config.timeout_s:g} s (raise "
+                f"{_KEY}.timeout_s if the server is just slow, or lower reward_model.micro_batch_size)"
+            )
+        else:
+            message = f"reward model server: {_line(str(exc))}"
+        process = self._processes.get(url)
+        if process is not None and process.exit_code() is not None:
+            message += (
+                f" (the launched server exited with code {process.exit_code()}; log: {process.log_path})"
+            )
+        return message
+
+    def shutdown(self) -> None:
+        """Stop the servers this scorer launched (attached ones keep running). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in self._processes.values():
+            process.terminate()
+        self._processes.clear()
+
+
+def build_sglang_reward_model(cfg) -> SGLangRewardModel:
+    """``reward_model.backend=sglang``: the scorer from ``reward_model.*`` (``path``, ``tokenizer_path``,
+    ``chat_template``, ``max_length``, ``micro_batch_size``) and its ``sglang`` section (a
+    :class:`RewardSGLangConfig`, a mapping of its fields, or absent: the defaults)."""
+    section = getattr(cfg, "sglang", None)
+    if section is None:
+        section = RewardSGLangConfig()
+    elif isinstance(section, Mapping):
+        section = RewardSGLangConfig(**section)
+    return SGLangRewardModel(
+        cfg.path,
+        config=section,
+        tokenizer_path=cfg.tokenizer_path,
+        chat_template=cfg.chat_template,
+        max_length=cfg.max_length,
+        micro_batch_size=cfg.micro_batch_size,
+    )
