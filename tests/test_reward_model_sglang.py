@@ -135,7 +135,7 @@ def _attached(tokenizer, urls, *, path="unused", **kwargs) -> SGLangRewardModel:
     return SGLangRewardModel(path, config=config, tokenizer=tokenizer, **kwargs)
 
 
-def test_encode_refuses_long_and_malformed_conversations(qwen_tokenizer, tmp_path):
+def test_encode_cuts_long_and_refuses_malformed_conversations(qwen_tokenizer, tmp_path):
     template_file = tmp_path / "rm.jinja"
     template_file.write_text(TEMPLATE)
     model = _attached(qwen_tokenizer, ["http://127.0.0.1:9"], chat_template=str(template_file), max_length=16)
@@ -143,10 +143,9 @@ def test_encode_refuses_long_and_malformed_conversations(qwen_tokenizer, tmp_pat
     assert model.encode(CONVERSATIONS[:1]) == [
         render_conversation_ids(qwen_tokenizer, CONVERSATIONS[0], TEMPLATE)
     ]
-    with pytest.raises(
-        ValueError, match=r"conversation 1 is \d+ reward-model tokens long.*raise reward_model.max_length"
-    ):
-        model.encode([CONVERSATIONS[0], CONVERSATIONS[4]])
+    long = render_conversation_ids(qwen_tokenizer, CONVERSATIONS[4], TEMPLATE)
+    assert len(long) > 16  # cut to its last max_length tokens, as the hf backend does
+    assert model.encode([CONVERSATIONS[0], CONVERSATIONS[4]])[1] == long[-16:] and model.truncated == 1
     with pytest.raises(ValueError, match="must end with it"):
         model.encode([CONVERSATIONS[0][:1]])
     with pytest.raises(ValueError, match="conversation 0 is not a non-empty list"):

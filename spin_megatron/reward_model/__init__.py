@@ -232,3 +232,9 @@ def preflight_reward_model(cfg) -> None:
         ) from None
     if not ids:
         raise ConfigError(f"reward_model: the chat template of {source} renders a conversation as no tokens")
+    if rm.backend == "sglang" and rm.sglang.launches_servers:
+        from spin_megatron.reward_model.sglang import missing_head_bias
+
+        why = missing_head_bias(rm.path)
+        if why:
+            raise ConfigError(why)

@@ -12,7 +12,7 @@ turns a one-label head into 1.0 for everything: not used.)
 
 Conversations are rendered client-side with the reward model's own tokenizer and chat template and sent as token
 ids, so the template is ours (the servers may run with ``--skip-tokenizer-init``). A conversation longer than
-``max_length`` tokens is refused, not cut. Micro-batches of ``micro_batch_size`` conversations go round-robin to
+``max_length`` tokens keeps its last ``max_length`` (as with the hf backend). Micro-batches of ``micro_batch_size`` conversations go round-robin to
 the servers, at most ``max_inflight_requests`` at once; neighbouring conversations (the samples of one prompt)
 share a request and thus a server, whose radix cache prefills their common prompt once.
 
@@ -32,7 +32,6 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,8 @@ import requests
 from spin_megatron.errors import ConfigError
 from spin_megatron.ports import wait_port_free
 from spin_megatron.reward_model.base import Conversation, RewardModelError
-from spin_megatron.rollout.sglang.config import SERVER_DTYPES, SGLangConfig
+from spin_megatron.reward_model.config import RewardSGLangConfig
+from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.protocol import (
     SGLangServerError,
     build_server_command,
@@ -74,87 +74,6 @@ REWARD_ARCHITECTURES = (
     "Gemma2ForSequenceClassification",
     "InternLM2ForRewardModel",
 )
-
-
-def _fail(name: str, requirement: str, value: object) -> ConfigError:
-    return ConfigError(f"{_KEY}.{name} {requirement}; got {value!r}")
-
-
-def _check_port(name: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise _fail(name, "must be a TCP port in [1, 65535]", port)
-
-
-@dataclass(kw_only=True)
-class RewardSGLangConfig:
-    """``reward_model.sglang.*``: where the reward-model servers run (launched from ``reward_model.path``, or
-    attached to by ``urls``) and how they are talked to."""
-
-    urls: tuple[str, ...] = ()  # attach to these running reward servers (http://h:32000) instead of launching
-    num_engines: int = 1  # servers to launch, each with a full model copy; micro-batches go round-robin
-    tp_size: int = 1  # tensor-parallel GPUs per launched server
-    gpu_ids: tuple[int, ...] = ()  # physical GPUs of launched servers, tp_size each, in order; () = 0..N-1
-    host: str = "127.0.0.1"  # interface launched servers bind to
-    base_port: int = 32000  # launched server i listens on base_port + i (rollout servers default to 30000)
-    mem_fraction_static: float = 0.8  # fraction of GPU memory each server reserves (lower it to share a GPU)
-    dtype: str = "auto"  # --dtype of launched servers: auto | bfloat16 | float16 | float32
-    skip_tokenizer_init: bool = True  # token ids in: servers need no tokenizer (ours renders, tokenizes)
-    random_seed: int = 0  # --random-seed of launched servers
-    timeout_s: float = 300.0  # timeout of one /classify request (one micro-batch)
-    health_timeout_s: float = 900.0  # how long a launched server may take to answer /health with 200
-    max_inflight_requests: int = 8  # /classify requests in flight at once, over all servers
-    log_dir: str = ""  # per-server log files ("" = a fresh temporary directory)
-    extra_server_args: tuple[str, ...] = ()  # appended verbatim to every launch_server command line
-    extra_server_env: dict[str, str] = field(default_factory=dict)  # added to launched servers' environment
-    python_executable: str = ""  # interpreter that runs the servers ("" = the trainer's own)
-
-    def __post_init__(self):
-        for name in ("urls", "gpu_ids", "extra_server_args"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))  # Hydra hands lists over
-        self.extra_server_env = {str(k): str(v) for k, v in dict(self.extra_server_env).items()}
-        for name in ("num_engines", "tp_size", "max_inflight_requests"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _fail(name, "must be an integer ≥ 1", value)
-        for name in ("timeout_s", "health_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise _fail(name, "must be > 0 seconds", getattr(self, name))
-        if not 0.0 < self.mem_fraction_static < 1.0:
-            raise _fail(
-                "mem_fraction_static", "must be in the open interval (0, 1)", self.mem_fraction_static
-            )
-        if self.dtype not in SERVER_DTYPES:
-            raise _fail("dtype", f"must be one of {', '.join(map(repr, SERVER_DTYPES))}", self.dtype)
-        for url in self.urls:
-            if not url.startswith(("http://", "https://")):
-                raise _fail("urls", "must be full server addresses such as 'http://127.0.0.1:32000'", url)
-        if self.urls and self.num_engines not in (1, len(self.urls)):
-            raise _fail(
-                "num_engines",
-                f"must be 1 or len(urls)={len(self.urls)} when urls are given",
-                self.num_engines,
-            )
-        _check_port("base_port", self.base_port)
-        _check_port("base_port", self.base_port + self.num_engines - 1)
-        if self.gpu_ids:
-            if len(self.gpu_ids) != self.num_engines * self.tp_size:
-                raise _fail(
-                    "gpu_ids",
-                    f"must list num_engines × tp_size = {self.num_engines * self.tp_size} GPUs (or be empty)",
-                    self.gpu_ids,
-                )
-            if len(set(self.gpu_ids)) != len(self.gpu_ids) or min(self.gpu_ids) < 0:
-                raise _fail("gpu_ids", "must be distinct non-negative GPU indices", self.gpu_ids)
-
-    @property
-    def launches_servers(self) -> bool:
-        return not self.urls
-
-    def server_urls(self) -> list[str]:
-        """The given ``urls``, or ``http://host:base_port+i`` of the servers to launch."""
-        if self.urls:
-            return [url.rstrip("/") for url in self.urls]
-        return [f"http://{self.host}:{self.base_port + i}" for i in range(self.num_engines)]
 
 
 # ----- checkpoints SGLang 0.5.23 misreads ------------------------------------------------------------------
@@ -403,6 +322,7 @@ class SGLangRewardModel:
                 f"max_length and micro_batch_size must be ≥ 1; got {max_length}, {micro_batch_size}"
             )
         self.max_length, self.micro_batch_size = max_length, micro_batch_size
+        self.truncated, self._warned = 0, False  # conversations cut to max_length so far
         self.chat_template = load_chat_template(chat_template)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -443,18 +363,23 @@ class SGLangRewardModel:
         self.shutdown()
 
     def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        """Token ids of every conversation; ValueError for a malformed one or one over ``max_length``."""
-        rows = []
+        """Token ids of every conversation (ValueError for a malformed one); one over ``max_length`` keeps its
+        last ``max_length`` tokens, as with the hf backend (warned once)."""
+        rows, cut = [], 0
         for index, conversation in enumerate(conversations):
             check_conversation(index, conversation)
             ids = render_conversation_ids(self.tokenizer, conversation, self.chat_template)
-            if len(ids) > self.max_length:
-                raise ValueError(
-                    f"conversation {index} is {len(ids)} reward-model tokens long, over reward_model.max_length="
-                    f"{self.max_length}; raise reward_model.max_length (up to the reward model's context length) "
-                    "or shorten the responses (rollout max_new_tokens) or the prompts"
-                )
-            rows.append(ids)
+            cut += len(ids) > self.max_length
+            rows.append(ids[-self.max_length :])
+        self.truncated += cut
+        if cut and not self._warned:
+            self._warned = True
+            print(
+                f"reward model: {cut} conversation(s) longer than reward_model.max_length={self.max_length} tokens "
+                "were cut to their last max_length tokens (raise it to score them whole)",
+                file=sys.stderr,
+                flush=True,
+            )
         return rows
 
     def score(self, conversations: list[Conversation]) -> list[float]:
