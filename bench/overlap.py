@@ -110,7 +110,9 @@ def curves(args, root: Path) -> None:
         spread = max(values) - min(values)
         print(f"max_staleness={staleness}: mean score over the last {args.last} steps {statistics.mean(values):.3f} "
               f"(seeds {', '.join(f'{v:.3f}' for v in values)}; spread {spread:.3f})")  # fmt: skip
-        print(f"max_staleness={staleness}: first step with a mean score ≥ 0.5, per seed: {halfway[staleness]}")
+        print(
+            f"max_staleness={staleness}: first step with a mean score ≥ 0.5, per seed: {halfway[staleness]}"
+        )
 
 
 def main() -> None:
