@@ -26,6 +26,43 @@ def run_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def run_in_session(
+    cmd: list[str], log_base: Path, *, env: dict | None = None, combined: bool = False, timeout_s: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a session of its own with its output in files (``<log_base>.log`` appended to when
+    ``combined``, else ``.stdout``/``.stderr`` written anew), then SIGKILL whatever is left of the session.
+
+    Files, not pipes: a SIGKILLed trainer leaves helpers (megatron-core's checkpoint writers) holding inherited
+    descriptors, and a pipe would keep the test waiting for them; they die with the session here."""
+    import os
+    import signal
+
+    log_base = Path(log_base)
+    paths = [
+        log_base.with_name(log_base.name + (".log" if combined else suffix))
+        for suffix in (".stdout", ".stderr")
+    ]
+    sinks = [open(paths[0], "a" if combined else "w")]  # noqa: SIM115 (closed below)
+    sinks.append(sinks[0] if combined else open(paths[1], "w"))  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=sinks[0], stderr=subprocess.STDOUT if combined else sinks[1],
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            code = proc.wait(timeout=timeout_s)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # nothing of the session left
+    finally:
+        for sink in {id(s): s for s in sinks}.values():
+            sink.close()
+    out = paths[0].read_text()
+    return subprocess.CompletedProcess(cmd, code, out, out if combined else paths[1].read_text())
+
+
 def assert_same_hf_export(run_a: Path, run_b: Path) -> None:
     """The two runs' final HF exports (``<run>/hf/*.safetensors``) are bit-identical."""
     import torch

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_in_session
 
 pytestmark = pytest.mark.e2e
 BASE = ["experiment=tiny_cpu", "logging.progress_bar=false", "trainer.test_freq=0"]
@@ -33,23 +33,9 @@ def _cmd(out, *overrides):
 
 
 def _run(out, *overrides, faults="", engine_faults=""):
-    """Run the trainer in its own session with output in files: a SIGKILLed trainer leaves helper processes
-    (megatron-core's checkpoint-writer Manager) holding inherited pipes; they are killed with the session."""
     env = {**os.environ, "SPIN_FAULTS": faults, "SPIN_TEST_ENGINE_FAULTS": engine_faults}
     out.mkdir(parents=True, exist_ok=True)
-    log_out, log_err = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
-    with open(log_out, "w") as fo, open(log_err, "w") as fe:
-        proc = subprocess.Popen(
-            _cmd(out, *overrides), stdout=fo, stderr=fe, text=True, cwd=REPO, env=env, start_new_session=True
-        )
-        try:
-            code = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # nothing of the session left
-    return subprocess.CompletedProcess(proc.args, code, log_out.read_text(), log_err.read_text())
+    return run_in_session(_cmd(out, *overrides), out.parent / out.name, env=env)
 
 
 def _metrics(out):

@@ -16,7 +16,7 @@ import pytest
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.train import load_config
-from tests.helpers import REPO, assert_same_hf_export
+from tests.helpers import REPO, assert_same_hf_export, run_in_session
 from tests.sglang_double import pid_gone
 
 SEPARATE = ["rollout.hf_process=separate", "rollout.hf_threads=1"]
@@ -43,24 +43,11 @@ def test_overlap_is_refused_where_it_cannot_overlap_or_bound_staleness(overrides
 
 
 def _train(out, *overrides, faults="", engine=tuple(SEPARATE)):
-    """Output to a file, not a pipe: a SIGKILLed trainer leaves helpers (megatron-core's checkpoint writers) holding
-    inherited descriptors; they die with the session, after the trainer."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPIN_FAULTS": faults}
     cmd = [sys.executable, "-m", "spin_megatron.train", "experiment=tiny_cpu", "logging.progress_bar=false",
            f"trainer.output_dir={out}", *engine, *overrides]  # fmt: skip
-    log = out.parent / f"{out.name}.log"
-    with open(log, "a") as sink:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            code = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return code, log.read_text()
+    result = run_in_session(cmd, out.parent / out.name, env=env, combined=True)
+    return result.returncode, result.stdout
 
 
 def _metrics(out) -> dict[int, dict]:
