@@ -52,6 +52,10 @@ def test_server_command_lines_for_colocated_and_disaggregated_fleets():
     urls = "http://127.0.0.1:30000 http://127.0.0.1:30001"
     assert router == f"-m sglang_router.launch_router --worker-urls {urls} --host 127.0.0.1 --port 31000 " \
         "--policy round_robin"  # fmt: skip
+    # the router's metrics exporter gets a port of its own (sglang_router's 29000 is one per host)
+    assert proto.build_router_command(disagg, [], metrics_port=40123)[-2:] == ["--prometheus-port", "40123"]
+    with pytest.raises(ConfigError, match="router_metrics_port must be a TCP port"):
+        SGLangConfig(model_path="/m", router_metrics_port=70000)
 
 
 def test_request_payloads_for_every_endpoint():

@@ -50,6 +50,9 @@ class SGLangConfig:
     urls: tuple[str, ...] = ()  # attach to these running servers instead of launching (e.g. http://h:30000)
     use_router: bool = False  # put `sglang_router` in front of the servers and send /generate through it
     router_port: int = 31000  # port of the router
+    # the router's Prometheus metrics port; 0: a free one picked at launch (sglang_router's own default, 29000,
+    # is fixed: a second router on the host would fail to start)
+    router_metrics_port: int = 0
     router_policy: str = "round_robin"  # load-balancing policy of the router
     health_timeout_s: float = 900.0  # how long a server (or the router) may take to answer /health with 200
     request_timeout_s: float = 600.0  # timeout of one HTTP request (a generation, a weight bucket)
@@ -144,6 +147,8 @@ class SGLangConfig:
         _check_port("base_port", self.base_port)
         _check_port("base_port", self.base_port + self.num_engines - 1)
         _check_port("router_port", self.router_port)
+        if self.router_metrics_port:
+            _check_port("router_metrics_port", self.router_metrics_port)
         if (
             not self.urls
             and self.use_router

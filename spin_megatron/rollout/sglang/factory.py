@@ -51,6 +51,7 @@ def build_sglang_engine(cfg, source, groups) -> SGLangEngine:
             config,
             base_port=config.base_port + replica * config.num_engines,
             router_port=config.router_port + replica,
+            router_metrics_port=config.router_metrics_port + replica if config.router_metrics_port else 0,
             gpu_ids=config.gpu_ids or tuple(range(local_base, local_base + gpus_per_replica)),
         )
     if not config.model_path:

@@ -88,12 +88,17 @@ def _visible_gpus(config: SGLangConfig) -> list[int]:
     return sorted({gpu for group in engine_gpu_groups(config) for gpu in group})
 
 
-def build_router_command(config: SGLangConfig, worker_urls: Sequence[str]) -> list[str]:
-    """``python -m sglang_router.launch_router --worker-urls ...`` in front of ``worker_urls``."""
+def build_router_command(
+    config: SGLangConfig, worker_urls: Sequence[str], metrics_port: int | None = None
+) -> list[str]:
+    """``python -m sglang_router.launch_router --worker-urls ...`` in front of ``worker_urls``. ``metrics_port``:
+    its Prometheus exporter's port (sglang_router's default, 29000, is one fixed port per host: a second router on
+    the host — another replica's, another run's — would die on it)."""
     python = config.python_executable or sys.executable
+    metrics = ["--prometheus-port", str(metrics_port)] if metrics_port else []
     return [
         python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
-        "--host", config.host, "--port", str(config.router_port), "--policy", config.router_policy,
+        "--host", config.host, "--port", str(config.router_port), "--policy", config.router_policy, *metrics,
     ]  # fmt: skip
 
 

@@ -24,7 +24,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from spin_megatron.errors import UserError
-from spin_megatron.ports import wait_port_free
+from spin_megatron.ports import pick_free_port, wait_port_free
 from spin_megatron.rollout.sglang.config import SGLangConfig, engine_urls
 from spin_megatron.rollout.sglang.protocol import (
     SGLangServerError,
@@ -322,7 +322,8 @@ class ServerFleet:
         self._check_port(
             self.config.router_port, "sglang_router", "set rollout.sglang.router_port to a free port"
         )
-        command = build_router_command(self.config, self.urls)
+        metrics = self.config.router_metrics_port or pick_free_port(self.config.host)
+        command = build_router_command(self.config, self.urls, metrics_port=metrics)
         process = ManagedProcess("sglang_router", command, os.environ, self._logs() / "sglang_router.log")
         self.processes[url] = process
         wait_until_healthy(
