@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # CPU machines: install the CPU torch build *before* megatron-core, else pip resolves a multi-GB CUDA torch.
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make test` runs two pytest-xdist workers (the suite keeps one of the two cores idle on its own: subprocess
+# start-ups, servers, daemons); each test file is one group (tests/conftest.py). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test test-fast demo demo-convert lint format bench bench-gpu gpu-smoke clean sglang-venv slurm-packages
 
@@ -39,7 +42,7 @@ slurm-packages:
 	bash tools/slurm/install_packages.sh
 
 test: install sglang-venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not dist and not e2e and not slow and not slurm" $(PYTEST_ARGS)

@@ -25,7 +25,28 @@ LLAMA_OVERRIDES = dict(
 )
 
 
+LONGEST_GROUPS = (
+    "cluster",
+    "test_fault_tolerance",
+    "test_trainer_e2e",
+    "test_sglang_real",
+    "test_spin_semantics",
+    "test_overlap",
+    "test_convert_cli",
+    "test_rendezvous",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    # `make test` runs two pytest-xdist workers with --dist loadgroup: each test file is one group (its module
+    # fixtures are built once), and files that start Ray or Slurm daemons share the group "cluster" (one at a time)
+    for item in items:
+        if not any(True for _ in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    # the longest groups first (measured: 3–9 min each), so that the two workers finish together
+    first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: first.get(item.get_closest_marker("xdist_group").args[0], len(first)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")

@@ -24,6 +24,8 @@ from tests.helpers import REPO
 from tests.ray_two_nodes import TwoNodeCluster, ray_cli, server_base_port, write_shims
 from tests.sglang_double import PARAMS, expected_output, pid_gone
 
+pytestmark = pytest.mark.xdist_group("cluster")  # Ray and Slurm daemons: one file at a time
+
 NEEDS_RAY = pytest.mark.skipif(
     ray_cli() is None, reason="Ray is not installed (pip install 'ray>=2.40'): no `ray` command"
 )

@@ -18,6 +18,8 @@ from spin_megatron.rollout.sglang.engine import SGLangEngine
 from spin_megatron.rollout.sglang.protocol import SGLangServerError
 from tests.sglang_double import PARAMS, SHIMS, expected_output, free_port, pid_gone
 
+pytestmark = pytest.mark.xdist_group("cluster")  # Ray and Slurm daemons: one file at a time
+
 GPUS = 4
 
 

@@ -14,7 +14,10 @@ import pytest
 from tests.helpers import REPO, assert_same_hf_export
 from tests.slurm_cluster import start_cluster, unavailable_reason
 
-pytestmark = pytest.mark.slurm
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("cluster"),
+]  # Ray and Slurm daemons: one file at a time
 
 SBATCH = REPO / "tools" / "launch" / "spin.sbatch"
 # The header asks for 4 nodes × 8 GPUs × 64 CPUs; command-line options beat it, as on a real cluster. Real Slurm
