@@ -302,7 +302,8 @@ def test_the_planner_counts_the_reward_model(tmp_path, char_tokenizer):
 
 # --------------------------------------------------------------------------------------------- end to end
 @pytest.mark.e2e
-def test_online_mode_with_a_reward_model_choosing_the_pairs(tmp_path, char_tokenizer, sevens_rm):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_online_mode_with_a_reward_model_choosing_the_pairs(tmp_path, char_tokenizer, sevens_rm, overlap):
     """spin-train, online, the hand-set reward model deciding, the 7s rule logged beside it: every sample's
     model score is the reward model's own score of its conversation, the logged means are those of the samples,
     and the model orders the samples the rule tells apart nearly always as the rule does."""
@@ -316,6 +317,8 @@ def test_online_mode_with_a_reward_model_choosing_the_pairs(tmp_path, char_token
         f"data.val_files=[{prompts}]", "data.instruction=''", "rollout.max_new_tokens=8", "trainer.total_steps=3",
         "trainer.prompts_per_step=4", "trainer.ref_update_freq=2", "trainer.test_freq=0", "trainer.save_freq=0",
         "trainer.export_hf=false", f"rollout.dump_path={dump}", f"trainer.output_dir={run}",
+        # overlap: the reward model scores the next batch in the prefetch thread while this one trains
+        *(["rollout.max_staleness=1", "rollout.hf_process=separate", "rollout.hf_threads=1"] if overlap else []),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -341,6 +344,7 @@ def test_online_mode_with_a_reward_model_choosing_the_pairs(tmp_path, char_token
             statistics.mean(r["rule_reward"] for r in mine), abs=1e-6
         )
         assert m["reward/score_mean"] == pytest.approx(m["reward/model_mean"], abs=1e-6)
+    assert [m["rollout/staleness"] for m in metrics] == ([0, 1, 1] if overlap else [0, 0, 0])
     agreement = [
         m["reward/rule_model_agreement"]
         for m in metrics
