@@ -86,7 +86,9 @@ def preflight(cfg: Config, world_size: int) -> None:
             get_reward_fn(reward)
     preflight_reward_model(cfg)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # device 0 is its own GPU: no context on another rank's
-        check_training_memory(cfg, arch, world_size)  # on GPU: the plan, reward model included, before any group
+        check_training_memory(
+            cfg, arch, world_size
+        )  # on GPU: the plan, reward model included, before any group
     if ":" in cfg.rollout.engine:
         module, _, name = cfg.rollout.engine.partition(":")
         try:

@@ -94,7 +94,7 @@ def test_a_conversation_over_max_length_keeps_its_end(tmp_path, char_tokenizer, 
         "input_ids"
     ]
     assert model.score([long, short])[0] == pytest.approx(model.score_ids([ids[0][-16:]])[0], abs=1e-6)
-    assert model.truncated == 1 and "cut to their last max_length tokens" in capfd.readouterr().err
+    assert model.cuts.truncated == 1 and "cut to their last max_length tokens" in capfd.readouterr().err
 
 
 def test_the_hand_set_model_ranks_by_sevens(sevens_rm):

@@ -145,7 +145,7 @@ def test_encode_cuts_long_and_refuses_malformed_conversations(qwen_tokenizer, tm
     ]
     long = render_conversation_ids(qwen_tokenizer, CONVERSATIONS[4], TEMPLATE)
     assert len(long) > 16  # cut to its last max_length tokens, as the hf backend does
-    assert model.encode([CONVERSATIONS[0], CONVERSATIONS[4]])[1] == long[-16:] and model.truncated == 1
+    assert model.encode([CONVERSATIONS[0], CONVERSATIONS[4]])[1] == long[-16:] and model.cuts.truncated == 1
     with pytest.raises(ValueError, match="must end with it"):
         model.encode([CONVERSATIONS[0][:1]])
     with pytest.raises(ValueError, match="conversation 0 is not a non-empty list"):

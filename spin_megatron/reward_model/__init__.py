@@ -38,8 +38,8 @@ __all__ = [
 ]
 
 
-def load_judge(cfg: RewardModelConfig) -> PairwiseJudge:
-    """``reward_model.judge`` ('package.module:factory') called with the config."""
+def judge_factory(cfg: RewardModelConfig):
+    """The callable ``reward_model.judge`` ('package.module:factory') names (imported, not called)."""
     module, _, name = cfg.judge.partition(":")
     try:
         factory = getattr(importlib.import_module(module), name, None)
@@ -47,7 +47,12 @@ def load_judge(cfg: RewardModelConfig) -> PairwiseJudge:
         raise ConfigError(f"reward_model.judge={cfg.judge}: cannot import {module!r} ({exc})") from None
     if not callable(factory):
         raise ConfigError(f"reward_model.judge={cfg.judge}: {module!r} has no factory {name!r}")
-    judge = factory(cfg)
+    return factory
+
+
+def load_judge(cfg: RewardModelConfig) -> PairwiseJudge:
+    """``reward_model.judge`` ('package.module:factory') called with the config."""
+    judge = judge_factory(cfg)(cfg)
     if not callable(getattr(judge, "judge", None)):
         raise ConfigError(
             f"reward_model.judge={cfg.judge} returned {type(judge).__name__}, which has no judge(prompts, first, "
@@ -187,13 +192,7 @@ def preflight_reward_model(cfg) -> None:
     if not rm.enabled:
         return
     if rm.backend == "judge":
-        module, _, name = rm.judge.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), name, None)
-        except ImportError as exc:
-            raise ConfigError(f"reward_model.judge={rm.judge}: cannot import {module!r} ({exc})") from None
-        if not callable(factory):
-            raise ConfigError(f"reward_model.judge={rm.judge}: {module!r} has no factory {name!r}")
+        judge_factory(rm)
         return
     import json
     from pathlib import Path

@@ -7,13 +7,10 @@ sequence-classification heads do), so a batch pads to its own longest conversati
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.reward_model.base import Conversation
+from spin_megatron.reward_model.base import Conversation, TruncationCount, load_chat_template
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,8 +21,7 @@ def load_reward_tokenizer(path: str, chat_template: str | None = None):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if chat_template is not None:
-        template = Path(chat_template)
-        tokenizer.chat_template = template.read_text() if template.suffix == ".jinja" else chat_template
+        tokenizer.chat_template = load_chat_template(chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -80,13 +76,12 @@ class HFRewardModel:
         self.model.to(device).eval()
         self.max_length, self.micro_batch_size = max_length, micro_batch_size
         self.device = torch.device(device)
-        self.truncated = 0  # conversations cut to max_length so far
-        self._warned = False
+        self.cuts = TruncationCount(max_length)
 
     @torch.inference_mode()
     def score(self, conversations: list[Conversation]) -> list[float]:
         ids, cut = render(self.tokenizer, conversations, self.max_length)
-        self._note_truncation(cut)
+        self.cuts.add(cut)
         return self.score_ids(ids)
 
     @torch.inference_mode()
@@ -119,17 +114,6 @@ class HFRewardModel:
             pad = next(token for token in range(len(used) + 1) if token not in used)
         self.model.config.get_text_config().pad_token_id = pad
         return pad
-
-    def _note_truncation(self, cut: int) -> None:
-        self.truncated += cut
-        if cut and not self._warned:
-            self._warned = True
-            print(
-                f"reward model: {cut} conversation(s) longer than reward_model.max_length={self.max_length} tokens "
-                "were cut to their last max_length tokens (raise it to score them whole)",
-                file=sys.stderr,
-                flush=True,
-            )
 
     def shutdown(self) -> None:
         self.model = None

@@ -39,7 +39,12 @@ import requests
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.ports import wait_port_free
-from spin_megatron.reward_model.base import Conversation, RewardModelError
+from spin_megatron.reward_model.base import (
+    Conversation,
+    RewardModelError,
+    TruncationCount,
+    load_chat_template,
+)
 from spin_megatron.reward_model.config import RewardSGLangConfig
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.protocol import (
@@ -213,13 +218,6 @@ def launch_reward_servers(
 
 
 # ----- rendering, requests, responses (pure) --------------------------------------------------------------
-def load_chat_template(chat_template: str | None) -> str | None:
-    """A Jinja template given as a string, or as the path of a file ending in ``.jinja``."""
-    if chat_template is not None and chat_template.endswith(".jinja") and "\n" not in chat_template:
-        return Path(chat_template).read_text()
-    return chat_template
-
-
 def render_conversation_ids(
     tokenizer, conversation: Conversation, chat_template: str | None = None
 ) -> list[int]:
@@ -322,7 +320,7 @@ class SGLangRewardModel:
                 f"max_length and micro_batch_size must be ≥ 1; got {max_length}, {micro_batch_size}"
             )
         self.max_length, self.micro_batch_size = max_length, micro_batch_size
-        self.truncated, self._warned = 0, False  # conversations cut to max_length so far
+        self.cuts = TruncationCount(max_length)
         self.chat_template = load_chat_template(chat_template)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -371,15 +369,7 @@ class SGLangRewardModel:
             ids = render_conversation_ids(self.tokenizer, conversation, self.chat_template)
             cut += len(ids) > self.max_length
             rows.append(ids[-self.max_length :])
-        self.truncated += cut
-        if cut and not self._warned:
-            self._warned = True
-            print(
-                f"reward model: {cut} conversation(s) longer than reward_model.max_length={self.max_length} tokens "
-                "were cut to their last max_length tokens (raise it to score them whole)",
-                file=sys.stderr,
-                flush=True,
-            )
+        self.cuts.add(cut)
         return rows
 
     def score(self, conversations: list[Conversation]) -> list[float]:
