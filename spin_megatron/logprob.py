@@ -264,6 +264,15 @@ def _te_logprobs(logits, target, group, temperature, ignore_index, vocab_size):
     return -parallel_cross_entropy(x, target, 0.0, False, shard.group, ignore_index)
 
 
+def _te_chosen(backend: str, logits: torch.Tensor, temperature: float) -> bool:
+    """Whether TE computes the log-probs. ``backend="auto"``: on CUDA when TE is usable, except for 16-bit logits at
+    a temperature ≠ 1 (TE would get ``logits / temperature`` rounded to 16 bits; chunked scales in fp32: exact)."""
+    if backend != "auto":
+        return backend == "te"
+    exact_scale = temperature == 1.0 or logits.dtype == torch.float32
+    return logits.is_cuda and exact_scale and te_cross_entropy_available()
+
+
 def vocab_parallel_logprobs(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -278,7 +287,8 @@ def vocab_parallel_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``log softmax(logits/temperature)[target]`` per token (fp32, shape of ``target``) from ``[..., V/TP]`` logits.
 
-    ``backend``: "auto" (TE on CUDA when installed, else chunked), "te" or "chunked". With ``stats`` (names from
+    ``backend``: "auto" (TE on CUDA when installed, except for 16-bit logits at a temperature ≠ 1; else
+    chunked), "te" or "chunked". With ``stats`` (names from
     :data:`TOKEN_STATS`) returns ``(logps, {name: detached fp32 tensor shaped like logps})``; the TE backend then
     makes one extra no-grad chunked pass over the logits for them.
     """
@@ -297,7 +307,7 @@ def vocab_parallel_logprobs(
         )
     token_stats = _token_stats(stats, target, ignore_index)
     chunk = max(1, chunk_tokens)
-    if backend == "te" or (backend == "auto" and logits.is_cuda and te_cross_entropy_available()):
+    if _te_chosen(backend, logits, temperature):
         logp = _te_logprobs(logits, target, tp_group, temperature, ignore_index, vocab_size).float()
         if token_stats is None:
             return logp

@@ -1,5 +1,7 @@
 """Single-process (TP1/PP1) Megatron model vs transformers; the multi-rank layouts are in test_dist_parity.py."""
 
+from functools import partial
+
 import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -149,6 +151,68 @@ def test_bf16_policy_skips_the_fp32_upcast_for_the_fused_head_without_changing_a
         results.append((logps.detach(), grads))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_trainer_keeps_a_bf16_policy_output_in_bf16_on_both_log_prob_paths(tiny_qwen2, groups, fused):
+    """The schedule's forward step asks Float16Module for bf16 output on the logits path too (issue 26: a
+    [T, V] fp32 copy of the logits and its gradient at 16 K tokens × 152 K vocabulary is ~20 GB); the chunked
+    log-probs and every gradient are bit-identical to the upcast path."""
+    from megatron.core.transformer.module import Float16Module
+
+    from spin_megatron.models.builder import expose_hidden_states
+    from spin_megatron.parallel.dpo_step import (
+        DPOSettings,
+        _forward,
+        _head_weight,
+        _no_loss,
+        _run,
+        _token_logps,
+    )
+    from spin_megatron.parallel.packing import ScoredSequence, pack_items
+
+    arch = load_arch(tiny_qwen2)
+    model = build_gpt_model(arch, groups, dtype=torch.bfloat16, perform_initialization=False)
+    load_hf_weights(model, HFReader(tiny_qwen2), mapping_for(arch, arch.padded_vocab_size(1)), groups)
+    if fused:
+        expose_hidden_states(model)
+    wrapped = Float16Module(model.config, model)
+    items = [[ScoredSequence([1, 2, 3], [4, 5, 6, 7]), ScoredSequence([1, 2, 3], [8, 9])]]
+    (batch,) = pack_items(items, token_budget=64)
+    settings = DPOSettings(beta=0.1, vocab_size=arch.vocab_size, fused_head=fused)
+    seen = []
+
+    def capture(batch, output, *, settings, weight=None):
+        seen.append(output.dtype)
+        return _no_loss(output)
+
+    _run(wrapped, groups, [batch], partial(capture, settings=settings), forward_only=True)
+    assert seen == [torch.bfloat16]
+    results = []
+    for keep in (False, True):
+        wrapped.zero_grad(set_to_none=True)
+        output = _forward(batch, wrapped, keep_dtype=keep)
+        weight = _head_weight(wrapped) if fused else None
+        logps = _token_logps(output, batch, groups, settings, weight=weight)
+        (logps * torch.linspace(-1, 2, logps.numel()).view(logps.shape)).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_auto_backend_keeps_16_bit_logits_at_a_temperature_off_te(monkeypatch):
+    """bf16 logits reach the log-prob path now: at a sampling temperature ≠ 1 'auto' scores them with the
+    chunked path (fp32 scaling), not TE (16-bit logits / temperature)."""
+    from unittest import mock
+
+    from spin_megatron import logprob
+
+    monkeypatch.setattr(logprob, "te_cross_entropy_available", lambda: True)
+    with mock.patch.object(torch.Tensor, "is_cuda", new_callable=mock.PropertyMock, return_value=True):
+        bf16, fp32 = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)
+        assert logprob._te_chosen("auto", bf16, 1.0) and logprob._te_chosen("auto", fp32, 0.7)
+        assert not logprob._te_chosen("auto", bf16, 0.7) and not logprob._te_chosen("chunked", fp32, 1.0)
+        assert logprob._te_chosen("te", bf16, 0.7)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])  # untied head, tied head

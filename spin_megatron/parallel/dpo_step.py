@@ -67,8 +67,9 @@ class DPOSettings:
 
 def _forward(batch: PackedMicroBatch, model, *, keep_dtype: bool = False):
     """The model's output for one micro-batch. ``keep_dtype``: a bf16 policy (Float16Module) returns its output
-    in bf16 instead of upcasting it to fp32 — for the fused head, whose hidden states are cast back to the head's
-    dtype anyway, so the upcast only costs memory (it is exact either way)."""
+    in bf16 instead of upcasting it to fp32. Both log-prob paths ask for it: the fused head casts hidden states
+    back to the head's dtype, and the logits path upcasts chunk by chunk (chunked) or inside its kernel (TE), so the
+    upcast would only cost memory — a [T, V] fp32 copy of the logits and its gradient — and is exact either way."""
     kwargs = {"packed_seq_params": batch.packed_seq_params()}
     if keep_dtype and _is_float16_wrapped(model):
         kwargs["fp32_output"] = False
@@ -274,7 +275,7 @@ def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
     def forward_step(batch, step_model):
         fused = settings_fused(loss_for_batch)
         weight = _head_weight(step_model) if fused else None
-        return _forward(batch, step_model, keep_dtype=fused), partial(loss_for_batch, batch, weight=weight)
+        return _forward(batch, step_model, keep_dtype=True), partial(loss_for_batch, batch, weight=weight)
 
     return run_schedule(
         model,
