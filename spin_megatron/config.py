@@ -126,22 +126,47 @@ class DataConfig:
     system_prompt: str | None = None  # None: the chat template's default
     use_chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     max_prompt_tokens: int = 512  # longer prompts are dropped or left-truncated
-    overlong_prompts: str = "drop"  # drop | left_truncate
+    # drop | left_truncate (keep the last tokens; conversations: drop whole earliest turns, keeping the system
+    # turn and the last user turn)
+    overlong_prompts: str = "drop"
     # SPIN chosen: gold tokens + the chat template's end-of-turn token; a longer gold is cut here, unterminated
     max_gold_tokens: int = 512
     strip_calculator_annotations: bool = True  # remove GSM8K's <<48/2=24>> from gold responses
     shuffle: bool = True  # reshuffle the training prompts every epoch
     seed: int = 1  # shuffling seed
     val_max_prompts: int | None = 128  # validate on the first N val prompts (None: all)
+    # field holding a conversation, a list of {role, content} (UltraChat's messages, uclaml's real or chosen):
+    # prompt = every turn before the last assistant turn, gold = that turn (spin_megatron/chat_data.py);
+    # prompt_key, answer_key, instruction and strip_calculator_annotations are then not used
+    messages_key: str | None = None
+    # conversations that end with a user turn, have no assistant turn or unknown roles: drop (counted) | error
+    bad_rows: str = "drop"
+    # tokenized conversations are kept here, keyed by files, tokenizer, chat template and data.* settings, and
+    # loaded from here on the next start and on resume; null: no cache
+    cache_dir: str | None = "~/.cache/spin_megatron/data"
+    tokenize_workers: int = 0  # processes tokenizing conversations; 0: one per CPU core, at most 8
 
     def __post_init__(self):
         self.train_files = _file_list("data.train_files", self.train_files)
         self.val_files = _file_list("data.val_files", self.val_files)
         _choice("data.overlong_prompts", self.overlong_prompts, ("drop", "left_truncate"))
+        _choice("data.bad_rows", self.bad_rows, ("drop", "error"))
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         _positive("data.max_gold_tokens", self.max_gold_tokens)
+        _positive("data.tokenize_workers", self.tokenize_workers, zero_ok=True)
         if self.val_max_prompts is not None:
             _positive("data.val_max_prompts", self.val_max_prompts)
+        if self.messages_key is not None and not self.messages_key:
+            raise ConfigError("data.messages_key must name a field (e.g. messages), or be null")
+        if self.messages_key is not None and not self.use_chat_template:
+            raise ConfigError(
+                "data.messages_key renders conversations with the chat template: set data.use_chat_template=true"
+            )
+
+    @property
+    def has_gold(self) -> bool:
+        """Rows carry a reference response (SPIN's chosen): an answer field, or a conversation's last turn."""
+        return self.messages_key is not None or self.answer_key is not None
 
 
 @dataclass(kw_only=True)
@@ -478,10 +503,17 @@ class Config:
             raise ConfigError(
                 "rollout.engine=replay serves recorded training samples only: set trainer.test_freq=0"
             )
-        if self.algorithm.mode == "spin" and self.data.answer_key is None:
+        if self.algorithm.mode == "spin" and not self.data.has_gold:
             raise ConfigError(
                 "algorithm.mode=spin trains toward the dataset's responses (chosen = gold), but data.answer_key is "
-                "null: name the response field, or use algorithm.mode=online"
+                "null: name the response field (or a conversation field, data.messages_key), or use "
+                "algorithm.mode=online"
+            )
+        if self.data.messages_key is not None and self.algorithm.rule_reward in ("gsm8k", "gsm8k_verl"):
+            raise ConfigError(
+                f"algorithm.reward={self.algorithm.reward} scores GSM8K '#### n' answers, but data.messages_key="
+                f"{self.data.messages_key} gives conversations: set algorithm.reward=none (online mode: and a "
+                "reward model, reward_model.path)"
             )
         if self.algorithm.mode == "spin" and self.algorithm.missing_eos == "penalize":
             raise ConfigError(
@@ -514,7 +546,7 @@ def _check_overlap(cfg: Config) -> None:
 def _check_reward_model(cfg: Config) -> None:
     rm, a = cfg.reward_model, cfg.algorithm
     if not rm.enabled:
-        if a.rule_reward is None:
+        if a.rule_reward is None and a.mode == "online":  # spin ranks nothing: its chosen is the gold
             raise ConfigError(
                 "algorithm.reward=none leaves nothing to rank the samples: set a reward model (reward_model.path, "
                 "or reward_model.backend=judge) or a rule reward"
@@ -575,7 +607,23 @@ def _check_reference_anchors(cfg: Config) -> None:
 
 
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can extend it (``defaults: [base_config, ...]``)."""
-    from hydra.core.config_store import ConfigStore
+    """Register the schema so ``conf/config.yaml`` can extend it (``defaults: [base_config, ...]``).
 
-    ConfigStore.instance().store(name="base_config", node=Config)
+    Mappings (``dict`` fields such as ``rollout.sglang.extra_server_env``) are open: their keys are the user's, so
+    ``key={A: b}`` or ``key.A=b`` adds entries. Hydra makes the whole config struct (unknown keys are errors); a
+    node's own flag wins over the one it would inherit."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig, OmegaConf
+
+    def open_mappings(node: DictConfig) -> None:
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                if child._metadata.object_type is dict:
+                    OmegaConf.set_struct(child, False)
+                else:
+                    open_mappings(child)
+
+    schema = OmegaConf.structured(Config)
+    open_mappings(schema)
+    ConfigStore.instance().store(name="base_config", node=schema)

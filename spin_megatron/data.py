@@ -199,7 +199,12 @@ def _system_messages(cfg: DataConfig) -> list[dict[str, str]]:
 
 def prompt_conversation(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
     """The prompt of a dataset row as chat messages (system, user), as the policy's template renders it: what a
-    reward model is shown before the response."""
+    reward model is shown before the response. Conversations (``data.messages_key``): the turns before the last
+    assistant turn."""
+    if cfg.messages_key is not None:
+        from spin_megatron.chat_data import prompt_conversation as conversation_prompt
+
+        return conversation_prompt(row, cfg)
     return [
         *_system_messages(cfg),
         {"role": "user", "content": _with_instruction(str(row[cfg.prompt_key]), cfg)},
@@ -329,8 +334,13 @@ def load_prompt_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[Prom
     """``split`` = "train" | "val": load_rows + build_examples with the matching config keys.
 
     Validation keeps the first ``cfg.val_max_prompts`` examples (after overlong prompts were handled).
+    Conversations (``data.messages_key``) are loaded by :func:`spin_megatron.chat_dataset.load_chat_split`.
     """
     assert split in ("train", "val"), split
+    if cfg.messages_key is not None:
+        from spin_megatron.chat_dataset import load_chat_split
+
+        return load_chat_split(cfg, tokenizer, split)
     files = cfg.train_files if split == "train" else cfg.val_files
     hub_split = cfg.train_split if split == "train" else cfg.val_split
     setting = f"data.{split}_files"
@@ -362,8 +372,13 @@ def shard(batch: Sequence[Any], dp_rank: int, dp_size: int) -> list[Any]:
 
 class PromptSampler:
     """An endless, deterministic stream of prompts: epoch ``e`` is a permutation drawn with seed ``seed + e``
-    (dataset order when ``shuffle`` is false). Batches cross epoch boundaries without a gap or a repeat, and
-    ``state_dict()`` = (epoch, index) lets a resumed run continue with exactly the same prompts.
+    (dataset order when ``shuffle`` is false), and ``state_dict()`` = (epoch, index) lets a resumed run continue
+    with exactly the same prompts.
+
+    A batch never holds a prompt twice: it is taken from one epoch only, and an epoch's last ``len % batch``
+    prompts, too few for a batch, are skipped (verl's ``drop_last``; other prompts each epoch when shuffled). A
+    batch that crossed into the next epoch would meet the same prompt twice whenever the two permutations
+    overlap, and the engine check, pairing and the per-prompt metrics all key samples by prompt.
     """
 
     shard = staticmethod(shard)
@@ -384,17 +399,16 @@ class PromptSampler:
         return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
 
     def next_batch(self, num_prompts: int) -> list[PromptExample]:
-        if num_prompts <= 0:
-            raise ValueError(f"num_prompts must be > 0, got {num_prompts}")
-        batch = []
-        while len(batch) < num_prompts:
-            if self.index == len(self._order):
-                self.epoch += 1
-                self.index = 0
-                self._order = self._epoch_order(self.epoch)
-            take = min(num_prompts - len(batch), len(self._order) - self.index)
-            batch.extend(self.examples[i] for i in self._order[self.index : self.index + take])
-            self.index += take
+        if not 0 < num_prompts <= len(self.examples):
+            raise ValueError(
+                f"num_prompts must be in [1, {len(self.examples)}] (the prompts), got {num_prompts}"
+            )
+        if self.index + num_prompts > len(self._order):  # the epoch's rest is too short: the next epoch
+            self.epoch += 1
+            self.index = 0
+            self._order = self._epoch_order(self.epoch)
+        batch = [self.examples[i] for i in self._order[self.index : self.index + num_prompts]]
+        self.index += num_prompts
         return batch
 
     def state_dict(self) -> dict[str, int | bool]:

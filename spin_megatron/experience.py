@@ -24,6 +24,7 @@ ROLLOUT_SUMS = (
     "samples",
     "reward/sum",
     "reward/correct",
+    "reward/scored",  # samples a rule or a reward model scored (none in spin mode with algorithm.reward=none)
     "response_length/sum",
     "response/truncated",
     "pairs/kept",
@@ -220,6 +221,7 @@ def make_pairs(
         "samples": float(len(samples)),
         "reward/sum": sum(s.reward for s in samples if s.reward is not None),
         "reward/correct": float(sum(s.reward >= 1.0 for s in samples if s.reward is not None)),
+        "reward/scored": float(sum(s.reward is not None for s in samples)),
         "response_length/sum": float(sum(len(s.response_ids) for s in samples)),
         "response/truncated": float(sum(s.truncated for s in samples)),
         **{k: metrics.get(k, 0.0) for k in ROLLOUT_SUMS if k.startswith("pairs/")},

@@ -76,6 +76,10 @@ def step_metrics(
         **_reward_model_metrics(rollout),
         **times,
     }
+    if not rollout.get(
+        "reward/scored", rollout["samples"]
+    ):  # nothing scores the samples: no reward to report
+        del metrics["reward/score_mean"], metrics["reward/accuracy"]
     busy = sum(times.values())
     metrics["perf/tokens_per_s"] = _ratio(counts["tokens"], busy)
     return metrics

@@ -1,5 +1,6 @@
-"""Validation: greedy GSM8K accuracy of the rollout engine (synced with the policy) and the policy's mean NLL
-of the gold responses, on this data-parallel rank's share of the validation prompts."""
+"""Validation: greedy answers of the rollout engine (synced with the policy) scored by the rule reward (GSM8K
+accuracy) or else the reward model, and the policy's mean NLL of the gold responses (a conversation's last
+assistant turn), on this data-parallel rank's share of the validation prompts."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def validate(
     resync=None,
     gold: bool = True,
 ) -> dict[str, float]:
-    """``val/accuracy`` (reward ≥ 1 under greedy decoding), ``val/score_mean``, ``val/gold_nll`` (per token).
+    """``val/accuracy`` (rule reward ≥ 1 under greedy decoding; only with a rule), ``val/score_mean`` (the
+    rule's, else the reward model's score; only when one scores), ``val/gold_nll`` (per token; only with gold).
 
     A failed generation restarts the engine and re-syncs it (``resync()``) up to ``max_restarts`` times, as in
     training; past that :class:`RolloutError` is raised on every rank."""
@@ -72,8 +74,9 @@ def validate(
             f"validation generation failed on {int(gen['val/failed'])} replica(s)"
             + (f": {error}" if error else "")
         )
+    scored = {"rule": reward_fn is not None, "scored": reward_fn is not None or reward_model is not None}
     if not gold:  # data.answer_key=null: no reference answers to measure
-        return _val_metrics(gen, None)
+        return _val_metrics(gen, None, **scored)
     batches = pack_items(
         [[ScoredSequence(ex.prompt_ids, ex.gold_ids)] for ex in examples],
         token_budget=token_budget,
@@ -83,17 +86,20 @@ def validate(
     nll = sum_over_world(
         dict(zip(_NLL_KEYS, nll)), _NLL_KEYS, groups, contribute=groups.is_last_stage and groups.tp_rank == 0
     )
-    return _val_metrics(gen, nll)
+    return _val_metrics(gen, nll, **scored)
 
 
-def _val_metrics(gen: dict, nll: dict | None) -> dict[str, float]:
+def _val_metrics(gen: dict, nll: dict | None, *, rule: bool = True, scored: bool = True) -> dict[str, float]:
+    """``rule``: a rule reward scored the answers (accuracy means something); ``scored``: a rule or a model did."""
     count = max(1.0, gen["val/prompts"])
     metrics = {
-        "val/accuracy": gen["val/correct"] / count,
-        "val/score_mean": gen["val/score_sum"] / count,
         "val/response_length": gen["val/response_length_sum"] / count,
         "val/greedy_contain_eos_token": gen["val/eos"] / count,
     }
+    if rule:
+        metrics["val/accuracy"] = gen["val/correct"] / count
+    if scored:
+        metrics["val/score_mean"] = gen["val/score_sum"] / count
     if nll is not None:
         metrics["val/gold_nll"] = nll["val/nll_sum"] / max(1.0, nll["val/nll_tokens"])
     return metrics

@@ -1,0 +1,267 @@
+"""Loading a split of conversations (``data.messages_key``): rows from local files or a hub dataset, tokenized
+with a batched ``datasets.map`` over worker processes, cached on disk and read back memory-mapped.
+
+The cache (``data.cache_dir``) holds one folder per (files or hub dataset, tokenizer, chat template, data.*
+settings that change the tokens); the next start and a resume load it instead of tokenizing again. Ranks of one
+run share it: the first one builds it under a file lock, the others wait and load it. The examples read their
+token ids from the memory-mapped table when the sampler hands them out, so 200k conversations cost no Python
+lists at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow
+import pyarrow.compute as pc
+import pyarrow.json
+
+from spin_megatron.chat_data import (
+    ADDED_COLUMNS,
+    CUT_TURNS,
+    DROPPED,
+    GOLD_CUT,
+    GOLD_IDS,
+    OVERLONG,
+    PROMPT_IDS,
+    ConversationEncoder,
+)
+from spin_megatron.config import DataConfig
+from spin_megatron.data import DataStats, PromptExample, gold_terminator, load_rows
+from spin_megatron.errors import ConfigError
+
+CACHE_FORMAT = 1  # bump when the encoding or the columns change: older caches are then not used
+_ROWS_PER_WORKER = 2000  # fewer rows than this per worker process: not worth starting one
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def read_rows(files: list[str], cfg: DataConfig, split: str, setting: str) -> datasets.Dataset:
+    """The rows of ``files`` (a JSON Lines file is parsed by Arrow's reader; anything it cannot read goes through
+    :func:`spin_megatron.data.load_rows`, which names the file and line at fault), or of the hub dataset."""
+    if not files:
+        return load_rows(
+            [], hub_dataset=cfg.hub_dataset, hub_config=cfg.hub_config, split=split, setting=setting
+        )
+    parts = []
+    for name in files:
+        table = None
+        if name.endswith(".jsonl") and Path(name).is_file():
+            try:
+                table = pyarrow.json.read_json(name)
+            except (pyarrow.ArrowException, ValueError):
+                table = None  # the line-by-line reader below reports what is wrong, or reads it after all
+        parts.append(datasets.Dataset(table) if table is not None and table.num_rows else None)
+        if parts[-1] is None:
+            parts[-1] = load_rows([name], hub_dataset="", hub_config=None, split=split, setting=setting)
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:
+        raise ConfigError(f"{setting}: the files do not share one set of columns ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------------------- cache key
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = [tokenizer.all_special_tokens, sorted(getattr(tokenizer, "added_tokens_encoder", {}).items())]
+    return hashlib.sha256((vocab + json.dumps(special) + str(tokenizer.chat_template)).encode()).hexdigest()
+
+
+def cache_key(source: dict, tokenizer, cfg: DataConfig, terminator: list[int]) -> str:
+    """Digest of what the tokens depend on: the rows' source, the tokenizer and template, the settings."""
+    settings = {
+        key: getattr(cfg, key)
+        for key in ("messages_key", "system_prompt", "max_prompt_tokens", "overlong_prompts", "max_gold_tokens",
+                    "bad_rows")
+    }  # fmt: skip
+    parts = [CACHE_FORMAT, source, _tokenizer_digest(tokenizer), terminator, settings]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _file_source(files: list[str]) -> dict:
+    """Files by absolute path, size and modification time: an edited or replaced file is a new source."""
+    stats = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return {"files": stats}
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+
+
+class _Columns:
+    """The token columns and the raw columns of a tokenized table, for random access by row."""
+
+    def __init__(self, table: pyarrow.Table):
+        self.prompt_ids = table.column(PROMPT_IDS)
+        self.gold_ids = table.column(GOLD_IDS)
+        self.raw = {name: table.column(name) for name in table.column_names if name not in ADDED_COLUMNS}
+
+
+class ChatExample:
+    """A :class:`~spin_megatron.data.PromptExample` whose fields are read from the (memory-mapped) tokenized
+    table on access. Pickled, it becomes a plain PromptExample."""
+
+    __slots__ = ("_columns", "prompt_id")
+
+    def __init__(self, columns: _Columns, prompt_id: int):
+        self._columns, self.prompt_id = columns, prompt_id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self._columns.prompt_ids[self.prompt_id].as_py()
+
+    @property
+    def gold_ids(self) -> list[int]:
+        return self._columns.gold_ids[self.prompt_id].as_py()
+
+    @property
+    def row(self) -> dict:
+        return {name: column[self.prompt_id].as_py() for name, column in self._columns.raw.items()}
+
+    def materialize(self) -> PromptExample:
+        return PromptExample(self.prompt_id, self.prompt_ids, self.gold_ids, self.row)
+
+    def __reduce__(self):
+        example = self.materialize()
+        return PromptExample, (example.prompt_id, example.prompt_ids, example.gold_ids, example.row)
+
+    def __repr__(self) -> str:
+        return f"ChatExample(prompt_id={self.prompt_id})"
+
+
+@dataclass
+class ChatDataStats(DataStats):
+    dropped_bad: int = 0  # malformed conversations dropped (data.bad_rows=drop)
+    first_bad: str = ""  # the first of them: 'row N: why'
+    cached: bool = False  # loaded from data.cache_dir
+
+    def summary(self, split_name: str) -> str:
+        bad = f", {self.dropped_bad} malformed dropped (first: {self.first_bad})" if self.dropped_bad else ""
+        source = " from the cache" if self.cached else ""
+        return (
+            f"{split_name}: {self.kept}/{self.total} conversations kept, {self.dropped_overlong} dropped and "
+            f"{self.truncated} shortened by turns as overlong{bad}, {self.gold_truncated} gold responses "
+            f"truncated, longest prompt {self.max_prompt_tokens} tokens ({self.seconds:.2f}s{source})"
+        )
+
+
+def _stats(table: pyarrow.Table) -> tuple[np.ndarray, ChatDataStats]:
+    """The kept row indices and the counts, from the tokenized table's columns (vectorised)."""
+    dropped = table.column(DROPPED)
+    kept_mask = pc.equal(dropped, "").to_numpy(zero_copy_only=False)
+    kept = np.flatnonzero(kept_mask)
+    overlong = pc.equal(dropped, OVERLONG).to_numpy(zero_copy_only=False)
+    stats = ChatDataStats(total=table.num_rows, kept=len(kept), dropped_overlong=int(overlong.sum()))
+    bad = np.flatnonzero(~kept_mask & ~overlong)
+    stats.dropped_bad = len(bad)
+    if len(bad):
+        stats.first_bad = f"row {bad[0]} {dropped[int(bad[0])].as_py()}"
+    stats.truncated = int(pc.sum(pc.greater(table.column(CUT_TURNS), 0)).as_py() or 0)
+    stats.gold_truncated = int(pc.sum(pc.cast(table.column(GOLD_CUT), pyarrow.int64())).as_py() or 0)
+    lengths = pc.list_value_length(table.column(PROMPT_IDS))
+    stats.max_prompt_tokens = int(pc.max(lengths).as_py() or 0)
+    return kept, stats
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+
+def _workers(cfg: DataConfig, rows: int) -> int | None:
+    wanted = cfg.tokenize_workers or min(os.cpu_count() or 1, 8)
+    workers = max(1, min(wanted, rows // _ROWS_PER_WORKER))
+    return workers if workers > 1 else None
+
+
+def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, split_name: str, key: str):
+    """``rows`` with the token columns added (chat_data.ADDED_COLUMNS), by a batched map over workers."""
+    if cfg.messages_key not in rows.column_names:
+        raise ConfigError(
+            f"field {cfg.messages_key!r} is missing in {split_name}; its rows have keys {rows.column_names}; "
+            "set data.messages_key to one of them"
+        )
+    if len(rows) == 0:
+        raise ConfigError(f"{split_name} has no rows")
+    encoder = ConversationEncoder(tokenizer, cfg, gold_terminator(tokenizer, cfg), split_name)
+    ids = datasets.Sequence(datasets.Value("int32"))
+    features = datasets.Features(
+        {**rows.features, PROMPT_IDS: ids, GOLD_IDS: ids, DROPPED: datasets.Value("string"),
+         CUT_TURNS: datasets.Value("int32"), GOLD_CUT: datasets.Value("bool")}
+    )  # fmt: skip
+    return rows.map(
+        encoder,
+        with_indices=True,
+        input_columns=[cfg.messages_key],
+        batched=True,
+        batch_size=500,
+        features=features,
+        num_proc=_workers(cfg, len(rows)),
+        new_fingerprint=key,
+        desc=f"tokenizing {split_name}",
+    )
+
+
+def _build_cached(folder: Path, build) -> tuple[datasets.Dataset, bool]:
+    """The tokenized dataset in ``folder``: loaded if there, else built, written atomically and loaded (under a
+    lock, so the ranks of a run build it once), and whether it was there."""
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not folder.is_dir():
+            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+            build().save_to_disk(str(partial))
+            os.replace(partial, folder)
+            return datasets.load_from_disk(str(folder)), False
+    return datasets.load_from_disk(str(folder)), True
+
+
+def load_chat_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[ChatExample], ChatDataStats]:
+    """``split`` = "train" | "val": the conversations of that split as examples, and their stats."""
+    started = time.perf_counter()
+    files = cfg.train_files if split == "train" else cfg.val_files
+    hub_split = cfg.train_split if split == "train" else cfg.val_split
+    setting = f"data.{split}_files"
+    where = ", ".join(map(str, files)) if files else f"hub {cfg.hub_dataset}:{hub_split}"
+    split_name = f"{split} data ({where})"
+    rows = None
+    if files:
+        source = _file_source(files)
+    else:  # the hub copy is already cached by `datasets`; its fingerprint names the downloaded version
+        rows = read_rows([], cfg, hub_split, setting)
+        source = {"hub": [cfg.hub_dataset, cfg.hub_config, hub_split, rows._fingerprint]}
+    key = cache_key(source, tokenizer, cfg, gold_terminator(tokenizer, cfg))
+
+    def build() -> datasets.Dataset:
+        loaded = rows if rows is not None else read_rows(files, cfg, hub_split, setting)
+        return tokenize_rows(loaded, tokenizer, cfg, split_name=split_name, key=key)
+
+    if cfg.cache_dir:
+        dataset, cached = _build_cached(Path(cfg.cache_dir).expanduser() / f"{split}-{key}", build)
+    else:
+        dataset, cached = build(), False
+    table = dataset.data.table
+    kept, stats = _stats(table)
+    if not len(kept):
+        raise ConfigError(
+            f"no conversation of {split_name} is usable ({stats.dropped_overlong} longer than "
+            f"data.max_prompt_tokens={cfg.max_prompt_tokens}, {stats.dropped_bad} malformed, e.g. {stats.first_bad}); "
+            "check data.messages_key, raise data.max_prompt_tokens or set data.overlong_prompts=left_truncate"
+        )
+    columns = _Columns(table)
+    if split == "val" and cfg.val_max_prompts is not None:
+        kept = kept[: cfg.val_max_prompts]
+    examples = [ChatExample(columns, int(index)) for index in kept]
+    stats.cached, stats.seconds = cached, time.perf_counter() - started
+    return examples, stats
