@@ -35,10 +35,9 @@ from spin_megatron.parallel.dpo_step import (
     DPOSettings,
     compute_reference_logps,
     prepare_batch_terms,
-    sample_agreement,
     train_step,
 )
-from spin_megatron.parallel.packing import ScoredSequence, pack_items
+from spin_megatron.parallel.packing import pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
@@ -333,25 +332,7 @@ class SPINTrainer:
                 self.policy.scheduler.step(1)
                 if t.ref_model_sync_steps and self.policy.scheduler.num_steps % t.ref_model_sync_steps == 0:
                     self._refresh_reference()
-        if counters["zero_pair"] == len(batches) * t.update_epochs:  # no pair anywhere: nothing trained
-            agreement = self._agreement_without_pairs(experience.samples)
-            sums[-3:-1], sums[-1] = agreement[:2], agreement[2]
         return sums, grad_norm, counters
-
-    def _agreement_without_pairs(self, samples) -> torch.Tensor:
-        """``rollout/logp_diff`` (the check of the last weight sync) needs samples, not pairs: on a step without
-        pairs, the model that sampled scores this replica's samples in a forward pass of their own."""
-        groups, zeros = self.groups, torch.zeros(3, device=self.groups.device)
-        if self._sample_source == "policy" and not self._samples_from_scorer(True, self.ref_version):
-            return zeros  # the engine sampled from an older policy (overlap, sync_every > 1)
-        scored = [[ScoredSequence(s.prompt_ids, s.response_ids, s.logprobs)] for s in samples if s.logprobs]
-        if not scored:
-            return zeros
-        budget, pad = self.cfg.trainer.micro_batch_tokens, self.tokenizer.pad_token_id or 0
-        batches = [b.to(groups.device) for b in pack_items(scored, token_budget=budget, pad_token_id=pad)]
-        model = self.reference if self._sample_source == "reference" else self.policy.model
-        with self.timer("ref"):
-            return sample_agreement(model, groups, batches, self.settings)
 
     def _halt_after_rollout_failure(self, error: str | None, sampler_state: dict) -> None:
         """Save the state before this step (its prompts are retried on resume), then stop every rank."""
