@@ -607,7 +607,23 @@ def _check_reference_anchors(cfg: Config) -> None:
 
 
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can extend it (``defaults: [base_config, ...]``)."""
-    from hydra.core.config_store import ConfigStore
+    """Register the schema so ``conf/config.yaml`` can extend it (``defaults: [base_config, ...]``).
 
-    ConfigStore.instance().store(name="base_config", node=Config)
+    Mappings (``dict`` fields such as ``rollout.sglang.extra_server_env``) are open: their keys are the user's, so
+    ``key={A: b}`` or ``key.A=b`` adds entries. Hydra makes the whole config struct (unknown keys are errors); a
+    node's own flag wins over the one it would inherit."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig, OmegaConf
+
+    def open_mappings(node: DictConfig) -> None:
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                if child._metadata.object_type is dict:
+                    OmegaConf.set_struct(child, False)
+                else:
+                    open_mappings(child)
+
+    schema = OmegaConf.structured(Config)
+    open_mappings(schema)
+    ConfigStore.instance().store(name="base_config", node=schema)

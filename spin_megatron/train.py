@@ -85,6 +85,8 @@ def preflight(cfg: Config, world_size: int) -> None:
         if reward is not None:
             get_reward_fn(reward)
     preflight_reward_model(cfg)
+    if cfg.rollout.engine == "sglang":
+        cfg.rollout.sglang.check_python()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # device 0 is its own GPU: no context on another rank's
         check_training_memory(
             cfg, arch, world_size

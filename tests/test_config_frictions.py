@@ -94,3 +94,32 @@ def test_pairs_per_prompt_all_counts_one_pair_per_sample_in_the_memory_plan():
 def test_bad_pairs_per_prompt_is_one_line(capsys, value):
     err = _one_line_error(capsys, "experiment=tiny_cpu", f"algorithm.pairs_per_prompt={value}")
     assert "algorithm.pairs_per_prompt must be an integer ≥ 1 or all" in err
+
+
+# ---------------------------------------------------------------------------------------------- SGLang servers
+
+
+def test_extra_server_env_takes_new_keys_from_the_command_line():
+    """Both SGLang sections' extra_server_env are open mappings: a Hydra override adds keys (issue 22, item 13)."""
+    cfg = load_config(
+        ["experiment=tiny_cpu_sglang", "rollout.sglang.extra_server_env={NCCL_SOCKET_IFNAME: eth0}",
+         "rollout.sglang.extra_server_env.GLOO_SOCKET_IFNAME=lo", "reward_model.sglang.extra_server_env={A: 1}"]
+    )  # fmt: skip
+    preset = load_config(["experiment=tiny_cpu_sglang"]).rollout.sglang.extra_server_env
+    assert preset and cfg.rollout.sglang.extra_server_env == {
+        **preset, "NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "lo"
+    }  # fmt: skip
+    assert cfg.reward_model.sglang.extra_server_env == {"A": "1"}
+    with pytest.raises(ConfigError, match="unknown config key rollout.sglang.extra_server_envv"):
+        load_config(["experiment=tiny_cpu", "rollout.sglang.extra_server_envv={A: b}"])
+
+
+def test_a_missing_sglang_python_is_one_line_before_any_process_group(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(
+        "spin_megatron.parallel.state.init_parallel", lambda *a, **k: pytest.fail("a process group started")
+    )
+    err = _one_line_error(
+        capsys, "experiment=tiny_cpu", "rollout.engine=sglang", f"trainer.output_dir={tmp_path}",
+        "rollout.sglang.python_executable=/nonexistent/python",
+    )  # fmt: skip
+    assert "rollout.sglang.python_executable='/nonexistent/python' is not an executable file" in err

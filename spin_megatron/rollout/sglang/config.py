@@ -5,6 +5,7 @@ Written against SGLang ≥ 0.5 (HTTP server of ``python -m sglang.launch_server`
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -169,6 +170,16 @@ class SGLangConfig:
             raise ConfigError(
                 f"{_KEY}.model_path is required to launch SGLang servers (or give {_KEY}.urls to attach to "
                 "running ones)"
+            )
+
+    def check_python(self) -> None:
+        """The interpreter that launches local servers (and the router) exists: checked before any process group,
+        so a typo is one line, not a traceback from a rank. (Ray runs it on its nodes: not checked here.)"""
+        python = self.python_executable
+        if python and self.launches_servers and self.launcher == "local" and shutil.which(python) is None:
+            raise ConfigError(
+                f"{_KEY}.python_executable={python!r} is not an executable file: point it at a Python with SGLang "
+                "installed, or leave it empty to use this one"
             )
 
     @property
