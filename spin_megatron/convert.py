@@ -1,11 +1,12 @@
-"""``spin-convert``: Hugging Face ↔ Megatron-Core checkpoints for Qwen2 / Llama models.
+"""``spin-convert``: Hugging Face ↔ Megatron-Core checkpoints for Qwen2 / Llama / Qwen3 / Qwen3-MoE models.
 
-    spin-convert hf-to-mcore --hf-dir HF --out OUT [--tp T --pp P] [--dtype auto|fp32|bf16|fp16] [--force]
-    spin-convert mcore-to-hf --mcore-dir OUT --out HF2 [--hf-config-from HF] [--tp T --pp P] [--force]
-    spin-convert verify      --hf-dir HF --mcore-dir OUT [--tp T --pp P] [--tol 1e-5]
+    spin-convert hf-to-mcore --hf-dir HF --out OUT [--tp T --pp P --ep E] [--dtype auto|fp32|bf16|fp16] [--force]
+    spin-convert mcore-to-hf --mcore-dir OUT --out HF2 [--hf-config-from HF] [--tp T --pp P --ep E] [--force]
+    spin-convert verify      --hf-dir HF --mcore-dir OUT [--tp T --pp P --ep E] [--tol 1e-5]
 
-With ``--tp``/``--pp`` > 1 the command starts T×P local gloo/nccl processes itself, or runs under
-``torchrun --nproc_per_node T×P -m spin_megatron.convert ...``. Every user mistake ends with one line on stderr
+With ``--tp``/``--pp``/``--ep`` > 1 the command starts the processes the layout needs (T×P, times the
+data-parallel ranks that the experts' EP × ETP grid needs) as local gloo/nccl processes itself, or runs under
+``torchrun --nproc_per_node N -m spin_megatron.convert ...``. Every user mistake ends with one line on stderr
 and exit code 2; nothing existing is modified unless ``--force`` is given (and then only after the new output
 is complete).
 """
@@ -13,6 +14,7 @@ is complete).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     def parallel_args(p):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size used for the conversion")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used for the conversion")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+        p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
 
     p = sub.add_parser("hf-to-mcore", help="HF folder -> Megatron-Core distributed checkpoint")
     p.add_argument("--hf-dir", required=True, type=Path)
@@ -126,13 +130,34 @@ def _same_model(a: ModelArch, b: ModelArch, what: str) -> None:
         raise CheckpointError(f"{what} describe different models: {', '.join(diffs[:4])}")
 
 
+def num_processes(args) -> int:
+    """TP × PP, times the data-parallel ranks the expert grid needs (EP × ETP must divide TP × DP)."""
+    return args.pp * math.lcm(args.tp, args.ep * (args.etp or args.tp))
+
+
+def _process_count_text(args, nprocs: int) -> str:
+    text = f"--tp {args.tp} × --pp {args.pp}"
+    if nprocs != args.tp * args.pp:
+        text += f" × {nprocs // (args.tp * args.pp)} data-parallel (for --ep {args.ep} --etp {args.etp or args.tp})"
+    return f"{text} = {nprocs}"
+
+
+def _check_layout(arch: ModelArch, args) -> None:
+    arch.check_parallel(
+        args.tp, args.pp, "--tp", "--pp", ep=args.ep, etp=args.etp, ep_key="--ep", etp_key="--etp"
+    )
+
+
 def preflight(args) -> None:
     """Validate arguments and inputs in the launching process, so errors print once and nothing starts."""
-    if args.tp < 1 or args.pp < 1:
-        raise ConfigError(f"--tp and --pp must be ≥ 1 (got --tp {args.tp} --pp {args.pp})")
+    if min(args.tp, args.pp, args.ep, args.etp or 1) < 1:
+        raise ConfigError(
+            f"--tp and --pp must be ≥ 1, as must --ep and --etp (got --tp {args.tp} --pp {args.pp} "
+            f"--ep {args.ep} --etp {args.etp})"
+        )
     if args.command == "hf-to-mcore":
         arch = load_arch(args.hf_dir)
-        arch.check_parallel(args.tp, args.pp, "--tp", "--pp")
+        _check_layout(arch, args)
         _resolve_dtype(args.dtype, _hf_default_dtype(arch))
         reader = HFReader(args.hf_dir)
         check_hf_checkpoint(reader, mapping_for(arch, arch.padded_vocab_size(args.tp)))
@@ -140,7 +165,7 @@ def preflight(args) -> None:
     elif args.command == "mcore-to-hf":
         meta = read_meta(args.mcore_dir)
         arch = arch_from_meta(meta)
-        arch.check_parallel(args.tp, args.pp, "--tp", "--pp")
+        _check_layout(arch, args)
         checkpoint_padded_vocab(meta, args.tp)
         _resolve_dtype(args.dtype, meta["dtype"])
         _parse_size(args.max_shard_size)
@@ -156,7 +181,7 @@ def preflight(args) -> None:
         arch = arch_from_meta(meta)
         _same_model(load_arch(args.hf_dir), arch, f"--hf-dir {args.hf_dir} and --mcore-dir {args.mcore_dir}")
         HFReader(args.hf_dir)
-        arch.check_parallel(args.tp, args.pp, "--tp", "--pp")
+        _check_layout(arch, args)
         checkpoint_padded_vocab(meta, args.tp)
         if args.batch_size < 1 or args.seq_len < 1:
             raise ConfigError("--batch-size and --seq-len must be ≥ 1")
@@ -184,12 +209,19 @@ def hf_to_mcore(args, groups) -> int:
     commit_output(staging, args.out)
     _log(
         f"wrote Megatron-Core checkpoint {args.out} ({arch.architecture}, {arch.num_layers} layers, "
-        f"{DTYPES_NAME[dtype]}, written at tp={groups.tp_size} pp={groups.pp_size}; loadable at any TP/PP)"
+        f"{DTYPES_NAME[dtype]}, written at {_layout(groups)}; loadable at any TP/PP"
+        + ("/EP" if arch.moe is not None else "")
+        + ")"
     )
     return 0
 
 
 DTYPES_NAME = {v: k for k, v in DTYPES.items()}
+
+
+def _layout(groups) -> str:
+    text = f"tp={groups.tp_size} pp={groups.pp_size}"
+    return text + (f" ep={groups.ep_size} etp={groups.etp_size}" if groups.ep_size > 1 else "")
 
 
 def mcore_to_hf(args, groups) -> int:
@@ -236,7 +268,7 @@ def verify(args, groups) -> int:
     tol = args.tol if args.tol is not None else (1e-5 if meta["dtype"] == "fp32" else 2e-2)
     ok = max_rel <= tol
     _log(
-        f"verify {args.mcore_dir} (tp={groups.tp_size} pp={groups.pp_size}) vs transformers {args.hf_dir}: "
+        f"verify {args.mcore_dir} ({_layout(groups)}) vs transformers {args.hf_dir}: "
         f"max |Δlogit| = {max_abs:.3e}, max relative = {max_rel:.3e} (tol {tol:.0e}) -> {'OK' if ok else 'FAILED'}"
     )
     return 0 if ok else 1
@@ -246,7 +278,7 @@ COMMANDS = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf, "verify": ve
 
 
 def _run_rank(args) -> int:
-    groups = init_parallel(args.tp, args.pp)
+    groups = init_parallel(args.tp, args.pp, ep=args.ep, etp=args.etp)
     try:
         return COMMANDS[args.command](args, groups)
     finally:
@@ -256,14 +288,14 @@ def _run_rank(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    nprocs = args.tp * args.pp
+    nprocs = num_processes(args)
     rank = int(os.environ.get("RANK", "0"))
     try:
         preflight(args)
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) != nprocs:
             raise ConfigError(
-                f"started with {os.environ['WORLD_SIZE']} processes but --tp {args.tp} × --pp {args.pp} = "
-                f"{nprocs}; use torchrun --nproc_per_node {nprocs} or matching --tp/--pp"
+                f"started with {os.environ['WORLD_SIZE']} processes but {_process_count_text(args, nprocs)}; "
+                f"use torchrun --nproc_per_node {nprocs} or matching --tp/--pp/--ep"
             )
     except UserError as exc:
         if rank == 0:  # every rank finds the same problem: report it once

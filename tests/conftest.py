@@ -66,6 +66,28 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """Qwen3: QK-norm, head_dim 24 ≠ hidden/heads, no QKV bias, untied head."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "qwen3", "qwen3", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    """Qwen3-MoE: 4 layers, all MoE, 4 experts of width 32, top-2 renormalised, untied head."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "qwen3_moe", "qwen3_moe", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_mixed(tmp_path_factory) -> Path:
+    """Another Qwen3-MoE shape: 8 experts, top-3 not renormalised, layer 2 dense (mlp_only_layers), tied."""
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("hf") / "qwen3_moe_mixed", "qwen3_moe", seed=6, num_experts=8,
+        num_experts_per_tok=3, norm_topk_prob=False, moe_intermediate_size=16, mlp_only_layers=[2],
+        head_dim=16, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     path = SHARED_DATA / "qwen2.5-tokenizer"
     if not (path / "vocab.json").is_file():

@@ -113,3 +113,20 @@ def test_bf16_conversion_keeps_config_dtype_and_verifies_loosely(tiny_qwen2, tmp
     assert run_cli("mcore-to-hf", "--mcore-dir", mcore, "--out", hf2).returncode == 0
     assert all(t.dtype == torch.bfloat16 for t in _hf_tensors(hf2).values())
     assert '"torch_dtype": "bfloat16"' in (hf2 / "config.json").read_text()
+
+
+def test_moe_saved_at_tp2_ep2_verifies_at_ep2_and_exports_bit_exact_at_ep1(tiny_qwen3_moe_mixed, tmp_path):
+    mcore, hf2 = tmp_path / "mcore", tmp_path / "hf2"
+    result = run_cli(
+        "hf-to-mcore", "--hf-dir", tiny_qwen3_moe_mixed, "--out", mcore, "--tp", 2, "--ep", 2, "--etp", 1
+    )
+    assert result.returncode == 0, result.stderr
+    assert "written at tp=2 pp=1 ep=2 etp=1; loadable at any TP/PP/EP" in result.stdout
+    result = run_cli("verify", "--hf-dir", tiny_qwen3_moe_mixed, "--mcore-dir", mcore, "--ep", 2)
+    assert result.returncode == 0, result.stderr
+    assert "(tp=1 pp=1 ep=2 etp=1)" in result.stdout and _rel_error(result.stdout) <= 1e-5
+    assert run_cli("mcore-to-hf", "--mcore-dir", mcore, "--out", hf2).returncode == 0
+    original, exported = _hf_tensors(tiny_qwen3_moe_mixed), _hf_tensors(hf2)
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in exported
+    assert sorted(exported) == sorted(k for k in original if k != "lm_head.weight")  # tied
+    assert all(torch.equal(original[k], exported[k]) for k in exported)

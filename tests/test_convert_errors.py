@@ -109,10 +109,23 @@ def test_unsupported_architecture(capsys, hf_copy, tmp_path):
         ),
         ("--pp", 3, "--pp=3 does not divide the model's 4 layers; valid values for this model: 1, 2, 4"),
         ("--tp", 0, "--tp and --pp must be ≥ 1"),
+        ("--ep", 2, "--ep=2 splits experts, but Qwen2ForCausalLM has none; use --ep=1"),
     ],
 )
 def test_parallel_sizes_that_do_not_fit_the_model(capsys, tiny_qwen2, tmp_path, flag, value, fragment):
     code, err = _run(capsys, "hf-to-mcore", "--hf-dir", tiny_qwen2, "--out", tmp_path / "out", flag, value)
+    _assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--ep", 3], "--ep=3 does not divide the model's 4 experts; valid values for this model: 1, 2, 4"),
+        (["--ep", 2, "--etp", 3], "--etp=3 does not divide the model's 32 expert intermediate size"),
+    ],
+)
+def test_expert_parallel_sizes_that_do_not_fit_the_model(capsys, tiny_qwen3_moe, tmp_path, flags, fragment):
+    code, err = _run(capsys, "hf-to-mcore", "--hf-dir", tiny_qwen3_moe, "--out", tmp_path / "out", *flags)
     _assert_one_line_error(code, err, fragment)
 
 

@@ -116,3 +116,67 @@ def test_llama_has_no_qkv_bias_parameter():
     mapping = _mapping(architectures=["LlamaForCausalLM"])
     assert not any(n.endswith("linear_qkv.bias") for n in mapping.mcore_names(range(2), True, True))
     assert not any(n.endswith(".bias") for n in mapping.expected_hf_names())
+
+
+MOE_CFG = {
+    **CFG,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "num_hidden_layers": 3,
+    "head_dim": 6,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 10,
+    "mlp_only_layers": [1],
+}
+
+
+def test_qwen3_qk_norms_are_replicated_and_experts_numbered_globally():
+    mapping = _mapping(**MOE_CFG)
+    assert mapping.hf_names("decoder.layers.0.self_attention.q_layernorm.weight") == [
+        "model.layers.0.self_attn.q_norm.weight"
+    ]
+    assert not mapping.is_tp_sharded("decoder.layers.2.self_attention.k_layernorm.weight")
+    assert mapping.hf_shape("model.layers.0.self_attn.k_norm.weight") == (6,)
+    assert mapping.hf_names("decoder.layers.2.mlp.router.weight") == ["model.layers.2.mlp.gate.weight"]
+    fc1 = "decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert mapping.is_expert(fc1) and not mapping.is_expert("decoder.layers.2.mlp.router.weight")
+    assert mapping.hf_names(fc1) == [
+        "model.layers.2.mlp.experts.3.gate_proj.weight",
+        "model.layers.2.mlp.experts.3.up_proj.weight",
+    ]
+    # layer 1 is dense (mlp_only_layers): no router, no experts there
+    names = mapping.mcore_names(range(3), True, True)
+    assert (
+        "decoder.layers.1.mlp.linear_fc1.weight" in names
+        and "decoder.layers.1.mlp.router.weight" not in names
+    )
+    with pytest.raises(CheckpointError, match="no HF mapping"):
+        mapping.hf_names("decoder.layers.0.mlp.experts.local_experts.4.linear_fc1.weight")  # only 4 experts
+
+
+def test_expert_slot_on_every_ep_rank():
+    mapping = _mapping(**MOE_CFG)
+    # 4 experts over EP=2: rank r holds r·2 + i; local slot 1 is experts 1 and 3
+    assert mapping.ep_peers("model.layers.0.mlp.experts.3.down_proj.weight", 2) == [
+        "model.layers.0.mlp.experts.1.down_proj.weight",
+        "model.layers.0.mlp.experts.3.down_proj.weight",
+    ]
+    assert mapping.ep_peers("decoder.layers.2.mlp.experts.local_experts.0.linear_fc2.weight", 4) == [
+        f"decoder.layers.2.mlp.experts.local_experts.{g}.linear_fc2.weight" for g in range(4)
+    ]
+    # TE's grouped-GEMM experts name their weights per local expert on the linear itself
+    assert canonical_name("decoder.layers.5.mlp.experts.linear_fc2.weight7") == (
+        "decoder.layers.5.mlp.experts.local_experts.7.linear_fc2.weight"
+    )
+
+
+@pytest.mark.parametrize("etp", [1, 2])
+def test_moe_round_trip_is_bit_exact(etp):
+    mapping = _mapping(**MOE_CFG)
+    hf = _random_hf(mapping)
+    rebuilt = {}
+    for name in mapping.mcore_names(range(3), pre_process=True, post_process=True):
+        size = etp if mapping.is_expert(name) else 2
+        shards = [mapping.to_mcore(name, hf, r, size) for r in range(size)]
+        rebuilt.update(mapping.to_hf(name, shards))
+    assert sorted(rebuilt) == sorted(hf) and all(torch.equal(rebuilt[k], hf[k]) for k in hf)

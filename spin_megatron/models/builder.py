@@ -1,4 +1,4 @@
-"""Megatron-Core ``GPTModel`` for a Qwen2/Llama :class:`ModelArch`, built for one pipeline stage.
+"""Megatron-Core ``GPTModel`` for a Qwen2/Llama/Qwen3/Qwen3-MoE :class:`ModelArch`, built for one pipeline stage.
 
 Layer spec: TransformerEngine's when TE imports and CUDA is present, otherwise Megatron's local spec with
 :class:`SDPACoreAttention` as core attention (runs on CPU and GPU).
@@ -49,36 +49,90 @@ def default_use_te(dtype: torch.dtype) -> bool:
     return te_available() and te_spec_usable(dtype, te_version())
 
 
-def layer_spec(use_te: bool):
+def layer_spec(use_te: bool, *, qk_norm: bool = False, num_experts: int | None = None):
     """The transformer-layer ModuleSpec: TE's fused layers, or the local spec with SDPA core attention (its
-    norms are Megatron's torch RMSNorm wrapper; see block_spec for the final norm)."""
+    norms are Megatron's torch RMSNorm wrapper; see block_spec for the final norm). ``num_experts``: an MoE layer
+    (TE: grouped-GEMM experts; local: ``SequentialMLP``, one MLP per local expert)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=qk_norm
+        )
     from spin_megatron.models.sdpa_attention import SDPACoreAttention
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, qk_layernorm=qk_norm, normalization="RMSNorm"
+    )
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
 
-def block_spec(layer, config, groups: ParallelGroups):
-    """The local spec's whole block, with the final norm given explicitly: left to Megatron, the final norm is
-    apex's ``FusedLayerNorm`` whenever apex is installed without TE, and that rejects RMSNorm."""
+def decoder_layer_specs(arch: ModelArch, use_te: bool) -> list:
+    """One spec per layer of the whole model: MoE or dense MLP as the architecture's layer pattern says."""
+    dense = layer_spec(use_te, qk_norm=arch.qk_norm)
+    if arch.moe is None:
+        return [dense] * arch.num_layers
+    moe = layer_spec(use_te, qk_norm=arch.qk_norm, num_experts=arch.moe.num_experts)
+    return [moe if arch.moe.is_moe_layer(i) else dense for i in range(arch.num_layers)]
+
+
+def block_spec(arch: ModelArch, config, groups: ParallelGroups, use_te: bool):
+    """This pipeline stage's block: its layers' specs and the final norm, given explicitly: left to Megatron,
+    the local spec's final norm is apex's ``FusedLayerNorm`` whenever apex is installed without TE, and that
+    rejects RMSNorm."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import (
         TransformerBlock,
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    layers = get_num_layers_to_build(config, pp_rank=groups.pp_rank)
-    norm = layer.submodules.input_layernorm  # the layers' own RMSNorm class
+    specs = decoder_layer_specs(arch, use_te)
+    offset = get_transformer_layer_offset(config, pp_rank=groups.pp_rank)
+    local = specs[offset : offset + get_num_layers_to_build(config, pp_rank=groups.pp_rank)]
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    else:
+        norm = specs[0].submodules.input_layernorm  # the layers' own RMSNorm class
     return ModuleSpec(
-        module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=norm),
+        module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=local, layer_norm=norm)
     )
+
+
+def moe_config(arch: ModelArch, groups: ParallelGroups, *, dispatcher: str, aux_loss_coeff: float) -> dict:
+    """TransformerConfig fields of the mixture-of-experts layers (none for a dense model).
+
+    Qwen3-MoE routes with a softmax over all experts then top-k (``norm_topk_prob``: renormalised over the
+    top-k, which is Megatron's top-k-then-softmax); no shared experts, no token dropping (capacity unlimited).
+    """
+    if arch.moe is None:
+        return {}
+    m = arch.moe
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.intermediate_size,
+        moe_router_topk=m.top_k,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not m.norm_topk_prob,
+        moe_layer_freq=list(m.layer_pattern),
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=default_use_te_for_experts(),
+        moe_permute_fusion=False,
+        expert_model_parallel_size=groups.ep_size,
+        expert_tensor_parallel_size=groups.etp_size,
+    )
+
+
+def default_use_te_for_experts() -> bool:
+    """TE's grouped GEMM experts whenever the TE spec is used (TE + CUDA)."""
+    return te_available()
 
 
 def transformer_config(
@@ -87,15 +141,18 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     *,
     fused_swiglu: bool = True,
+    moe_dispatcher: str = "alltoall",
+    moe_aux_loss_coeff: float = 0.0,
     **overrides,
 ):
     """Translate the architecture into a Megatron ``TransformerConfig`` (fusions off unless TE provides them).
 
     ``fused_swiglu``: Megatron's fused bias-SwiGLU on GPU (it goes through ``torch.compile``; turn it off where
-    compiling fails or is not wanted: ``model.fused_swiglu=false``). Never on CPU."""
+    compiling fails or is not wanted: ``model.fused_swiglu=false``). Never on CPU. ``moe_dispatcher`` (allgather
+    | alltoall) and ``moe_aux_loss_coeff`` apply to MoE models only."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    arch.check_parallel(groups.tp_size, groups.pp_size)
+    arch.check_parallel(groups.tp_size, groups.pp_size, ep=groups.ep_size, etp=groups.etp_size)
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -105,6 +162,7 @@ def transformer_config(
         kv_channels=arch.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
+        qk_layernorm=arch.qk_norm,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
@@ -127,6 +185,7 @@ def transformer_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **moe_config(arch, groups, dispatcher=moe_dispatcher, aux_loss_coeff=moe_aux_loss_coeff),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -155,7 +214,7 @@ def build_gpt_model(
     rope = arch.rope_scaling
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(True) if use_te else block_spec(layer_spec(False), config, groups),
+        transformer_layer_spec=block_spec(arch, config, groups, use_te),
         vocab_size=vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=groups.is_first_stage,

@@ -9,6 +9,12 @@ spec's fused-norm names are accepted through :func:`canonical_name`. A mapping n
 * :meth:`WeightMapping.to_hf` — the inverse, from the list of all TP shards of one Megatron parameter (in TP-rank
   order) to full HF-named tensors.
 
+Mixture-of-experts layers (Qwen3-MoE): the router is replicated; each expert's fc1/fc2 is split over the
+*expert*-tensor-parallel ranks (the caller passes that rank and size). Megatron-side expert names carry the
+*global* expert index (``mlp.experts.local_experts.<g>``, as :func:`~spin_megatron.models.weights.stage_parameters`
+names them), HF names ``mlp.experts.<g>.gate_proj|up_proj|down_proj``; :meth:`WeightMapping.ep_peers` is where the
+``g = ep_rank · E/EP + i`` arithmetic lives.
+
 The converter and the live weight sync both call these.
 """
 
@@ -23,6 +29,10 @@ from spin_megatron.errors import CheckpointError, UnsupportedModelError
 from spin_megatron.models.arch import ModelArch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+_TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc1|linear_fc2)\.weight(\d+)$")  # TEGroupedMLP
+_HF_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_INDEX = re.compile(r"(experts\.(?:local_experts\.)?)(\d+)(\.)")
 
 # TE fuses the pre-attention / pre-MLP RMSNorm into the following linear layer.
 _TE_ALIASES = {
@@ -31,7 +41,7 @@ _TE_ALIASES = {
 }
 
 # Megatron layer suffix -> (kind, HF layer suffixes). Kinds say how a tensor is split over TP ranks.
-_LAYER_TABLE = {
+_ATTENTION_TABLE = {
     "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
     "self_attention.linear_qkv.weight": (
         "qkv",
@@ -42,9 +52,26 @@ _LAYER_TABLE = {
         ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
     ),
     "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
+}
+# Qwen3: per-head RMSNorm weights [head_dim], the same on every TP rank (Megatron sums their gradients over TP).
+_QK_NORM_TABLE = {
+    "self_attention.q_layernorm.weight": ("replicated", ("self_attn.q_norm.weight",)),
+    "self_attention.k_layernorm.weight": ("replicated", ("self_attn.k_norm.weight",)),
+}
+_DENSE_MLP_TABLE = {
     "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+}
+# MoE layers: the norm before the MLP stays a module of its own (not fused into fc1, also in TE's spec).
+_MOE_TABLE = {
+    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.router.weight": ("replicated", ("mlp.gate.weight",)),
+}
+_LAYER_TABLE = {**_ATTENTION_TABLE, **_QK_NORM_TABLE, **_DENSE_MLP_TABLE, **_MOE_TABLE}
+_EXPERT_TABLE = {  # per expert g: Megatron linear -> (kind, HF suffixes under mlp.experts.<g>.)
+    "linear_fc1": ("gate_up", ("gate_proj.weight", "up_proj.weight")),
+    "linear_fc2": ("row", ("down_proj.weight",)),
 }
 
 # HF tensors that carry no weights of their own.
@@ -56,7 +83,17 @@ def canonical_name(name: str) -> str:
     match = _LAYER.match(name)
     if match and match.group(2) in _TE_ALIASES:
         return f"decoder.layers.{match.group(1)}.{_TE_ALIASES[match.group(2)]}"
+    grouped = _TE_GROUPED_EXPERT.match(match.group(2)) if match else None
+    if grouped:
+        linear, index = grouped.groups()
+        return f"decoder.layers.{match.group(1)}.mlp.experts.local_experts.{index}.{linear}.weight"
     return name
+
+
+def is_expert_name(name: str) -> bool:
+    """Whether a (canonical, Megatron or HF) parameter name belongs to one routed expert."""
+    match = _LAYER.match(name)
+    return bool(match and _EXPERT.match(match.group(2))) or bool(_HF_EXPERT.search(name))
 
 
 class WeightMapping:
@@ -69,16 +106,32 @@ class WeightMapping:
             raise ValueError(f"padded vocab {padded_vocab_size} < vocab {arch.vocab_size}")
         self.arch = arch
         self.padded_vocab_size = padded_vocab_size
+        self._suffix_sets: dict[int, frozenset[str]] = {}
 
     # ----- names -------------------------------------------------------------------------------------------
+    def layer_suffixes(self, layer: int) -> list[str]:
+        """Megatron parameter suffixes of decoder layer ``layer`` (global index), experts numbered globally."""
+        a = self.arch
+        suffixes = [k for k in _ATTENTION_TABLE if a.qkv_bias or not k.endswith(".bias")]
+        suffixes += list(_QK_NORM_TABLE) if a.qk_norm else []
+        if a.moe is None or not a.moe.is_moe_layer(layer):
+            return suffixes + list(_DENSE_MLP_TABLE)
+        suffixes += list(_MOE_TABLE)
+        for g in range(a.moe.num_experts):
+            suffixes += [f"mlp.experts.local_experts.{g}.{linear}.weight" for linear in _EXPERT_TABLE]
+        return suffixes
+
+    def _suffix_set(self, layer: int) -> frozenset[str]:
+        if layer not in self._suffix_sets:
+            valid = 0 <= layer < self.arch.num_layers
+            self._suffix_sets[layer] = frozenset(self.layer_suffixes(layer) if valid else ())
+        return self._suffix_sets[layer]
+
     def mcore_names(self, layers: range, pre_process: bool, post_process: bool) -> list[str]:
         """Global Megatron parameter names of a pipeline stage holding ``layers``."""
         names = ["embedding.word_embeddings.weight"] if pre_process else []
         for i in layers:
-            for suffix in _LAYER_TABLE:
-                if suffix.endswith(".bias") and not self.arch.qkv_bias:
-                    continue
-                names.append(f"decoder.layers.{i}.{suffix}")
+            names += [f"decoder.layers.{i}.{suffix}" for suffix in self.layer_suffixes(i)]
         if post_process:
             names.append("decoder.final_layernorm.weight")
             if not (self.arch.tie_word_embeddings and pre_process):
@@ -96,14 +149,38 @@ class WeightMapping:
         if name == "decoder.final_layernorm.weight":
             return "replicated", ["model.norm.weight"]
         match = _LAYER.match(name)
-        if match and match.group(2) in _LAYER_TABLE:
-            kind, suffixes = _LAYER_TABLE[match.group(2)]
-            return kind, [f"{self.hf_layer_prefix}.{match.group(1)}.{s}" for s in suffixes]
+        if match and match.group(2) in self._suffix_set(int(match.group(1))):
+            layer, suffix = match.groups()
+            expert = _EXPERT.match(suffix)
+            if expert:
+                kind, hf_suffixes = _EXPERT_TABLE[expert.group(2)]
+                prefix = f"{self.hf_layer_prefix}.{layer}.mlp.experts.{expert.group(1)}"
+                return kind, [f"{prefix}.{s}" for s in hf_suffixes]
+            kind, suffixes = _LAYER_TABLE[suffix]
+            return kind, [f"{self.hf_layer_prefix}.{layer}.{s}" for s in suffixes]
         raise CheckpointError(f"no HF mapping for Megatron parameter {name!r} ({self.arch.architecture})")
 
     def is_tp_sharded(self, mcore_name: str) -> bool:
-        """Whether each TP rank holds a different slice of this parameter (else it is replicated)."""
+        """Whether each (expert-)TP rank holds a different slice of this parameter (else it is replicated)."""
         return self._entry(mcore_name)[0] != "replicated"
+
+    def is_expert(self, mcore_name: str) -> bool:
+        """Experts are split over the expert-parallel group, and over expert-TP ranks instead of TP ranks."""
+        return is_expert_name(canonical_name(mcore_name))
+
+    def ep_peers(self, name: str, ep_size: int) -> list[str]:
+        """The same local expert slot on every expert-parallel rank, in EP-rank order: the expert of global
+        index ``g`` is local expert ``i = g mod E/EP`` of EP rank ``g div E/EP``, so rank ``r`` holds
+        ``r · E/EP + i`` (Megatron's ``local_expert_indices``). Works on Megatron and HF expert names."""
+        per_rank = self.arch.moe.num_experts // ep_size
+        match = _EXPERT_INDEX.search(name)
+        if match is None:
+            raise CheckpointError(f"{name!r} is not an expert parameter")
+        local = int(match.group(2)) % per_rank
+        return [
+            name[: match.start(2)] + str(rank * per_rank + local) + name[match.end(2) :]
+            for rank in range(ep_size)
+        ]
 
     def hf_names(self, mcore_name: str) -> list[str]:
         """The HF tensors a Megatron parameter is made of."""
@@ -120,6 +197,10 @@ class WeightMapping:
         }
         if hf_name in shapes:
             return shapes[hf_name]
+        expert = _HF_EXPERT.search(hf_name)
+        if expert and a.moe is not None and int(expert.group(1)) < a.moe.num_experts:
+            width = a.moe.intermediate_size
+            return (a.hidden_size, width) if expert.group(2) == "down_proj" else (width, a.hidden_size)
         layer_shapes = {
             "input_layernorm.weight": (a.hidden_size,),
             "post_attention_layernorm.weight": (a.hidden_size,),
@@ -130,10 +211,14 @@ class WeightMapping:
             "self_attn.k_proj.bias": (kv_out,),
             "self_attn.v_proj.bias": (kv_out,),
             "self_attn.o_proj.weight": (a.hidden_size, q_out),
+            "self_attn.q_norm.weight": (a.head_dim,),
+            "self_attn.k_norm.weight": (a.head_dim,),
             "mlp.gate_proj.weight": (a.intermediate_size, a.hidden_size),
             "mlp.up_proj.weight": (a.intermediate_size, a.hidden_size),
             "mlp.down_proj.weight": (a.hidden_size, a.intermediate_size),
         }
+        if a.moe is not None:
+            layer_shapes["mlp.gate.weight"] = (a.moe.num_experts, a.hidden_size)
         for key, shape in layer_shapes.items():
             if hf_name.endswith("." + key):
                 return shape
@@ -229,9 +314,21 @@ class LlamaMapping(WeightMapping):
     """Llama: no biases (``attention_bias``/``mlp_bias`` are refused when reading the config)."""
 
 
+class Qwen3Mapping(WeightMapping):
+    """Qwen3: no QKV bias; per-head ``q_norm``/``k_norm`` ↔ ``q_layernorm``/``k_layernorm``; head_dim from the
+    config (may differ from hidden / heads)."""
+
+
+class Qwen3MoeMapping(Qwen3Mapping):
+    """Qwen3-MoE: Qwen3 attention; MoE layers with router ``mlp.gate`` and per-expert SwiGLU MLPs on disk
+    (transformers fuses them in memory only); dense layers where ``mlp_only_layers``/``decoder_sparse_step`` say."""
+
+
 MAPPINGS: dict[str, type[WeightMapping]] = {
     "Qwen2ForCausalLM": Qwen2Mapping,
     "LlamaForCausalLM": LlamaMapping,
+    "Qwen3ForCausalLM": Qwen3Mapping,
+    "Qwen3MoeForCausalLM": Qwen3MoeMapping,
 }
 
 

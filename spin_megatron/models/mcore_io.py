@@ -73,6 +73,7 @@ def write_meta(
         "dtype": DTYPE_NAMES[dtype],
         "saved_tp": groups.tp_size,
         "saved_pp": groups.pp_size,
+        "saved_ep": groups.ep_size,
         **extra,
     }
     (Path(ckpt_dir) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

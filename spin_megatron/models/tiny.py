@@ -1,4 +1,4 @@
-"""Tiny random-weight Qwen2 / Llama checkpoints in HF format, for tests, the demo and benchmarks.
+"""Tiny random-weight Qwen2 / Llama / Qwen3 / Qwen3-MoE checkpoints in HF format, for tests, the demo and benchmarks.
 
 Nothing can be downloaded here, so small models are built from configs. Norm weights and biases are randomised
 too (HF initialises them to 1 and 0), so a mapping that swaps or drops them cannot pass a parity test.
@@ -23,6 +23,13 @@ TINY_DEFAULTS = dict(
     rms_norm_eps=1e-6,
     initializer_range=0.05,
 )
+# Qwen3's head_dim is its own setting (Qwen3-0.6B: 128 with hidden 1024 and 16 heads): 24 ≠ 64 / 4 here.
+QWEN3_DEFAULTS = dict(head_dim=24)
+# A Qwen3-MoE small enough for 2 CPU cores: 4 experts of width 32, 2 routed per token, renormalised.
+QWEN3_MOE_DEFAULTS = dict(
+    head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+)
+_ARCH_DEFAULTS = {"qwen3": QWEN3_DEFAULTS, "qwen3_moe": QWEN3_MOE_DEFAULTS}
 
 
 def make_tiny_hf_model(
@@ -33,14 +40,24 @@ def make_tiny_hf_model(
     tokenizer_dir: str | Path | None = None,
     **overrides,
 ) -> Path:
-    """Write a random ``Qwen2ForCausalLM`` or ``LlamaForCausalLM`` (``architecture`` qwen2 | llama) to ``out_dir``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """Write a random model (``architecture`` qwen2 | llama | qwen3 | qwen3_moe) to ``out_dir``."""
+    import transformers as tf
 
-    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    classes = {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+    }
     if architecture not in classes:
         raise ValueError(f"architecture must be one of {sorted(classes)}, got {architecture!r}")
     config_cls, model_cls = classes[architecture]
-    kwargs = {**TINY_DEFAULTS, "tie_word_embeddings": architecture == "llama", **overrides}
+    kwargs = {
+        **TINY_DEFAULTS,
+        **_ARCH_DEFAULTS.get(architecture, {}),
+        "tie_word_embeddings": architecture == "llama",
+        **overrides,
+    }
     kwargs.setdefault("architectures", [model_cls.__name__])
     config = config_cls(**kwargs)
     torch.manual_seed(seed)

@@ -18,6 +18,7 @@ from spin_megatron.models.mapping import WeightMapping, canonical_name
 from spin_megatron.parallel.state import ParallelGroups
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,14 +29,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def stage_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """``(global canonical name, parameter)`` of this stage, in module order."""
+    """``(global canonical name, parameter)`` of this stage, in module order: layers by their global index,
+    routed experts by their global expert index (Megatron's ``local_expert_indices`` of the MoE layer)."""
     model = unwrap(model)
     layers = model.decoder.layers
     for name, param in model.named_parameters():
         match = _LOCAL_LAYER.match(name)
         if match:
-            global_index = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_index}.{match.group(2)}"
+            layer = layers[int(match.group(1))]
+            name = canonical_name(f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}")
+            expert = _LOCAL_EXPERT.search(name)
+            if expert:
+                global_expert = layer.mlp.local_expert_indices[int(expert.group(2))]
+                name = f"{name[: expert.start(2)]}{global_expert}{name[expert.end(2) :]}"
         yield canonical_name(name), param
 
 
@@ -71,9 +77,15 @@ def _head(items: list[str], n: int = 5) -> str:
 def load_hf_weights(
     model: torch.nn.Module, reader: HFReader, mapping: WeightMapping, groups: ParallelGroups
 ) -> None:
-    """Fill every parameter of this rank's stage with its TP shard of the HF weights."""
+    """Fill every parameter of this rank's stage with its TP shard of the HF weights (experts: this EP rank's
+    experts, split over the expert-TP ranks)."""
     for name, param in stage_parameters(model):
-        shard = mapping.to_mcore(name, reader, groups.tp_rank, groups.tp_size)
+        rank, size = (
+            (groups.etp_rank, groups.etp_size)
+            if mapping.is_expert(name)
+            else (groups.tp_rank, groups.tp_size)
+        )
+        shard = mapping.to_mcore(name, reader, rank, size)
         if shard.shape != param.shape:
             raise CheckpointError(
                 f"{name}: mapped shard {tuple(shard.shape)} != parameter {tuple(param.shape)}"

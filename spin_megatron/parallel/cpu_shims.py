@@ -1,10 +1,13 @@
-"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA (four, plus one for recompute).
+"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA (four, one for recompute, three for
+mixture-of-experts layers).
 
 Applied once, only when ``torch.cuda.is_available()`` is false, by :func:`apply_cpu_shims`. Each shim names the
 Megatron code that needs it. On a CUDA machine nothing here is touched.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -59,6 +62,53 @@ def _tensor_type_reporting_cuda(self, dtype=None, non_blocking=False, **kwargs):
 _ORIGINAL_TENSOR_TYPE = torch.Tensor.type
 
 
+class _HostStream:
+    """Shim 7: a stand-in for ``torch.cuda.Stream`` / its events. The alltoall token dispatcher
+    (``moe/token_dispatcher.py``: ``MoEAlltoAllTokenDispatcher.__init__`` and ``_maybe_dtoh_and_synchronize``)
+    creates a side stream for its device-to-host copies; on the CPU every copy is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _split_sizes_as_ints(all_to_all):
+    """Shim 8: the alltoall dispatcher passes its split sizes as tensors (numpy arrays after a device-to-host
+    copy on GPU); gloo's ``all_to_all_single`` accepts only lists of Python ints."""
+
+    def wrapped(group, input_, output_split_sizes=None, input_split_sizes=None):
+        def as_ints(sizes):
+            return None if sizes is None else [int(x) for x in sizes]
+
+        return all_to_all(group, input_, as_ints(output_split_sizes), as_ints(input_split_sizes))
+
+    return wrapped
+
+
+def _apply_moe_shims() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # Shim 6: without TE, moe_utils.py never defines te_general_gemm, yet the router GEMM (RouterGatingLinear,
+    # moe_utils.py:1192) tests `te_general_gemm is not None` -> NameError. None selects its torch.mm path.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    torch.cuda.Stream = _HostStream
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    token_dispatcher.all_to_all = _split_sizes_as_ints(token_dispatcher.all_to_all)
+
+
 def apply_cpu_shims() -> bool:
     """Apply the shims if CUDA is absent. Returns True if they are (now or already) active."""
     global _APPLIED
@@ -77,6 +127,7 @@ def apply_cpu_shims() -> bool:
     no_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)  # noqa: E731
     torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = no_state
     torch.cuda.set_rng_state = torch.cuda.random.set_rng_state = lambda new_state, device="cuda": None
+    _apply_moe_shims()
     # The mode stays on the torch-function stack for the life of the process.
     _CudaToCpuMode().__enter__()
     _APPLIED = True

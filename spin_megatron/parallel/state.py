@@ -1,7 +1,9 @@
 """Process groups: initialise from the ``torchrun`` environment and hand the groups out explicitly.
 
 Megatron-Core's ``parallel_state`` builds the groups (rank order tp-cp-ep-dp-pp: TP ranks are adjacent, then
-data-parallel replicas, then pipeline stages). Everything in this project below the entry points receives a
+data-parallel replicas, then pipeline stages). Mixture-of-experts layers have a grid of their own inside each
+pipeline stage (expert-TP, then EP, then expert-DP): EP is carved out of the TP × DP ranks, so ``ep × etp`` must
+divide ``tp × dp``. Everything in this project below the entry points receives a
 :class:`ParallelGroups` instead of reading that global state, so tests can build groups and call functions
 directly.
 """
@@ -32,6 +34,18 @@ class ParallelGroups:
     pp_size: int
     dp_rank: int
     dp_size: int
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0  # expert tensor parallel: how each expert's weights are split
+    etp_size: int = 1
+
+    @property
+    def ep(self) -> dist.ProcessGroup:
+        return self.pgs.ep
+
+    @property
+    def etp(self) -> dist.ProcessGroup:
+        return self.pgs.expt_tp
 
     @property
     def tp(self) -> dist.ProcessGroup:
@@ -62,9 +76,10 @@ class ParallelGroups:
         )
 
 
-def validate_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
-    """Check the TP/PP sizes against the world size; return the data-parallel size."""
-    for key, value in (("parallel.tp", tp), ("parallel.pp", pp)):
+def validate_parallel_sizes(world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Check the TP/PP (and expert EP/ETP) sizes against the world size; return the data-parallel size."""
+    sizes = (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep))
+    for key, value in sizes + ((("parallel.etp", etp),) if etp is not None else ()):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if world_size % (tp * pp) != 0:
@@ -72,7 +87,18 @@ def validate_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
             f"world size {world_size} is not divisible by tp×pp = {tp}×{pp} = {tp * pp}: launch a multiple of "
             f"{tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp / parallel.pp"
         )
-    return world_size // (tp * pp)
+    dp = world_size // (tp * pp)
+    check_expert_grid(tp, dp, ep, tp if etp is None else etp)
+    return dp
+
+
+def check_expert_grid(tp: int, dp: int, ep: int, etp: int) -> None:
+    """Experts are laid out over the ranks of one pipeline stage (tp × dp of them): ep × etp must divide it."""
+    if (tp * dp) % (ep * etp):
+        raise ConfigError(
+            f"parallel.ep × etp = {ep}×{etp} = {ep * etp} does not divide the {tp * dp} ranks of a pipeline stage "
+            f"(tp×dp = {tp}×{dp}); launch more processes or lower parallel.ep / parallel.etp (etp defaults to tp)"
+        )
 
 
 def launched_by_torchrun() -> bool:
@@ -93,8 +119,16 @@ def _init_process_group(timeout_minutes: int) -> None:
         )
 
 
-def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes: int = 30) -> ParallelGroups:
-    """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP/PP/DP groups.
+def init_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    *,
+    ep: int = 1,
+    etp: int | None = None,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelGroups:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP/PP/DP (and EP/ETP) groups.
 
     Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and in a plain single process.
     Calling it again with the same sizes returns the existing groups.
@@ -106,20 +140,18 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes
     world_size = (
         int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     )
-    validate_parallel_sizes(world_size, tp, pp)
+    validate_parallel_sizes(world_size, tp, pp, ep, etp)
+    etp = tp if etp is None else etp
     if not dist.is_initialized():
         _init_process_group(timeout_minutes)
-    if parallel_state.model_parallel_is_initialized():
-        current = (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-        )
-        if current != (tp, pp):
-            parallel_state.destroy_model_parallel()
+    if parallel_state.model_parallel_is_initialized() and _current_sizes() != (tp, pp, ep, etp):
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
             distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)
@@ -136,6 +168,21 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_minutes
         pp_size=pgs.pp.size(),
         dp_rank=pgs.dp.rank(),
         dp_size=pgs.dp.size(),
+        ep_rank=pgs.ep.rank(),
+        ep_size=pgs.ep.size(),
+        etp_rank=pgs.expt_tp.rank(),
+        etp_size=pgs.expt_tp.size(),
+    )
+
+
+def _current_sizes() -> tuple[int, int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
     )
 
 

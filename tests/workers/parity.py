@@ -1,5 +1,6 @@
-"""Rank worker for test_dist_parity: load HF checkpoints into the Megatron model at --tp/--pp, compare logits
-with transformers and the streamed HF export with the original tensors; rank 0 writes a JSON report."""
+"""Rank worker for test_dist_parity: load HF checkpoints into the Megatron model at --tp/--pp (or at each
+``--layout tp.pp.ep.etp``, one after another in the same processes), compare logits with transformers and the
+streamed HF export with the original tensors; rank 0 writes a JSON report."""
 
 import argparse
 import json
@@ -17,11 +18,11 @@ from spin_megatron.parallel.schedule import forward_logits
 from spin_megatron.parallel.weight_export import export_hf_weights
 
 
-def check_model(hf_dir, groups):
+def check_model(hf_dir, groups, **build_kwargs):
     arch = load_arch(hf_dir)
     mapping = mapping_for(arch, arch.padded_vocab_size(groups.tp_size))
     reader = HFReader(hf_dir)
-    model = build_gpt_model(arch, groups, perform_initialization=False)
+    model = build_gpt_model(arch, groups, perform_initialization=False, **build_kwargs)
     load_hf_weights(model, reader, mapping, groups)
     ids = torch.randint(0, arch.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     logits = forward_logits(model, groups, ids, arch.vocab_size)
@@ -41,6 +42,9 @@ def check_model(hf_dir, groups):
         "rank": groups.rank,
         "pp_rank": groups.pp_rank,
         "tp_rank": groups.tp_rank,
+        "ep_rank": groups.ep_rank,
+        # global expert indices this rank holds, per MoE layer (Megatron's numbering, which the export uses)
+        "experts": _local_experts(model),
         "rel_err": rel_err,
         "exported": exported,
         "mismatched": mismatched,
@@ -51,15 +55,32 @@ def check_model(hf_dir, groups):
     return {"ranks": gathered, "expected": expected}
 
 
+def _local_experts(model) -> list[list[int]]:
+    return [
+        list(layer.mlp.local_expert_indices) for layer in model.decoder.layers if hasattr(layer.mlp, "router")
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tp", type=int, required=True)
-    parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument(
+        "--layout", action="append", help="tp.pp.ep.etp.dispatcher (etp 0: as tp); repeatable"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("hf_dirs", nargs="+")
     args = parser.parse_args()
-    groups = init_parallel(args.tp, args.pp)
-    report = {hf_dir: check_model(hf_dir, groups) for hf_dir in args.hf_dirs}
+    if not args.layout:
+        groups = init_parallel(args.tp, args.pp)
+        report = {hf_dir: check_model(hf_dir, groups) for hf_dir in args.hf_dirs}
+    else:
+        report = {}
+        for layout in args.layout:
+            tp, pp, ep, etp, dispatcher = layout.split(".")
+            groups = init_parallel(int(tp), int(pp), ep=int(ep), etp=int(etp) or None)
+            for hf_dir in args.hf_dirs:
+                report[f"{layout}:{hf_dir}"] = check_model(hf_dir, groups, moe_dispatcher=dispatcher)
     if groups.rank == 0:
         with open(args.out, "w") as f:
             json.dump(report, f)
