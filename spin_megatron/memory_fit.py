@@ -30,8 +30,32 @@ def check_training_memory(cfg: Config, arch: ModelArch, world_size: int) -> None
 
     if not cfg.cluster.check_at_start or not torch.cuda.is_available():
         return
+    from spin_megatron.models.builder import default_use_te, parse_dtype
+
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    check_fits(estimate(cfg, arch, world_size=world_size, gpu_bytes=total), cfg)
+    # the layer spec the policy will be built with: TE's fused layers, or the local spec without TE
+    kernels = planner_kernels(default_use_te(parse_dtype(cfg.model.dtype)))
+    check_fits(estimate(cfg, arch, world_size=world_size, kernels=kernels, gpu_bytes=total), cfg)
+
+
+def planner_kernels(use_te: bool) -> str:
+    """The planner's kernel set on a GPU: TE's fused layers, or Megatron's local spec when TE is absent."""
+    return "gpu" if use_te else "gpu_local"
+
+
+def largest_fitting_micro_batch(
+    cfg: Config, arch: ModelArch, *, gpu_bytes: int, kernels: str, world_size: int = 1
+) -> tuple[int, MemoryPlan] | None:
+    """The largest ``trainer.micro_batch_tokens`` — ``cfg``'s, halved until the plan fits ``gpu_bytes`` (e.g. the
+    free memory ``torch.cuda.mem_get_info`` reports), never below one pair — with its plan; None if none fits."""
+    budget = cfg.trainer.micro_batch_tokens
+    while budget >= pair_tokens(cfg):
+        changed = _with(cfg, [("trainer.micro_batch_tokens", budget)])
+        plan = estimate(changed, arch, world_size=world_size, kernels=kernels, gpu_bytes=gpu_bytes)
+        if plan.fits:
+            return budget, plan
+        budget //= 2
+    return None
 
 
 def _with(cfg: Config, changes) -> Config:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 GB = 1 << 30
 SGLANG_RUNTIME_BYTES = 2 * GB  # SGLang outside its static pool: CUDA graphs, decode activations (assumed)
-KERNELS = ("gpu", "cpu")
+KERNELS = ("gpu", "gpu_local", "cpu")
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -261,8 +261,10 @@ def layer_activation_elements(arch, tp: int, tokens: int, kernels: str, recomput
         return tokens * h
     per_token = 4 * h + (3 * q + 3 * _kv(arch) + 5 * f) // tp + 4 * arch.head_dim
     per_token += arch.num_attention_heads // tp  # softmax statistics
+    if kernels != "gpu":  # torch RMSNorm (local spec) keeps more than TE's fused norm
+        per_token += 2 * h
     if kernels == "cpu":
-        per_token += 2 * h + tokens
+        per_token += tokens
     return tokens * per_token
 
 
@@ -322,12 +324,14 @@ def _stage(
     columns, logprob = padded // tp, 0
     transient = (2 * arch.intermediate_size // tp + h) * tokens * e  # one layer's backward working set
     if stage == pp - 1:
-        activations += (3 if kernels == "cpu" else 2) * tokens * h  # final norm
+        activations += (2 if kernels == "gpu" else 3) * tokens * h  # final norm
         path = "fused" if cfg.trainer.logprob_impl == "fused_head" else "chunked"
         logprob = logprob_bytes(tokens, columns, h, cfg.trainer.logprob_chunk_tokens, e)[path]
         transient = max(transient, (columns * h + tokens * h) * e)  # output-layer weight and input gradients
     largest = max(columns * h, 2 * arch.intermediate_size // tp * h)
     step_temp = 0  # GPU: fused Adam, NCCL all-gathers in place
+    if kernels == "gpu_local":  # no TE/apex FusedAdam: torch's foreach AdamW (an fp32 copy of a moment)
+        step_temp = 4 * n // shards
     if kernels == "cpu":  # torch's per-tensor AdamW; gloo's coalesced all-gather of the distributed optimizer
         step_temp = max(2 * 4 * largest, 2 * e * n if cfg.optim.use_distributed_optimizer else 0)
     return StageMemory(
@@ -350,8 +354,10 @@ def _stage(
 def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int | None = None) -> MemoryPlan:
     """Per-GPU memory of ``cfg`` on ``world_size`` training GPUs (formulas: module docstring).
 
-    ``kernels``: "gpu" (TE spec, flash attention, fused Adam) or "cpu" (local spec, SDPA with a dense mask, torch
-    AdamW, gloo). ``gpu_bytes`` overrides ``cluster.gpu_memory_gb`` (the trainer passes the device's real size).
+    ``kernels``: "gpu" (TE spec, flash attention, fused Adam), "gpu_local" (GPU without TE: local spec with torch
+    RMSNorm, SDPA's flash attention, torch's foreach AdamW; not yet measured on a GPU) or "cpu" (local spec, SDPA
+    with a dense mask, torch AdamW, gloo). ``gpu_bytes`` overrides ``cluster.gpu_memory_gb`` (the trainer passes
+    the device's real size).
     """
     from spin_megatron.errors import ConfigError
 
