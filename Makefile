@@ -65,20 +65,37 @@ bench: install
 	$(BIN)/python bench/logprob.py
 	$(BIN)/python bench/weight_sync.py
 
+# GPU targets install nothing and need no package index (a lent GPU machine has none): they run .venv's python
+# when it exists (`make install` on a machine with an index), else the image's python3, with the repository and
+# the carried wheels (.whl/, those the image lacks, unpacked into GPU_SITE) on PYTHONPATH.
+GPU_SITE ?= /tmp/spin-site
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+# .gpucheck/ (the carried tokenizer and GSM8K rows) is the data where it exists
+GPU_ENV = PYTHONPATH=$(GPU_SITE):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	$(if $(wildcard .gpucheck),SPIN_SHARED_DATA=$(CURDIR)/.gpucheck)
+
+.PHONY: gpu-check-prepare gpu-check gpu-site
+# the carried wheels the image lacks, into GPU_SITE (never the image's environment, never from an index)
+gpu-site:
+	@if [ -d .whl ]; then \
+		W=$$($(GPU_PYTHON) tools/gpu_check_prepare.py --not-in-image .whl) || exit 1; \
+		[ -z "$$W" ] || $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $$W; \
+	fi
+
 # SPIN_REQUIRE_TE=1 / SPIN_REQUIRE_SGLANG=1: a missing TE / SGLang fails the GPU tests instead of skipping them
-gpu-smoke: install
-	$(BIN)/python -m pytest -m gpu -v $(PYTEST_ARGS)
+gpu-smoke: gpu-site
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -m gpu -v $(PYTEST_ARGS)
 
-bench-gpu: install
-	$(BIN)/python bench/mfu_gpu.py
+bench-gpu: gpu-site
+	$(GPU_ENV) $(GPU_PYTHON) bench/mfu_gpu.py
 
-# The GPU proof (tools/gpu_check.py) for a GPU machine without network: wheels and data into .whl/ and .gpucheck/
-.PHONY: gpu-check-prepare gpu-check
+# The GPU proof (tools/gpu_check.py): prepare on a CPU machine with an index (wheels and data into .whl/ and
+# .gpucheck/, under 20 MB), run on the GPU machine
 gpu-check-prepare: install
 	$(BIN)/python tools/gpu_check_prepare.py
 
-gpu-check: install
-	$(BIN)/python tools/gpu_check.py --out gpu_check_out
+gpu-check: gpu-site
+	$(GPU_ENV) $(GPU_PYTHON) tools/gpu_check.py --out gpu_check_out
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) .pytest_cache .ruff_cache
