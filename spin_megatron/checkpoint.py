@@ -30,6 +30,7 @@ import torch.distributed as dist
 from spin_megatron.errors import CheckpointError, MissingPathError
 from spin_megatron.faults import kill_point
 from spin_megatron.models.weights import unwrap
+from spin_megatron.optim_state import inner_optimizers, materialize_fresh_state
 from spin_megatron.parallel.state import ParallelGroups
 
 COMPLETE = "COMPLETE"
@@ -100,6 +101,9 @@ def save_checkpoint(
         (partial_dir / "dist").mkdir(parents=True)
         (partial_dir / "rng").mkdir()
     dist.barrier()
+    # before the first update Adam has no state, which Megatron cannot save (DistributedOptimizer.state_dict
+    # asserts one shared step): an online run whose first batches give no pair would fail at its first save
+    materialize_fresh_state(policy.optimizer)
     dist_checkpointing.save(_sharded_state(policy, reference, is_loading=False), str(partial_dir / "dist"))
     torch.save(_rng_state(), partial_dir / "rng" / f"rank_{groups.rank:05d}.pt")
     if write_extra is not None:
@@ -180,13 +184,9 @@ def load_checkpoint(
     return state
 
 
-def _inner_optimizers(optimizer):
-    return getattr(optimizer, "chained_optimizers", [optimizer])
-
-
 def _prepare_optimizer_for_loading(optimizer) -> None:
     """Create Adam's state tensors so the loading state dict has somewhere to put them."""
-    for opt in _inner_optimizers(optimizer):
+    for opt in inner_optimizers(optimizer):
         init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
         if init is not None and not opt.optimizer.state:
             init()
@@ -201,13 +201,21 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     state is copied in, then give every parameter its own ``step`` — torch's Adam increments it in place, and a
     shared tensor would advance once per parameter per step, skewing the bias correction.
     """
-    inner = _inner_optimizers(optimizer)
-    if len(inner) != 1:
-        raise NotImplementedError("checkpoints of chained optimizers (expert parameters) are not supported")
+    inner = inner_optimizers(optimizer)
+    if len(inner) > 1:  # a ChainedOptimizer (MoE: dense and expert parameters): a state per inner optimizer
+        for index, opt in enumerate(inner):
+            _load_optimizer_state(opt, state[index])
+        return
     opt = inner[0]
     param_state = state.get("param_state")
     if param_state is None or not hasattr(opt, "load_parameter_state_from_fully_reshardable"):
-        opt.load_state_dict(state)  # a non-distributed optimizer: nothing special
+        # a non-distributed optimizer: Megatron saves the shared step only `if step:`, so a state saved before
+        # the first update comes back without one (torch's Adam then raises KeyError: 'step')
+        torch_state = state.get("optimizer", state)  # mixed precision nests torch's state dict one level down
+        for param in torch_state.get("state", {}).values():
+            if isinstance(param, dict):
+                param.setdefault("step", torch.tensor(0.0))
+        opt.load_state_dict(state)
         return
     opt.load_state_dict(
         {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}

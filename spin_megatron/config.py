@@ -172,7 +172,9 @@ class DataConfig:
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: str = "hf"  # hf (transformers in-process, CPU default) | sglang | replay | package.module:factory
-    n: int = 2  # samples per prompt
+    # samples per prompt; null: the mode's own (online 2: best vs worst; spin algorithm.pairs_per_prompt, 1: a
+    # sample no pair uses would be generated for nothing)
+    n: int | None = None
     temperature: float = 1.0  # sampling temperature (log-probs of samples are scored at it)
     top_p: float = 1.0  # nucleus sampling
     top_k: int = -1  # -1: off
@@ -204,7 +206,8 @@ class RolloutConfig:
         _positive("rollout.hf_threads", self.hf_threads, zero_ok=True)
         _positive("rollout.timeout_s", self.timeout_s)
         _positive("rollout.max_restarts", self.max_restarts, zero_ok=True)
-        _positive("rollout.n", self.n)
+        if self.n is not None:
+            _positive("rollout.n", self.n)
         _positive("rollout.temperature", self.temperature)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
@@ -358,6 +361,10 @@ class TrainerConfig:
     # TRL's sync_ref_model: reference ← policy every k OPTIMIZER steps instead (0: off; not with ref_update_freq)
     ref_model_sync_steps: int = 0
     ref_model_mixup_alpha: float = 1.0  # refresh: ref ← α·policy + (1−α)·ref (TR-DPO); 1: a hard copy
+    # every refresh (a new SPIN iteration) starts a fresh Adam (moments, step) and LR schedule (warm-up, then the
+    # decay over one iteration: ref_update_freq × mini_batches × update_epochs optimizer steps), as uclaml/SPIN's
+    # runs per iteration do; false: one optimizer and one schedule across the whole run
+    reset_optimizer_on_refresh: bool = False
     save_freq: int = 0  # checkpoint every k steps (and always at the end); 0: only at the end
     test_freq: int = 0  # validate every k steps (and at the start and end); 0: never
     keep_last_n: int = 2  # complete checkpoints to keep; 0: all
@@ -391,6 +398,14 @@ class TrainerConfig:
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
             raise ConfigError(
                 f"trainer.ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}"
+            )
+        if self.reset_optimizer_on_refresh and not (
+            self.ref_update_freq and self.ref_model_mixup_alpha == 1.0
+        ):
+            raise ConfigError(
+                "trainer.reset_optimizer_on_refresh starts each SPIN iteration afresh, and iterations are hard "
+                "refreshes every trainer.ref_update_freq rollout steps: set ref_update_freq > 0 (with "
+                "ref_model_mixup_alpha=1 and no ref_model_sync_steps), or remove reset_optimizer_on_refresh"
             )
         if self.ref_update_freq and self.ref_model_sync_steps:
             raise ConfigError(
@@ -484,12 +499,27 @@ class Config:
 
     def __post_init__(self):
         self.model.check_source()
+        # rollout.n unset: the mode's own (Config itself is never instantiated for the schema's defaults, so
+        # writing here cannot become everyone's default, unlike in a section's __post_init__)
+        if self.rollout.n is None:
+            per_prompt = self.algorithm.pairs_per_prompt
+            spin_n = 1 if per_prompt == "all" else per_prompt
+            self.rollout.n = 2 if self.algorithm.mode == "online" else spin_n
         if self.algorithm.mode == "online" and self.rollout.n < 2:
             raise ConfigError("algorithm.mode=online needs rollout.n ≥ 2 (best vs worst sample of a prompt)")
-        per_prompt = self.algorithm.pairs_per_prompt
-        if self.algorithm.mode == "spin" and per_prompt != "all" and per_prompt > self.rollout.n:
+        per_prompt, n = self.algorithm.pairs_per_prompt, self.rollout.n
+        if self.algorithm.mode == "spin" and per_prompt != "all" and per_prompt > n:
+            raise ConfigError(f"algorithm.pairs_per_prompt={per_prompt} exceeds rollout.n={n}")
+        if self.algorithm.mode == "spin" and per_prompt != "all" and per_prompt < n:
             raise ConfigError(
-                f"algorithm.pairs_per_prompt={self.algorithm.pairs_per_prompt} exceeds rollout.n={self.rollout.n}"
+                f"rollout.n={n} samples per prompt, but spin mode pairs only algorithm.pairs_per_prompt="
+                f"{per_prompt} of them with the gold: set rollout.n={per_prompt} (or leave it unset), or "
+                f"algorithm.pairs_per_prompt={n} (or all)"
+            )
+        if self.algorithm.mode == "online" and per_prompt != 1:
+            raise ConfigError(
+                f"algorithm.pairs_per_prompt={per_prompt} applies to algorithm.mode=spin; online mode builds one "
+                "pair per prompt (best vs worst sample): remove algorithm.pairs_per_prompt"
             )
         _check_reference_anchors(self)
         _check_overlap(self)

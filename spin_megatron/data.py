@@ -372,8 +372,13 @@ def shard(batch: Sequence[Any], dp_rank: int, dp_size: int) -> list[Any]:
 
 class PromptSampler:
     """An endless, deterministic stream of prompts: epoch ``e`` is a permutation drawn with seed ``seed + e``
-    (dataset order when ``shuffle`` is false). Batches cross epoch boundaries without a gap or a repeat, and
-    ``state_dict()`` = (epoch, index) lets a resumed run continue with exactly the same prompts.
+    (dataset order when ``shuffle`` is false), and ``state_dict()`` = (epoch, index) lets a resumed run continue
+    with exactly the same prompts.
+
+    A batch never holds a prompt twice: it is taken from one epoch only, and an epoch's last ``len % batch``
+    prompts, too few for a batch, are skipped (verl's ``drop_last``; other prompts each epoch when shuffled). A
+    batch that crossed into the next epoch would meet the same prompt twice whenever the two permutations
+    overlap, and the engine check, pairing and the per-prompt metrics all key samples by prompt.
     """
 
     shard = staticmethod(shard)
@@ -394,17 +399,16 @@ class PromptSampler:
         return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
 
     def next_batch(self, num_prompts: int) -> list[PromptExample]:
-        if num_prompts <= 0:
-            raise ValueError(f"num_prompts must be > 0, got {num_prompts}")
-        batch = []
-        while len(batch) < num_prompts:
-            if self.index == len(self._order):
-                self.epoch += 1
-                self.index = 0
-                self._order = self._epoch_order(self.epoch)
-            take = min(num_prompts - len(batch), len(self._order) - self.index)
-            batch.extend(self.examples[i] for i in self._order[self.index : self.index + take])
-            self.index += take
+        if not 0 < num_prompts <= len(self.examples):
+            raise ValueError(
+                f"num_prompts must be in [1, {len(self.examples)}] (the prompts), got {num_prompts}"
+            )
+        if self.index + num_prompts > len(self._order):  # the epoch's rest is too short: the next epoch
+            self.epoch += 1
+            self.index = 0
+            self._order = self._epoch_order(self.epoch)
+        batch = [self.examples[i] for i in self._order[self.index : self.index + num_prompts]]
+        self.index += num_prompts
         return batch
 
     def state_dict(self) -> dict[str, int | bool]:

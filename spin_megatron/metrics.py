@@ -63,11 +63,39 @@ def _fmt(value: int | float | bool) -> str:
     return str(value)
 
 
+# the metrics of an update: on a step without pairs they are NaN, and the console says why instead
+UPDATE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm")
+
+
+def no_pair_reason(metrics: Mapping[str, Any]) -> str | None:
+    """``no pairs: 4 prompts tied (4 all wrong)`` when a training step built no pair, else None."""
+    if "pairs/kept" not in metrics or metrics["pairs/kept"]:
+        return None
+    parts = []
+    if metrics.get("pairs/dropped_ties"):
+        tied = f"{metrics['pairs/dropped_ties']:g} prompts tied"
+        detail = [f"{metrics[k]:g} {what}" for k, what in (("pairs/all_wrong", "all wrong"),
+                  ("pairs/all_correct", "all correct")) if metrics.get(k)]  # fmt: skip
+        parts.append(tied + (f" ({', '.join(detail)})" if detail else ""))
+    if metrics.get("pairs/excluded_truncated"):
+        parts.append(f"{metrics['pairs/excluded_truncated']:g} truncated samples excluded")
+    if metrics.get("pairs/dropped_too_few"):
+        parts.append(f"{metrics['pairs/dropped_too_few']:g} prompts with too few samples")
+    return "no pairs: " + ("; ".join(parts) if parts else "no samples")
+
+
 def format_console_line(step: int, metrics: Mapping[str, Any], total_steps: int | None = None) -> str:
-    """``step 12/100 | loss 0.6931 | acc 0.5 | ...`` with the key metrics present (nan/inf shown as such)."""
+    """``step 12/100 | loss 0.6931 | acc 0.5 | ...`` with the key metrics present (nan/inf shown as such); a
+    step that built no pair shows why in place of its (NaN) update metrics."""
     head = f"step {step}" + (f"/{total_steps}" if total_steps else "")
-    parts = [f"{label} {_fmt(metrics[key])}" for key, label in CONSOLE_METRICS if key in metrics]
-    return " | ".join([head, *parts])
+    reason = no_pair_reason(metrics)
+    skip = UPDATE_METRICS if reason else ()
+    parts = [
+        f"{label} {_fmt(metrics[key])}"
+        for key, label in CONSOLE_METRICS
+        if key in metrics and key not in skip
+    ]
+    return " | ".join([head, *([reason] if reason else []), *parts])
 
 
 def _ends_with_torn_line(path: Path) -> bool:

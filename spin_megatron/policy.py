@@ -183,7 +183,8 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
         use_gloo_process_groups=False,
         pg_collection=groups.pgs,
     )
-    steps = cfg.trainer.total_steps * cfg.trainer.updates_per_rollout  # the schedule counts optimizer steps
+    t = cfg.trainer  # the schedule counts optimizer steps: over the run, or over one SPIN iteration
+    steps = (t.ref_update_freq if t.reset_optimizer_on_refresh else t.total_steps) * t.updates_per_rollout
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.lr_warmup_steps else o.lr,

@@ -18,10 +18,13 @@ def step_metrics(
     skipped_steps: int,
     rpo_alpha: float = 0.0,
     sampler: str = "policy",
+    score_is_rule: bool = True,
 ) -> dict[str, float]:
     """Means over every pair the step's optimizer updates saw (a pair trained in E epochs counts E times).
     ``sampler``: which model generated the samples (``algorithm.sample_from``): the objective/* estimates are
-    taken under it."""
+    taken under it. ``score_is_rule``: the ranking score is the rule reward's (no reward model, or
+    ``reward_model.combine=rule_then_model``); otherwise ``reward/accuracy`` (score ≥ 1) means nothing and is left
+    out (``reward/rule_mean`` and ``reward/<name>/accuracy`` of ``algorithm.reward_metrics`` stay)."""
     pairs = dpo["pairs"]
     # KL(sampler ‖ other) and the sampler's entropy, estimated on its own samples (TRL's online-DPO metrics when
     # the policy samples; with the reference as SPIN's opponent, KL(ref ‖ π) and the reference's entropy)
@@ -80,6 +83,11 @@ def step_metrics(
         "reward/scored", rollout["samples"]
     ):  # nothing scores the samples: no reward to report
         del metrics["reward/score_mean"], metrics["reward/accuracy"]
+    if not score_is_rule:
+        metrics.pop("reward/accuracy", None)
+    aux_terms = dpo.get("moe/load_balancing_loss/terms")  # MoE, model.moe_aux_loss_coeff > 0
+    if aux_terms:  # its mean over MoE layers and micro-batches, unscaled: the DPO loss does not include it
+        metrics["moe/load_balancing_loss"] = dpo["moe/load_balancing_loss/sum"] / aux_terms
     busy = sum(times.values())
     metrics["perf/tokens_per_s"] = _ratio(counts["tokens"], busy)
     return metrics

@@ -110,8 +110,35 @@ def prepare_data(cfg: Config):
 
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     train, stats = load_prompt_split(cfg.data, tokenizer, "train")
+    per_step = cfg.trainer.prompts_per_step
+    # a batch never repeats a prompt (PromptSampler): it needs that many distinct ones
+    if per_step > len(train):
+        raise ConfigError(
+            f"trainer.prompts_per_step={per_step} is more than the {len(train)} training prompts of "
+            f"data.train_files (after data.* filtering); lower trainer.prompts_per_step or add prompts"
+        )
     val = load_prompt_split(cfg.data, tokenizer, "val")[0] if cfg.trainer.test_freq else []
     return TrainingData(tokenizer=tokenizer, train=train, val=val, train_stats=stats)
+
+
+def run_notes(cfg: Config, num_train: int) -> list[str]:
+    """What a run does that its configuration does not say out loud (printed once at start)."""
+    notes = []
+    skipped = num_train % cfg.trainer.prompts_per_step
+    if skipped:
+        again = "other ones every epoch" if cfg.data.shuffle else "the same ones: data.shuffle=false"
+        notes.append(
+            f"each epoch's last {skipped} of {num_train} prompts make no full batch of trainer.prompts_per_step="
+            f"{cfg.trainer.prompts_per_step} and are skipped ({again})"
+        )
+    t = cfg.trainer
+    if cfg.algorithm.mode == "spin" and not (t.ref_update_freq or t.ref_model_sync_steps):
+        notes.append(
+            "algorithm.mode=spin with no reference refresh (trainer.ref_update_freq=0): the whole run is ONE "
+            "SPIN iteration against the initial model; set trainer.ref_update_freq=K to start a new iteration "
+            "every K steps"
+        )
+    return notes
 
 
 def lost_peer_message(reason: str, output_dir: str) -> str:
@@ -139,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank == 0:  # prompts dropped or cut, gold responses truncated (those get no terminator)
         print(f"{PROG}: {data.train_stats.summary('train data')}", flush=True)
+        for note in run_notes(cfg, len(data.train)):
+            print(f"{PROG}: {note}", flush=True)
     from spin_megatron.parallel.peers import EXIT_LOST_PEER, lost_peer
     from spin_megatron.parallel.state import destroy_parallel, init_parallel
     from spin_megatron.preemption import PreemptionFlag

@@ -28,6 +28,7 @@ from spin_megatron.metrics import MetricsLogger, Timer
 from spin_megatron.minibatch import mini_batch_shares, mini_batches
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
+from spin_megatron.optim_state import reset_state, restart_schedule
 from spin_megatron.overlap import RolloutOverlap
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
 from spin_megatron.parallel.dpo_step import (
@@ -35,9 +36,10 @@ from spin_megatron.parallel.dpo_step import (
     DPOSettings,
     compute_reference_logps,
     prepare_batch_terms,
+    sample_agreement,
     train_step,
 )
-from spin_megatron.parallel.packing import pack_items
+from spin_megatron.parallel.packing import ScoredSequence, pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
@@ -251,6 +253,9 @@ class SPINTrainer:
         refresh_reference(self.reference, self.policy, alpha=alpha)
         self.ref_version += 1
         self._ref_is_policy = alpha == 1.0
+        if self.cfg.trainer.reset_optimizer_on_refresh:  # a new SPIN iteration, as a new uclaml run
+            reset_state(self.policy.optimizer)
+            restart_schedule(self.policy.scheduler)
 
     def _update(self, experience, shares):
         """Reference log-probs, then the optimizer steps of this rollout batch: ``prompts_per_step /
@@ -332,7 +337,25 @@ class SPINTrainer:
                 self.policy.scheduler.step(1)
                 if t.ref_model_sync_steps and self.policy.scheduler.num_steps % t.ref_model_sync_steps == 0:
                     self._refresh_reference()
+        if counters["zero_pair"] == len(batches) * t.update_epochs:  # no pair anywhere: nothing trained
+            agreement = self._agreement_without_pairs(experience.samples)
+            sums[-3:-1], sums[-1] = agreement[:2], agreement[2]
         return sums, grad_norm, counters
+
+    def _agreement_without_pairs(self, samples) -> torch.Tensor:
+        """``rollout/logp_diff`` (the check of the last weight sync) needs samples, not pairs: on a step without
+        pairs, the model that sampled scores this replica's samples in a forward pass of their own."""
+        groups, zeros = self.groups, torch.zeros(3, device=self.groups.device)
+        if self._sample_source == "policy" and not self._samples_from_scorer(True, self.ref_version):
+            return zeros  # the engine sampled from an older policy (overlap, sync_every > 1)
+        scored = [[ScoredSequence(s.prompt_ids, s.response_ids, s.logprobs)] for s in samples if s.logprobs]
+        if not scored:
+            return zeros
+        budget, pad = self.cfg.trainer.micro_batch_tokens, self.tokenizer.pad_token_id or 0
+        batches = [b.to(groups.device) for b in pack_items(scored, token_budget=budget, pad_token_id=pad)]
+        model = self.reference if self._sample_source == "reference" else self.policy.model
+        with self.timer("ref"):
+            return sample_agreement(model, groups, batches, self.settings)
 
     def _halt_after_rollout_failure(self, error: str | None, sampler_state: dict) -> None:
         """Save the state before this step (its prompts are retried on resume), then stop every rank."""
@@ -347,7 +370,8 @@ class SPINTrainer:
 
     # ------------------------------------------------------------------------------------------- helpers
     def _metrics(self, experience, dpo_sums, grad_norm, counts) -> dict[str, float]:
-        groups = self.groups
+        groups, rm = self.groups, self.cfg.reward_model
+        rule_scores = not rm.enabled or rm.combine == "rule_then_model"  # the rule sets the ranking score
         rollout = sum_over_world(
             experience.sums,
             rollout_sum_keys(self.cfg.algorithm),
@@ -369,6 +393,7 @@ class SPINTrainer:
             skipped_steps=self.skipped_steps,
             rpo_alpha=self.cfg.algorithm.rpo_alpha,
             sampler=self._sample_source,
+            score_is_rule=rule_scores,
         )
 
     def _sync(self, save_on_failure: bool = False, source: str | None = None) -> None:
@@ -457,6 +482,8 @@ class SPINTrainer:
             else self.sampler.state_dict(),
             "model_signature": self.source.arch.signature(),
             "skipped_steps": self.skipped_steps,
+            # the reference refreshes so far: a prefetched batch (overlap) records the version that sampled it
+            "ref_version": self.ref_version,
             "config": asdict(self.cfg),
         }
         save_checkpoint(
@@ -476,6 +503,11 @@ class SPINTrainer:
         )
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        t = self.cfg.trainer  # (checkpoints before ref_version was saved: the count its schedule implies)
+        implied = self.step // t.ref_update_freq if t.ref_update_freq else 0
+        if t.ref_model_sync_steps:
+            implied = int(self.policy.scheduler.num_steps) // t.ref_model_sync_steps
+        self.ref_version = state.get("ref_version", implied)
         if self.overlap is not None:
             self.overlap.load(path)
         # (consecutive NaN skips are not carried over: a resume after a halt starts a fresh count)

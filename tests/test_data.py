@@ -286,17 +286,37 @@ def ids(batch) -> list[int]:
     return [e.prompt_id for e in batch]
 
 
-def test_sampler_is_deterministic_and_crosses_epochs_without_gaps():
+def test_sampler_is_deterministic_and_never_repeats_a_prompt_in_a_batch():
     examples = fake_examples(10)
     a, b = PromptSampler(examples, seed=3), PromptSampler(examples, seed=3)
-    stream = [ids(a.next_batch(4)) for _ in range(5)]  # 20 prompts = exactly two epochs
-    assert stream == [ids(b.next_batch(4)) for _ in range(5)]
+    stream = [ids(a.next_batch(5)) for _ in range(4)]  # 20 prompts = exactly two epochs
+    assert stream == [ids(b.next_batch(5)) for _ in range(4)]
     flat = sum(stream, [])
     assert sorted(flat[:10]) == sorted(flat[10:]) == list(range(10))
     assert flat[:10] != flat[10:]  # reshuffled with seed + epoch
     assert a.epoch == 1 and a.index == 10
-    assert ids(PromptSampler(examples, shuffle=False).next_batch(13)) == [*range(10), 0, 1, 2]
     assert ids(PromptSampler(examples, seed=4).next_batch(10)) != flat[:10]
+    # 4 per batch from 10: each epoch gives two batches and skips its last 2 prompts (never a repeat)
+    c = PromptSampler(examples, seed=3)
+    batches = [ids(c.next_batch(4)) for _ in range(30)]
+    assert all(len(set(batch)) == 4 for batch in batches)
+    assert [c.epoch, c.index] == [14, 8]
+    for epoch in range(15):  # each epoch: 8 distinct prompts of that epoch's permutation, in its order
+        order = list(PromptSampler(examples, seed=3)._epoch_order(epoch))
+        assert batches[2 * epoch] + batches[2 * epoch + 1] == order[:8]
+    plain = PromptSampler(examples, shuffle=False)
+    assert [ids(plain.next_batch(4)) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match=r"num_prompts must be in \[1, 10\]"):
+        PromptSampler(examples).next_batch(11)
+
+
+def test_sampler_with_five_prompts_and_four_per_step_never_repeats():
+    """The audit's case (issue 22 A1): 5 rows, 4 prompts per step — the old sampler's second batch was
+    [4, then 3 of the next epoch] and met a prompt twice whenever the permutations overlapped."""
+    sampler = PromptSampler(fake_examples(5), seed=1)
+    for _ in range(50):
+        batch = ids(sampler.next_batch(4))
+        assert len(set(batch)) == 4, batch
 
 
 def test_sampler_state_dict_resumes_with_the_same_prompts():

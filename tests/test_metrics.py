@@ -108,3 +108,15 @@ def test_timer_sums_phases_until_pop():
     times = timer.pop()
     assert set(times) == {"time/rollout", "time/train"} and all(t >= 0 for t in times.values())
     assert len(calls) == 6 and timer.pop() == {}
+
+
+def test_a_step_without_pairs_says_why_instead_of_nan():
+    metrics = {"loss": float("nan"), "rewards/accuracies": float("nan"), "grad_norm": float("nan"),
+               "reward/score_mean": 0.0, "rollout/logp_diff": 4e-7, "pairs/kept": 0.0, "pairs/dropped_ties": 4.0,
+               "pairs/all_wrong": 3.0, "pairs/all_correct": 1.0, "pairs/excluded_truncated": 2.0}  # fmt: skip
+    line = format_console_line(3, metrics, total_steps=6)
+    assert line == (
+        "step 3/6 | no pairs: 4 prompts tied (3 all wrong, 1 all correct); 2 truncated samples excluded | "
+        "score 0 | logp_diff 4.000e-07"
+    )
+    assert "no pairs" not in format_console_line(3, {**metrics, "pairs/kept": 2.0, "loss": 0.5})

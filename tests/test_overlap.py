@@ -82,14 +82,24 @@ def _same_run(out, reference):
 def test_spin_from_the_reference_overlaps_exactly(inline_sync, tmp_path):
     """Steps 2 and 4 are generated (by the engine in its own process) while 1 and 3 train — no refresh in between;
     step 4's after validation at step 2 had put the policy in the engine. The run is the synchronous in-process
-    one: the same metrics and weights."""
+    one: the same metrics and weights. Its checkpoint of step 3 holds step 4's batch, sampled by reference
+    version 1 (refreshed at step 2): a run resumed from it trains step 4 exactly so (staleness 0, not -1)."""
     out = tmp_path / "overlap"
-    code, text = _train(out, *TINY, "rollout.max_staleness=1")
+    code, text = _train(out, "trainer.test_freq=2", "trainer.save_freq=3", "rollout.max_staleness=1")
     assert code == 0, text[-3000:]
     _same_run(out, inline_sync)
     overlapped = _metrics(out)
     assert "time/wait_rollout" in overlapped[1] and "time/wait_rollout" in overlapped[3]
     assert all(m.get("rollout/staleness", 0) == 0 for m in overlapped.values())
+    resumed = tmp_path / "resumed"
+    step3 = out / "checkpoints" / "step_0000003"
+    code, text = _train(resumed, *TINY, "rollout.max_staleness=1", f"trainer.resume={step3}")
+    assert code == 0, text[-3000:]
+    theirs = _metrics(inline_sync)[4]
+    (ours,) = _metrics(resumed).values()
+    differ = {k for k, v in ours.items() if not k.startswith(("time/", "perf/")) and theirs.get(k) != v}
+    assert ours["step"] == 4 and differ <= {"rollout/restarts"}, differ
+    assert_same_hf_export(resumed, inline_sync)
 
 
 def _spawned_children(pid: int) -> list[int]:

@@ -109,6 +109,10 @@ def test_step_metrics_turn_the_sums_into_accuracies():
     assert metrics["reward/gsm8k_verl/accuracy"] == 0.25
     assert metrics["reward/accuracy"] == 0.75
     assert not [k for k in metrics if k.endswith("/correct")]
+    # a reward model sets the ranking score: "score ≥ 1" is no accuracy (the rule's own metrics stay)
+    by_model = step_metrics(rollout, defaultdict(float), defaultdict(float), grad_norm=None, lr=0.0, times={},
+                            skipped_steps=0, score_is_rule=False)  # fmt: skip
+    assert "reward/accuracy" not in by_model and by_model["reward/gsm8k_verl/accuracy"] == 0.25
 
 
 def test_reward_metrics_must_be_distinct_names():

@@ -142,3 +142,25 @@ def test_replay_serves_a_replicas_share_of_a_step(engine, tmp_path):
     RolloutDump(tmp_path / "d.jsonl").write(1, recorded)
     share = ReplayEngine(tmp_path / "d.jsonl").generate(PROMPTS[1:], params, prompt_keys=[11, 12])
     assert [(s.prompt_id, s.sample_index) for s in share] == [(11, 0), (11, 1), (12, 0), (12, 1)]
+
+
+def test_engine_check_counts_per_position_and_says_what_is_wrong():
+    """A prompt asked twice needs 2n samples (the old check collapsed repeats into one key and refused a correct
+    answer with 'returned 4 samples for 4 prompts'); a wrong answer names the prompt and the counts."""
+    from spin_megatron.rollout.supervisor import RolloutError, check_samples
+    from spin_megatron.types import Sample
+
+    def sample(key, index):
+        return Sample(
+            prompt_id=key, prompt_ids=[1], response_ids=[2], finish_reason="stop", sample_index=index
+        )
+
+    check_samples(
+        [sample("a", 0), sample("b", 0), sample("a", 0), sample("c", 0)], ["a", "b", "a", "c"], 1, 8
+    )
+    with pytest.raises(RolloutError, match=r"1 for prompt 'b' \(expected 2\)"):
+        check_samples([sample("a", 0), sample("a", 1), sample("b", 0)], ["a", "b"], 2, 8)
+    with pytest.raises(RolloutError, match="'z', which was not asked"):
+        check_samples([sample("a", 0), sample("z", 0)], ["a", "b"], 1, 8)
+    with pytest.raises(RolloutError, match="sample_index 0 of prompt 'a' more than once"):
+        check_samples([sample("a", 0), sample("a", 0)], ["a"], 2, 8)

@@ -39,7 +39,7 @@ def test_every_preset_passes_preflight(preset):
         assert t.updates_per_rollout > 1
 
 
-def test_seed_presets_have_the_seed_shape():
+def test_gsm8k_presets_have_their_documented_shape():
     for preset in ("qwen2.5_3b_gsm8k", "qwen2.5_0.5b_gsm8k"):
         cfg = load_config([f"experiment={preset}"])
         assert cfg.trainer.prompts_per_step == 256 and cfg.trainer.mini_batch_prompts == 64
@@ -72,6 +72,14 @@ def test_seed_presets_have_the_seed_shape():
         (["algorithm.loss_type=hinge", "algorithm.label_smoothing=0.1"], "label_smoothing applies to"),
         (["algorithm.loss_type=aot", "algorithm.use_weighting=true"], "turn one of them off"),
         (["algorithm.ld_alpha=2"], "algorithm.ld_alpha must be in [0, 1]"),
+        # issue 22 C11: samples no pair uses, a key the mode ignores; C12: a reset needs iterations
+        (["rollout.n=2"], "but spin mode pairs only algorithm.pairs_per_prompt=1 of them"),
+        (["algorithm.mode=online", "algorithm.pairs_per_prompt=2"], "applies to algorithm.mode=spin"),
+        (
+            ["trainer.reset_optimizer_on_refresh=true", "trainer.ref_update_freq=0"],
+            "starts each SPIN iteration",
+        ),
+        (["trainer.reset_optimizer_on_refresh=true", "trainer.ref_model_mixup_alpha=0.5"], "hard refreshes"),
     ],
 )
 def test_mistakes_are_refused_in_one_line(capsys, tmp_path, overrides, fragment):
@@ -93,9 +101,23 @@ def test_anchored_configurations_pass(overrides):
     load_config(["experiment=tiny_cpu", *overrides])
 
 
+def test_what_a_run_does_unsaid_is_said_once_at_start():
+    from spin_megatron.train import run_notes
+
+    cfg = load_config(["experiment=tiny_cpu", "trainer.ref_update_freq=0", "trainer.prompts_per_step=4"])
+    notes = run_notes(cfg, num_train=10)
+    assert any("each epoch's last 2 of 10 prompts make no full batch" in n for n in notes)
+    assert any("the whole run is ONE SPIN iteration" in n for n in notes)
+    assert run_notes(load_config(["experiment=tiny_cpu"]), num_train=8) == []
+
+
 def test_defaults_follow_the_mode_and_the_loss():
     spin = load_config(["experiment=tiny_cpu"]).algorithm
     online = load_config(["experiment=tiny_cpu", "algorithm.mode=online", "rollout.n=2"]).algorithm
+    # rollout.n: online pairs best vs worst of 2; spin generates only the samples it pairs with the gold
+    assert load_config(["experiment=tiny_cpu", "algorithm.mode=online"]).rollout.n == 2
+    assert load_config(["experiment=tiny_cpu"]).rollout.n == 1
+    assert load_config(["experiment=tiny_cpu", "algorithm.pairs_per_prompt=3"]).rollout.n == 3
     assert spin.sample_from is None and spin.sampler == "reference" and online.sampler == "policy"
     assert load_config(["experiment=tiny_cpu", "algorithm.sample_from=policy"]).algorithm.sampler == "policy"
     assert not spin.length_normalized
@@ -343,3 +365,30 @@ def test_soft_refresh_in_optimizer_steps_at_dp2_resumes_bit_exactly(tmp_path):
                 assert split[step][key] == full[step][key], (step, key)
 
     assert_same_hf_export(tmp_path / "full", tmp_path / "split")
+
+
+@pytest.mark.e2e
+def test_refresh_schedule_ref_recompute_and_engine_model_inside_steps(tmp_path):
+    """tests/workers/refresh.py drives the trainer step by step (issue 22 D14–16: each was a one-line bug that the
+    run-vs-resumed-run comparison above cannot see, since both runs carry it). ref_model_sync_steps=3, 4 updates
+    per rollout step: refreshes after optimizer steps 3 and 6, as TRL's global_step % 3 == 0; after a hard one the
+    next update's loss is log 2 (reference log-probs recomputed: reference == policy); after a soft one,
+    validation finds the policy in the engine and the next step the mixed reference."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.workers.refresh", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = json.loads(result.stdout.strip().splitlines()[-1])
+    hard, soft = checks["hard"], checks["soft"]
+    assert hard["refreshed_after"] == [3, 6]
+    assert [u["before"] for u in hard["updates"]] == list(range(8))
+    for update in hard["updates"]:
+        if update["before"] in (0, 3, 6):  # the first update, and the ones right after a refresh
+            assert update["loss"] == pytest.approx(hard["log2"], abs=1e-6), update
+        else:
+            assert abs(update["loss"] - hard["log2"]) > 1e-3, update
+    assert soft == {"after_step": True, "validation": True, "after_next_step": True}

@@ -191,6 +191,24 @@ def compute_reference_logps(
     return _fold_agreement([o["agreement"] for o in outputs], groups.device)
 
 
+def _agreement_loss(batch, output, *, groups, settings, weight=None):
+    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    measured = _agreement(output, token_logps, batch, groups, settings, weight)
+    return _no_loss(output, {"agreement": torch.stack(measured)})
+
+
+@torch.no_grad()
+def sample_agreement(
+    model, groups: ParallelGroups, batches: list[PackedMicroBatch], settings
+) -> torch.Tensor:
+    """``[Σ, count, max]`` of |model − engine| log-probs over the sampled tokens of ``batches`` (one sequence an
+    item), on the last stage: ``rollout/logp_diff`` of a step whose samples gave no pair to train on."""
+    outputs = _run(
+        model, groups, batches, partial(_agreement_loss, groups=groups, settings=settings), forward_only=True
+    )
+    return _fold_agreement([o["agreement"] for o in outputs], groups.device)
+
+
 def _fold_agreement(parts, device) -> torch.Tensor:
     total = torch.zeros(3, device=device)
     for part in parts:

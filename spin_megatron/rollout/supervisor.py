@@ -37,9 +37,32 @@ def check_samples(samples: list[Sample], keys: list[Hashable], n: int, vocab_siz
     """Raise RolloutError unless ``samples`` are exactly ``n`` well-formed samples for each of ``keys``."""
     if not isinstance(samples, list) or not all(isinstance(s, Sample) for s in samples):
         raise RolloutError(f"engine returned {type(samples).__name__}, not a list of Sample")
-    counts = Counter(s.prompt_id for s in samples)
-    if counts != Counter({k: n for k in keys}):
-        raise RolloutError(f"engine returned {len(samples)} samples for {len(keys)} prompts × n={n}")
+    got = Counter(s.prompt_id for s in samples)
+    expected = Counter(
+        {key: n * count for key, count in Counter(keys).items()}
+    )  # per position: a key twice, 2n
+    if got != expected:
+        wrong = [
+            f"{got.get(key, 0)} for prompt {key!r} (expected {want})"
+            for key, want in expected.items()
+            if got.get(key, 0) != want
+        ]
+        wrong += [
+            f"{count} for prompt {key!r}, which was not asked"
+            for key, count in got.items()
+            if key not in expected
+        ]
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise RolloutError(
+            f"engine returned {len(samples)} samples for {len(keys)} prompts × n={n}: "
+            + "; ".join(wrong[:3])
+            + more
+        )
+    indices = Counter((s.prompt_id, s.sample_index) for s in samples)
+    repeated = [key for key, count in indices.items() if count > expected[key[0]] // n]
+    if repeated:
+        key, index = repeated[0]
+        raise RolloutError(f"engine returned sample_index {index} of prompt {key!r} more than once")
     for s in samples:
         where = f"prompt {s.prompt_id!r} sample {s.sample_index}"
         if s.finish_reason not in ("stop", "length"):
