@@ -87,7 +87,7 @@ def test_out_of_memory_and_a_nested_timeout_are_recorded_and_keep_what_was_measu
     assert "T256_naive" in logprob and "T256_chunked" not in logprob and "simulated" in logprob["detail"]
     assert (te_xent["status"], te_xent["failure"]) == ("fail", "timeout")  # the next phase still ran
     assert "timed out" in te_xent["detail"] and results["parity"] == {"status": "pass", "kept": 1}
-    assert "logprob: fail (out_of_memory)" in done.stdout
+    assert "logprob: fail (out_of_memory)" in done.stdout and "--phases logprob,te_xent" in done.stdout
 
 
 def _dead(pid: int) -> bool:

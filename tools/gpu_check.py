@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             f" ({results[phase]['failure']})" if "failure" in results[phase] else ""
         )
         print(f"gpu_check: {phase}: {status} ({results[phase].get('seconds', 0):.0f} s)", flush=True)
+    again = [
+        p for p in phases if results[p]["status"] == "fail" or "no time left" in results[p].get("detail", "")
+    ]
+    if again:  # the second, shorter call
+        print(f"gpu_check: rerun what is missing: --out {out} --phases {','.join(again)}", flush=True)
     return 1 if any(results[p]["status"] == "fail" for p in phases) else 0
 
 

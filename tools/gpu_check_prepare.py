@@ -11,9 +11,10 @@ reads through PYTHONPATH.
     python tools/gpu_check_prepare.py [--shared-data ../shared/data] [--rows 48] [--extra pyarrow ...]
     python3 tools/gpu_check_prepare.py --not-in-image .whl      # (stdlib only) the wheels to install there
 
-The GPU image (Python 3.12, torch 2.11, triton) is assumed to carry transformers, numpy, safetensors, requests,
-tqdm, pyarrow and pandas (the check's env phase lists what it lacks); ``--extra NAME`` adds any other cp312 wheel
-(pyarrow alone is ~40 MB: over the payload bound, within the 64 MiB carry).
+The GPU image (Python 3.12, torch 2.11, triton) is assumed to carry transformers, numpy, requests, tqdm, pyarrow
+and pandas (the check's env phase lists what it lacks); ``--extra NAME`` adds any other cp312 wheel, e.g.
+``--extra transformers tokenizers huggingface-hub regex --max-payload-mb 32`` for an image without transformers
+(~18 MB more; pyarrow alone is ~40 MB).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DATA = REPO / ".gpucheck"
 BINARY = [
     "megatron-core==0.16.1", "hydra-core==1.3.2", "omegaconf==2.3.0", "datasets==3.6.0", "dill==0.3.8",
     "multiprocess==0.70.16", "xxhash", "fsspec==2025.3.0", "psutil",
+    "pyyaml", "packaging", "safetensors",  # hydra's, omegaconf's, spin_megatron.models': only if missing there
 ]  # fmt: skip
 SOURCE_ONLY = [
     "antlr4-python3-runtime==4.9.3"
