@@ -23,7 +23,8 @@ def materialize_fresh_state(optimizer) -> None:
     """Give every inner optimizer that has not stepped yet the state its first step starts from.
 
     Its own code creates the state (one step at lr 0 on zero gradients: no parameter moves, AdamW's decay factor
-    is 1 - 0·wd), then :func:`reset_state` sets moments and ``step`` back to zero."""
+    is 1 - 0·wd), then :func:`reset_state` sets moments and ``step`` back to zero. An optimizer that has
+    stepped keeps its state untouched."""
     for opt in inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if inner is None or inner.state:
@@ -41,7 +42,7 @@ def materialize_fresh_state(optimizer) -> None:
             for group, lr in zip(inner.param_groups, lrs):
                 group["lr"] = lr
             inner.zero_grad(set_to_none=True)
-    reset_state(optimizer)
+        reset_state(opt)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Checkpoints at any point of a run: one written before the first optimizer step (an online run whose first
 batches give no pair) saves, resumes, and leaves the next updates bit-identical to a run that never saved."""
 
+import os
 import subprocess
 import sys
 
@@ -8,9 +9,10 @@ import pytest
 
 from tests.helpers import REPO
 
-# One process (gloo, world size 1): for each optimizer flavour, three policies from the same weights take the
-# same two optimizer steps on the same gradients: one never saved, one saved before its first step, one
-# loaded from that checkpoint. Their weights must be equal bit for bit.
+# One process (gloo, world size 1): for each optimizer flavour, four policies from the same weights take the
+# same two optimizer steps on the same gradients: one never saved, one saved before its first step, one loaded
+# from that checkpoint, one saved between its two steps (a save must not touch a stepped Adam's state). Their
+# weights must be equal bit for bit.
 SCRIPT = r"""
 import sys, torch
 from spin_megatron.checkpoint import load_checkpoint, save_checkpoint
@@ -18,8 +20,10 @@ from spin_megatron.parallel import init_parallel
 from spin_megatron.policy import build_policy, build_reference, resolve_model_source
 from spin_megatron.train import load_config
 
-def two_steps(policy):
+def two_steps(policy, save_between=None):
     for k in range(2):
+        if k == 1 and save_between is not None:
+            save_between()
         g = torch.Generator().manual_seed(k)
         for p in policy.model.parameters():
             p.main_grad.copy_(torch.randn(p.shape, generator=g))
@@ -47,9 +51,13 @@ def main(root):
         policy, reference = build()
         load_checkpoint(f"{out}/checkpoints/step_0000000", policy, reference, groups, model_signature=sig)
         loaded = two_steps(policy)
+        policy, reference = build()
+        between = two_steps(policy, lambda: save_checkpoint(out, 1, policy, reference, groups,
+                            {"scheduler": policy.scheduler.state_dict(), "model_signature": sig}))
         for key in never:
             assert torch.equal(never[key], saved[key]), (name, "saved", key)
             assert torch.equal(never[key], loaded[key]), (name, "loaded", key)
+            assert torch.equal(never[key], between[key]), (name, "saved between", key)
         print("ok", name, len(never), flush=True)
 
 if __name__ == "__main__":
@@ -61,8 +69,14 @@ if __name__ == "__main__":
 def test_checkpoint_before_the_first_optimizer_step_saves_resumes_and_changes_nothing(tmp_path):
     script = tmp_path / "fresh_optimizer.py"
     script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, whatever is installed
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok ") == 2, result.stdout
