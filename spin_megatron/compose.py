@@ -47,11 +47,11 @@ def model_arch(cfg: Config):
 
     m = cfg.model
     if m.tiny is not None:
+        from spin_megatron.models.tiny import tiny_arch_settings
+
         t = m.tiny
-        family = "Qwen2" if t.architecture == "qwen2" else "Llama"
         wanted = arch_from_hf_config(
             {
-                "architectures": [f"{family}ForCausalLM"],
                 "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size,
                 "num_hidden_layers": t.num_hidden_layers,
@@ -59,6 +59,12 @@ def model_arch(cfg: Config):
                 "num_attention_heads": t.num_attention_heads,
                 "num_key_value_heads": t.num_key_value_heads,
                 "tie_word_embeddings": t.tie_word_embeddings,
+                **tiny_arch_settings(
+                    t.architecture,
+                    num_experts=t.num_experts,
+                    num_experts_per_tok=t.num_experts_per_tok,
+                    moe_intermediate_size=t.moe_intermediate_size,
+                ),
             }
         )
         created = Path(cfg.trainer.output_dir) / "init_model"
@@ -74,6 +80,8 @@ def model_arch(cfg: Config):
             "num_kv_heads",
             "vocab_size",
             "tie_word_embeddings",
+            "head_dim",
+            "moe",
         )
         diffs = [
             f"{k} {getattr(existing, k)} vs {getattr(wanted, k)}"

@@ -48,9 +48,9 @@ def default_tokenizer() -> str:
 
 @dataclass(kw_only=True)
 class TinyModelConfig:
-    """A random-weight model created at start (demo, tests): Qwen2/Llama shape, real tokenizer."""
+    """A random-weight model created at start (demo, tests): Qwen2/Llama/Qwen3/Qwen3-MoE shape, real tokenizer."""
 
-    architecture: str = "qwen2"  # qwen2 | llama
+    architecture: str = "qwen2"  # qwen2 | llama | qwen3 | qwen3_moe
     hidden_size: int = 64  # width of the residual stream
     intermediate_size: int = 128  # SwiGLU width
     num_hidden_layers: int = 2  # transformer layers
@@ -59,9 +59,14 @@ class TinyModelConfig:
     vocab_size: int = 151936  # embedding rows; Qwen2.5's vocabulary by default
     tie_word_embeddings: bool = True  # share embedding and output layer, as Qwen2.5-0.5B
     seed: int = 0  # weight initialisation seed
+    num_experts: int = 4  # qwen3_moe: routed experts per MoE layer
+    num_experts_per_tok: int = 2  # qwen3_moe: experts each token is routed to (top-k)
+    moe_intermediate_size: int = 32  # qwen3_moe: each expert's SwiGLU width
 
     def __post_init__(self):
-        _choice("model.tiny.architecture", self.architecture, ("qwen2", "llama"))
+        _choice("model.tiny.architecture", self.architecture, ("qwen2", "llama", "qwen3", "qwen3_moe"))
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            _positive(f"model.tiny.{key}", getattr(self, key))
         for key in (
             "hidden_size",
             "intermediate_size",
@@ -81,9 +86,16 @@ class ModelConfig:
     tiny: TinyModelConfig | None = None  # build a random tiny model instead of loading one
     dtype: str = "fp32"  # parameter dtype: fp32 | bf16
     fused_swiglu: bool = True  # GPU: Megatron's fused bias-SwiGLU (compiled with torch.compile); CPU: never
+    # MoE load-balancing loss weight (Megatron's moe_aux_loss_coeff, logged as moe/load_balancing_loss); 0: off,
+    # the DPO default (slime's Qwen3-MoE RL recipes also train with 0); null: the checkpoint's router_aux_loss_coef
+    moe_aux_loss_coeff: float | None = 0.0
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        if self.moe_aux_loss_coeff is not None and not self.moe_aux_loss_coeff >= 0:
+            raise ConfigError(
+                f"model.moe_aux_loss_coeff must be ≥ 0 (or null), got {self.moe_aux_loss_coeff}"
+            )
 
     def check_source(self) -> None:
         sources = [k for k in ("hf_path", "mcore_ckpt", "tiny") if getattr(self, k) is not None]
@@ -342,10 +354,17 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size; data-parallel = world size / (tp·pp)
     activation_recompute: bool = False  # recompute each layer in backward (full, uniform): activations ÷ ~L
+    ep: int = 1  # expert-parallel size (MoE): a layer's experts split over ep of a stage's tp×dp ranks
+    etp: int | None = None  # expert tensor-parallel size (each expert split etp ways); null: = tp
+    moe_token_dispatcher: str = "alltoall"  # routed tokens to their experts' ranks: alltoall | allgather
 
     def __post_init__(self):
         _positive("parallel.tp", self.tp)
         _positive("parallel.pp", self.pp)
+        _positive("parallel.ep", self.ep)
+        if self.etp is not None:
+            _positive("parallel.etp", self.etp)
+        _choice("parallel.moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
 
 
 @dataclass(kw_only=True)

@@ -67,6 +67,7 @@ def resolve_model_source(cfg: Config, groups: ParallelGroups | None, tp_size: in
                 vocab_size=tiny.vocab_size,
                 tie_word_embeddings=tiny.tie_word_embeddings,
                 max_position_embeddings=4096,
+                **_tiny_moe_settings(tiny),
             )
             os.replace(staging, hf_dir)
         if groups is not None:
@@ -96,6 +97,40 @@ def resolve_model_source(cfg: Config, groups: ParallelGroups | None, tp_size: in
         hf_dir=Path(model_cfg.hf_path),
         tokenizer_dir=model_cfg.tokenizer_path or model_cfg.hf_path,
     )
+
+
+def _tiny_moe_settings(tiny) -> dict:
+    if tiny.architecture != "qwen3_moe":
+        return {}
+    return {
+        "num_experts": tiny.num_experts,
+        "num_experts_per_tok": tiny.num_experts_per_tok,
+        "moe_intermediate_size": tiny.moe_intermediate_size,
+    }
+
+
+def moe_build_settings(cfg: Config, arch: ModelArch) -> dict:
+    """The MoE options of the model build (nothing for a dense model): token dispatcher, aux-loss weight."""
+    if arch.moe is None:
+        return {}
+    coeff = cfg.model.moe_aux_loss_coeff
+    return {
+        "moe_dispatcher": cfg.parallel.moe_token_dispatcher,
+        "moe_aux_loss_coeff": arch.moe.router_aux_loss_coef if coeff is None else coeff,
+    }
+
+
+def check_moe_training_layout(cfg: Config, arch: ModelArch) -> None:
+    """Megatron trains MoE layers at tensor-parallel size > 1 only with sequence parallelism (``moe_layer.py``
+    raises otherwise: without it every TP rank would send the same tokens to the experts, which would count each
+    token's expert gradient TP times), and the trainer does not turn sequence parallelism on yet."""
+    par = cfg.parallel
+    if arch.moe is not None and par.tp > 1 and not getattr(par, "sequence_parallel", False):
+        raise ConfigError(
+            f"parallel.tp={par.tp} with a mixture-of-experts model ({arch.architecture}) needs sequence "
+            "parallelism, which Megatron requires for MoE training at TP > 1 and this trainer does not enable yet: "
+            "use parallel.tp=1 and split the experts with parallel.ep (and the layers with parallel.pp)"
+        )
 
 
 def _load_initial_weights(model, source: ModelSource, groups: ParallelGroups) -> None:
@@ -151,7 +186,7 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
     dtype = parse_dtype(cfg.model.dtype)
     model = _build(
         source, groups, dtype, cfg.trainer.logprob_impl == "fused_head",
-        fused_swiglu=cfg.model.fused_swiglu, **_recompute_settings(cfg),
+        fused_swiglu=cfg.model.fused_swiglu, **_recompute_settings(cfg), **moe_build_settings(cfg, source.arch),
     )  # fmt: skip
     config = model.config
     if dtype != torch.float32:
@@ -210,6 +245,7 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
         padded_vocab_size=source.padded_vocab_size,
         perform_initialization=False,
         fused_swiglu=cfg.model.fused_swiglu,
+        **moe_build_settings(cfg, source.arch),
     )
     model.requires_grad_(False)
     model.eval()

@@ -52,14 +52,17 @@ def preflight(cfg: Config, world_size: int) -> None:
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import check_hf_checkpoint
     from spin_megatron.parallel.state import validate_parallel_sizes
+    from spin_megatron.policy import check_moe_training_layout
     from spin_megatron.reward_model import preflight_reward_model
     from spin_megatron.rewards import get_reward_fn
     from spin_megatron.trainer import resume_path
 
     check_device(cfg)
-    dp = validate_parallel_sizes(world_size, cfg.parallel.tp, cfg.parallel.pp)
+    par = cfg.parallel
+    dp = validate_parallel_sizes(world_size, par.tp, par.pp, par.ep, par.etp)
     arch = model_arch(cfg)
-    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    arch.check_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp)
+    check_moe_training_layout(cfg, arch)
     if cfg.model.hf_path is not None and cfg.model.mcore_ckpt is None:
         check_hf_checkpoint(
             HFReader(cfg.model.hf_path), mapping_for(arch, arch.padded_vocab_size(cfg.parallel.tp))
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     preemption = PreemptionFlag().install()  # before the process group: a signal during set-up is kept
     where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        groups = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
+        par = cfg.parallel
+        groups = init_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp, seed=cfg.trainer.seed)
         try:
             trainer = SPINTrainer(cfg, groups, data, preemption)
             outcome = trainer.fit()

@@ -93,6 +93,23 @@ def test_engine_from_config_has_the_checkpoint_shapes(tiny_qwen2):
     }
 
 
+def test_per_expert_weights_fill_the_fused_in_memory_experts(tiny_qwen3_moe):
+    """transformers holds Qwen3-MoE experts fused ([E, 2I, H], [E, H, I]); the sync sends them per expert."""
+    from safetensors.torch import load_file
+
+    engine = HFEngine.from_config(json.loads((tiny_qwen3_moe / "config.json").read_text()))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in dict(engine.model.named_parameters())
+    on_disk = load_file(tiny_qwen3_moe / "model.safetensors")
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in on_disk
+    engine.update_weights(on_disk.items())
+    reference = HFEngine.from_pretrained(tiny_qwen3_moe)
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids).logits, reference.model(ids).logits)
+    with pytest.raises(KeyError, match="experts.4.gate_proj"):  # 4 experts: 0..3
+        engine.update_weights([("model.layers.0.mlp.experts.4.gate_proj.weight", on_disk["lm_head.weight"])])
+
+
 def test_dump_and_replay_round_trip(engine, tmp_path):
     dump = RolloutDump(tmp_path / "rollouts.jsonl")
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=5, seed=3)

@@ -131,3 +131,39 @@ def test_shared_data_location_follows_spin_shared_data(tmp_path, monkeypatch):
     (tmp_path / "qwen2.5-tokenizer" / "vocab.json").write_text("{}")
     monkeypatch.setenv("SPIN_SHARED_DATA", str(tmp_path))
     assert shared_data_dir() == tmp_path and default_tokenizer() == str(tmp_path / "qwen2.5-tokenizer")
+
+
+MOE = ["experiment=tiny_cpu", "model.tiny.architecture=qwen3_moe"]
+
+
+@pytest.mark.parametrize(
+    "world_size, overrides, fragment",
+    [
+        (
+            2,
+            ["experiment=tiny_cpu", "parallel.ep=2"],
+            "parallel.ep=2 splits experts, but Qwen2ForCausalLM has none",
+        ),
+        (3, [*MOE, "parallel.ep=3"], "parallel.ep=3 does not divide the model's 4 experts; valid values"),
+        (
+            1,
+            [*MOE, "parallel.ep=2"],
+            "parallel.ep × etp = 2×1 = 2 does not divide the 1 ranks of a pipeline stage",
+        ),
+        (
+            2,
+            [*MOE, "parallel.tp=2"],
+            "parallel.tp=2 with a mixture-of-experts model (Qwen3MoeForCausalLM) needs",
+        ),
+        (6, [*MOE, "parallel.tp=2", "parallel.ep=2", "parallel.etp=3"], "parallel.etp=3 does not divide"),
+        (
+            1,
+            [*MOE, "parallel.moe_token_dispatcher=flex"],
+            "parallel.moe_token_dispatcher='flex' is not allowed",
+        ),
+        (1, [*MOE, "model.moe_aux_loss_coeff=-1"], "model.moe_aux_loss_coeff must be ≥ 0"),
+    ],
+)
+def test_moe_layout_mistakes_are_one_line_errors(capsys, monkeypatch, world_size, overrides, fragment):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    assert fragment in _error(capsys, *overrides)

@@ -27,9 +27,29 @@ TINY_DEFAULTS = dict(
 QWEN3_DEFAULTS = dict(head_dim=24)
 # A Qwen3-MoE small enough for 2 CPU cores: 4 experts of width 32, 2 routed per token, renormalised.
 QWEN3_MOE_DEFAULTS = dict(
-    head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+    head_dim=24,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    router_aux_loss_coef=0.001,
 )
 _ARCH_DEFAULTS = {"qwen3": QWEN3_DEFAULTS, "qwen3_moe": QWEN3_MOE_DEFAULTS}
+_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+def tiny_arch_settings(architecture: str, **moe) -> dict:
+    """The config.json keys that :func:`make_tiny_hf_model` adds for ``architecture`` (beyond the shape keys),
+    MoE ones (``num_experts``, ...) overriding the defaults: for reading a tiny model's architecture unbuilt."""
+    settings = {"architectures": [_ARCHITECTURES[architecture]], **_ARCH_DEFAULTS.get(architecture, {})}
+    if architecture == "qwen3_moe":
+        settings.update(moe)
+    return settings
 
 
 def make_tiny_hf_model(

@@ -18,7 +18,9 @@ from spin_megatron.batching import IGNORE_INDEX
 from spin_megatron.faults import kill_point, poison_loss
 from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.loss import batch_terms, dpo_loss, needs_batch_terms
-from spin_megatron.parallel.packing import PackedMicroBatch, sequence_sums
+from spin_megatron.models.weights import unwrap
+from spin_megatron.parallel.moe_metrics import load_balancing_sums
+from spin_megatron.parallel.packing import PackedMicroBatch, align_micro_batches, sequence_sums
 from spin_megatron.parallel.schedule import run_schedule
 from spin_megatron.parallel.state import ParallelGroups
 
@@ -40,6 +42,8 @@ METRIC_SUMS = (
     "logits/rejected",
     "top1/chosen",  # chosen tokens that are the policy's argmax
     "entropy/sum",  # Σ over all response tokens of the policy's entropy
+    "moe/load_balancing_loss/sum",  # MoE aux loss (unscaled) Σ over layers and micro-batches (aux loss on only)
+    "moe/load_balancing_loss/terms",
     "logp_diff/sum",
     "logp_diff/tokens",
     "logp_diff/max",  # must stay last: a max, the others are sums
@@ -71,9 +75,16 @@ def _forward(batch: PackedMicroBatch, model, *, keep_dtype: bool = False):
     back to the head's dtype, and the logits path upcasts chunk by chunk (chunked) or inside its kernel (TE), so the
     upcast would only cost memory — a [T, V] fp32 copy of the logits and its gradient — and is exact either way."""
     kwargs = {"packed_seq_params": batch.packed_seq_params()}
+    if _is_moe(model):  # padding stays out of the routers' load-balancing loss
+        kwargs["padding_mask"] = batch.padding_mask()
     if keep_dtype and _is_float16_wrapped(model):
         kwargs["fp32_output"] = False
     return model(batch.input_ids, batch.position_ids, None, **kwargs)
+
+
+def _is_moe(model) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "num_moe_experts", None))
 
 
 def _is_float16_wrapped(model) -> bool:
@@ -290,6 +301,9 @@ def _head_weight(model):
 
 
 def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
+    if groups.ep_size > 1:  # MoE token dispatch is a collective across the replicas: same micro-batch shapes
+        align_micro_batches(batches, groups.dp)
+
     def forward_step(batch, step_model):
         fused = settings_fused(loss_for_batch)
         weight = _head_weight(step_model) if fused else None
@@ -402,6 +416,7 @@ def _policy_loss(
                 per_seq["mean_logit"][1::2].sum(),
                 per_seq["is_top1"][0::2].sum(),
                 per_seq["entropy"].sum(),
+                *_zeros3(output)[:2],  # the MoE aux-loss sums: filled in once per step by train_step
                 *measured,
             ]
         )
@@ -456,6 +471,10 @@ def train_step(
         stats = reduced["sums"]
         sums[:-1] += stats[:-1]
         sums[-1] = torch.maximum(sums[-1], stats[-1])
+    aux = load_balancing_sums(unwrap(model), groups, len(batches))
+    if groups.is_last_stage:
+        sums[METRIC_SUMS.index("moe/load_balancing_loss/sum")] = aux[0]
+        sums[METRIC_SUMS.index("moe/load_balancing_loss/terms")] = aux[1]
     kill_point("update", step)
     if not grads_finite(model, groups):
         optimizer.zero_grad()

@@ -65,6 +65,13 @@ class PackedMicroBatch:
             max_seqlen_kv=max_len,
         )
 
+    def padding_mask(self) -> torch.Tensor:
+        """``[1, T]`` bool, True on the padding segment: MoE routers leave those tokens out of the
+        load-balancing statistics (they are still routed; a placeholder's dummy sequence counts as tokens)."""
+        mask = torch.zeros_like(self.input_ids, dtype=torch.bool)
+        mask[:, int(self.cu_seqlens[-2]) :] = True
+        return mask
+
     def to(self, device) -> PackedMicroBatch:
         for name in (
             "input_ids",
@@ -157,3 +164,45 @@ def sequence_sums(token_values: torch.Tensor, batch: PackedMicroBatch) -> torch.
     scored = batch.sequence_index >= 0
     out = torch.zeros(batch.num_sequences, dtype=values.dtype, device=values.device)
     return out.index_add(0, batch.sequence_index[scored], values[scored])
+
+
+def align_micro_batches(batches: list[PackedMicroBatch], group) -> None:
+    """Make every rank of ``group`` run the same number of micro-batches of the same length, in place.
+
+    Needed when a collective spans data-parallel replicas inside the forward pass — the token dispatch of
+    mixture-of-experts layers over the expert-parallel group: the replicas pack their own pairs, so their counts
+    and lengths differ. Shorter micro-batches get a longer padding segment, missing ones are placeholders
+    (nothing scored, no loss); padding tokens attend only to each other and are routed like any token, so the
+    scored tokens' log-probs do not change.
+    """
+    import torch.distributed as dist
+
+    device = batches[0].input_ids.device
+    shape = torch.tensor([len(batches), batches[0].input_ids.shape[1]], dtype=torch.long, device=device)
+    dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
+    count, seq_length = (int(x) for x in shape.tolist())
+    pad_token_id = int(batches[0].input_ids[0, -1])  # the last position is always padding
+    while len(batches) < count:
+        batches.append(pack_items([], token_budget=1, pad_token_id=pad_token_id)[0].to(device))
+    for batch in batches:
+        _pad_to(batch, seq_length)
+
+
+def _pad_to(batch: PackedMicroBatch, seq_length: int) -> None:
+    """Extend the padding segment (always last, ≥ 1 token) to ``seq_length`` positions."""
+    extra = seq_length - batch.input_ids.shape[1]
+    if extra <= 0:
+        return
+    last_position = int(batch.position_ids[0, -1])
+
+    def grow(tensor, value):
+        return torch.cat([tensor, tensor.new_full((*tensor.shape[:-1], extra), value)], dim=-1)
+
+    batch.input_ids = grow(batch.input_ids, int(batch.input_ids[0, -1]))
+    batch.targets = grow(batch.targets, IGNORE_INDEX)
+    batch.engine_logprobs = grow(batch.engine_logprobs, float("nan"))
+    batch.sequence_index = grow(batch.sequence_index, -1)
+    tail = torch.arange(last_position + 1, last_position + 1 + extra, device=batch.position_ids.device)
+    batch.position_ids = torch.cat([batch.position_ids, tail[None]], dim=-1)
+    batch.cu_seqlens = batch.cu_seqlens.clone()
+    batch.cu_seqlens[-1] = seq_length

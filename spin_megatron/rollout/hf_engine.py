@@ -13,6 +13,7 @@ renormalisation, as SGLang reports it). Greedy decoding is ``temperature=0`` (lo
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Hashable, Iterable
 from pathlib import Path
 
@@ -67,6 +68,8 @@ class HFEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in named_tensors:
             param = self._params.get(name)
+            if param is None:
+                param = fused_expert_slice(self._params, name)
             if param is None:
                 raise KeyError(f"hf engine: the model has no parameter {name!r}")
             if param.shape != tensor.shape:
@@ -166,6 +169,28 @@ class HFEngine:
                 input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache
             )
         return list(zip(tokens, logps, reasons))
+
+
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fused_expert_slice(params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The view of a fused expert parameter that an on-disk per-expert tensor fills, or None.
+
+    transformers 5 saves Qwen3-MoE experts one by one (``mlp.experts.<g>.gate_proj|up_proj|down_proj.weight``)
+    but holds them fused in memory: ``mlp.experts.gate_up_proj [E, 2I, H]`` (expert g's gate rows first, then its
+    up rows) and ``mlp.experts.down_proj [E, H, I]``."""
+    match = _PER_EXPERT.match(name)
+    if match is None:
+        return None
+    prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
+    fused = params.get(f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}")
+    if fused is None or fused.dim() != 3 or expert >= fused.shape[0]:
+        return None
+    if proj == "down_proj":
+        return fused[expert]
+    gate, up = fused[expert].chunk(2, dim=0)
+    return gate if proj == "gate_proj" else up
 
 
 def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
