@@ -106,10 +106,8 @@ def plan_micro_batch(args, arch, *, gpu_bytes: int, use_te: bool) -> dict:
 
     cfg, kernels = bench_config(args), planner_kernels(use_te)
     if args.no_fit:
-        tokens, plan = (
-            args.tokens_per_microbatch,
-            estimate(cfg, arch, world_size=1, kernels=kernels, gpu_bytes=gpu_bytes),
-        )
+        tokens = args.tokens_per_microbatch
+        plan = estimate(cfg, arch, world_size=1, kernels=kernels, gpu_bytes=gpu_bytes)
     else:
         found = largest_fitting_micro_batch(cfg, arch, gpu_bytes=gpu_bytes, kernels=kernels)
         if found is None:
