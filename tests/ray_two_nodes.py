@@ -259,7 +259,7 @@ def serve_double_with_group(argv: list[str]) -> None:
                 self.group = new_weight_update_group(
                     backend=body["backend"], master_address=body["master_address"],
                     master_port=body["master_port"], world_size=body["world_size"], rank=body["rank_offset"],
-                    timeout_s=60,
+                    timeout_s=60, group_name=body["group_name"],
                 )  # fmt: skip
             elif path == "/update_weights_from_distributed":  # the trainer broadcasts after posting
                 for dtype, shape in zip(body["dtypes"], body["shapes"], strict=True):

@@ -10,7 +10,10 @@ It answers as the real server does where the trainer depends on it (read off sgl
 - ``/release_memory_occupation`` while a request runs: refused (the real server asserts it is idle);
 - released weights are LOST (the real server keeps no CPU copy): until weights are loaded again, ``/generate``
   answers HTTP 500 here (the real server would return garbage tokens, which a test cannot tell from sampling);
-- ``/generate`` while the KV cache is released: HTTP 500 (the real server has no cache to run it in).
+- ``/generate`` while the KV cache is released: HTTP 500 (the real server has no cache to run it in);
+- ``/resume_memory_occupation`` of a region that is not released: the scheduler's ``offload_tags.remove`` raises
+  ``KeyError`` and the server dies (SIGQUIT): here every later request answers HTTP 500 ("dead");
+- ``/update_weight_version`` sets what ``GET /model_info`` reports as ``weight_version`` ("default" at start).
 
 Run as a script, it is the double as a server process (crash and launch tests).
 """
@@ -68,7 +71,8 @@ class DoubleState:
     """What one double server answers and what it saw.
 
     ``mode``: ok | never_healthy | error_500 | malformed | crash_on_generate | no_sessions (a server older than
-    the session endpoints: 404 there, updates accepted without a session). ``fail_update_at``: the k-th weight
+    the session endpoints: 404 there, updates accepted without a session) | busy_on_release (the release's idle
+    assertion fails). ``fail_update_at``: the k-th weight
     update (1-based) is refused with HTTP 400, as SGLang does when a load fails."""
 
     def __init__(self, mode: str = "ok", delay_s: float = 0.0, flush_busy: int = 0, fail_update_at: int = 0):
@@ -80,11 +84,20 @@ class DoubleState:
         self.released: set[str] = set()
         self.weights_lost = False  # released weights resumed without a reload: they serve garbage
         self.updates = 0
+        self.weight_version = "default"
+        self.versions: list[str] = []  # every /update_weight_version, in order (not in `calls`)
+        self.dead: str | None = None  # why the server died (SGLang's scheduler raised)
 
     def paths(self) -> list[str]:
         return [path for path, _ in self.calls]
 
     def handle_post(self, path: str, body) -> tuple[int, str]:
+        if self.dead:
+            return 500, json.dumps({"error": f"the server died: {self.dead}"})
+        if path == "/update_weight_version":
+            self.weight_version = body["new_version"]
+            self.versions.append(body["new_version"])
+            return _ok(f"Weight version updated to {body['new_version']}")
         with self.lock:
             self.calls.append((path, body))
             self.flush_busy -= path == "/flush_cache"
@@ -128,11 +141,15 @@ class DoubleState:
 
     def _memory(self, path: str, tags: list[str]) -> tuple[int, str]:
         if path == "/release_memory_occupation":
-            if self.inflight:
+            if self.inflight or self.mode == "busy_on_release":
                 return 500, "release_memory_occupation should be called only when server is idle."
             self.released |= set(tags)
             return 200, "null"
-        if "weights" in tags and "weights" in self.released:
+        missing = [tag for tag in tags if tag not in self.released]
+        if missing:  # SGLang: offload_tags.remove(tag) raises in the scheduler, which SIGQUITs the server
+            self.dead = f"KeyError: {missing[0]!r} (resume_memory_occupation of a region not released)"
+            return 500, json.dumps({"error": self.dead})
+        if "weights" in tags:
             self.weights_lost = True  # resumed without a CPU backup: the contents are gone
         self.released -= set(tags)
         return 200, "null"
@@ -169,6 +186,8 @@ class DoubleHandler(BaseHTTPRequestHandler):
         self.wfile.write(text.encode())
 
     def do_GET(self):
+        if self.path == "/model_info" and not self.state.dead:
+            return self._reply(200, json.dumps({"weight_version": self.state.weight_version}))
         self._reply(200 if self.path == "/health" and self.state.mode != "never_healthy" else 503, "")
 
     def do_POST(self):
@@ -220,6 +239,9 @@ def serve_double(argv: list[str]) -> None:
     parser.add_argument("--spawn-child", action="store_true")
     args, _ = parser.parse_known_args(argv)  # the real servers' other flags (--model-path, ...) are ignored
     print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+    for name in sorted(os.environ):  # what the launcher added to the server's environment
+        if name.startswith(("SGLANG_", "SPIN_TEST_")):
+            print(f"env {name}={os.environ[name]}", flush=True)
     if args.double_mode == "exit_on_start":
         print(
             "RuntimeError: not enough memory for the model weights (the double's scripted failure)",

@@ -72,3 +72,28 @@ def hf_logprobs(model_dir: Path, state, prompt: list[int], response: list[int]) 
     ids = torch.tensor([list(prompt) + list(response)])
     logps = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
     return [logps[len(prompt) - 1 + k, token].item() for k, token in enumerate(response)]
+
+
+def sync_then_die_mid_bucket(url: str, model_dir: str) -> None:
+    """A trainer's engine rank killed in the middle of a disaggregated sync: one bucket loaded, then SIGKILL
+    between two broadcasts of the next one (the server is receiving it). Run in a process of its own."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from spin_megatron.rollout.sglang.engine import SGLangEngine
+
+    named = list(perturbed_state(Path(model_dir), seed=7).items())
+    engine = SGLangEngine(SGLangConfig(urls=(url,), sync_mode="disaggregated", request_timeout_s=60))
+    engine.update_weights(named[:4])
+    broadcast, sent = dist.broadcast, []
+
+    def dying(tensor, src, group):
+        sent.append(tensor.shape)
+        if len(sent) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return broadcast(tensor, src=src, group=group)
+
+    dist.broadcast = dying
+    engine.update_weights(named[4:])

@@ -1,8 +1,9 @@
 """The trainer's requests checked by SGLang 0.5.23's own code (tests/sglang_side/contract_check.py, run in
 .venv-sglang): every endpoint's JSON through the server's request classes, and the colocated weight payloads
-decoded rank by rank with SGLang's serializer, restricted unpickler and FlattenedTensorBucket. Covers what the
-CPU server cannot run (/release_memory_occupation, /resume_memory_occupation need CUDA there); CUDA-IPC handles
-themselves are checked by tests/gpu/test_sglang_gpu.py."""
+decoded rank by rank with SGLang's serializer, restricted unpickler and FlattenedTensorBucket; the router command
+line through sglang_router's parser, the servers' environment through SGLang's env registry, the memory saver's
+regions through the scheduler's own code. Covers what the CPU server cannot run (/release_memory_occupation,
+/resume_memory_occupation need CUDA there); CUDA-IPC handles themselves are checked by tests/gpu/test_sglang_gpu.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.rollout.sglang import protocol as proto
 from spin_megatron.rollout.sglang.buckets import pack_flat_buckets
+from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.weights import (
     flattened_bucket_object,
     serialize_for_one_consumer,
@@ -51,6 +53,7 @@ def _requests() -> list[tuple[str, dict]]:
         ("/destroy_weights_update_group", proto.destroy_weights_update_group_payload()),
         ("/release_memory_occupation", proto.memory_payload(["kv_cache", "weights"])),
         ("/resume_memory_occupation", proto.memory_payload(["weights"])),
+        ("/update_weight_version", proto.update_weight_version_payload(proto.memory_stamp("v1", ["kv_cache"]))),
         *[
             ("/init_weights_update_group", proto.init_weights_update_group_payload(
                 master_address="10.0.0.1", master_port=29500, rank_offset=1, world_size=3, backend=backend))
@@ -59,7 +62,24 @@ def _requests() -> list[tuple[str, dict]]:
     ]  # fmt: skip
 
 
-def test_every_request_parses_with_sglangs_own_classes_and_payloads_decode_per_rank(sglang_python, tmp_path):
+WORKERS = ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
+SAVER = SGLangConfig(model_path="/m", enable_memory_saver=True, router_port=31001)
+PLAIN = SGLangConfig(model_path="/m", router_port=31001)
+
+
+def _lifecycle() -> dict:
+    """The trainer's router command lines and server environments, with and without the memory saver."""
+    return {
+        "router_argv": [
+            proto.build_router_command(c, WORKERS, metrics_port=29123)[3:] for c in (SAVER, PLAIN)
+        ],
+        "server_envs": [proto.build_server_env(c, 0, {}, colocated=True) for c in (SAVER, PLAIN)],
+    }
+
+
+@pytest.fixture(scope="module")
+def contract(sglang_python, tmp_path_factory):
+    """One run of the checker (importing SGLang takes ~20 s here): the requests, payloads and lifecycle."""
     use_file_system_sharing()
     buckets = pack_flat_buckets(_weights())  # kept alive (shared memory) until the other side has read them
     tensor_payloads = [
@@ -69,15 +89,19 @@ def test_every_request_parses_with_sglangs_own_classes_and_payloads_decode_per_r
         for b in buckets
     ]
     requests = _requests() + [("/update_weights_from_tensor", body) for body in tensor_payloads]
-    path = tmp_path / "requests.json"
-    path.write_text(
-        json.dumps({"requests": requests, "tensor_payloads": tensor_payloads, "tp_size": TP_SIZE})
-    )
+    path = tmp_path_factory.mktemp("contract") / "requests.json"
+    path.write_text(json.dumps(
+        {"requests": requests, "tensor_payloads": tensor_payloads, "tp_size": TP_SIZE, "lifecycle": _lifecycle()}
+    ))  # fmt: skip
     result = subprocess.run(
         [str(sglang_python), str(CHECK), str(path)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return buckets, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_request_parses_with_sglangs_own_classes_and_payloads_decode_per_rank(contract):
+    buckets, report = contract
     assert report["errors"] == []
     expected = [
         [[name, str(t.dtype), list(t.shape), float(t.double().sum())] for name, t in group]
@@ -85,6 +109,32 @@ def test_every_request_parses_with_sglangs_own_classes_and_payloads_decode_per_r
     ]
     # every TP rank decodes its own entry to the exact tensors, bucket by bucket (one bucket per dtype)
     assert report["decoded"] == [[tensors] * TP_SIZE for tensors in expected]
+
+
+def test_with_the_memory_saver_nothing_probes_a_server_by_generating(contract):
+    """sglang-router 0.3.2 polls /health every 60 s, and 0.5.23's /health generates a token on an idle server:
+    on released memory, or between the flush and the release (whose idle assertion it trips). With the memory
+    saver the router runs no health checks and the servers' /health does not generate (issue 22, item 3)."""
+    saver, plain = contract[1]["lifecycle"]["router"]
+    assert saver["disable_health_check"] and not plain["disable_health_check"]
+    for parsed in (saver, plain):  # the rest of the command line, as sglang_router reads it
+        assert (
+            parsed["worker_urls"] == WORKERS
+            and parsed["port"] == 31001
+            and parsed["prometheus_port"] == 29123
+        )
+        assert parsed["host"] == "127.0.0.1" and parsed["policy"].endswith("round_robin")
+    assert contract[1]["lifecycle"]["health_generates"] == [False, True]
+
+
+def test_resuming_a_region_that_is_not_released_fails_in_sglangs_scheduler(contract):
+    """Why the engine tracks what each server released (item 7): the names are SGLang's, and its scheduler's
+    resume of a region it does not hold released raises (the real server then SIGQUITs itself)."""
+    memory = contract[1]["lifecycle"]["memory"]
+    assert memory["tags"] == list(proto.MEMORY_TAGS)
+    assert memory["resumes"] == ["ok", "KeyError", "KeyError"] and memory["adapter"] == [
+        ["resume", "kv_cache"]
+    ]
 
 
 def test_the_contract_check_rejects_what_sglang_rejects(sglang_python, tmp_path):

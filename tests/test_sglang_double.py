@@ -164,6 +164,101 @@ def test_sleep_before_a_step_without_sync_keeps_the_weights(double):
             engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
 
 
+def test_memory_saver_state_is_tracked_per_server(double):
+    """A release that fails on one server: the other's release is remembered, and only it is resumed (issue 22,
+    item 7). Resuming a region a server does not hold released kills it (SGLang's KeyError, see the double)."""
+    (url_a, state_a), (url_b, state_b) = double(), double(mode="busy_on_release")
+    with SGLangEngine(SGLangConfig(urls=(url_a, url_b), enable_memory_saver=True)) as engine:
+        with pytest.raises(SGLangServerError, match=rf"{url_b}/release_memory_occupation answered HTTP 500"):
+            engine.sleep()
+        assert state_a.released == {"kv_cache", "weights"} and not state_b.released
+        with pytest.raises(RuntimeError, match=rf"asleep .*{url_a}.*call wake\(\) before generate"):
+            engine.generate([[1]], SamplingParams())
+        engine.update_weights(BUCKET)  # resumes the weights of server A only
+        engine.finish_weight_update()
+        engine.wake()
+        assert engine.generate([[1, 2]], SamplingParams(n=2, max_new_tokens=2))
+    assert not state_a.dead and not state_b.dead and not state_a.released
+    assert [body for path, body in state_b.calls if "memory" in path] == [{"tags": ["kv_cache", "weights"]}]
+
+
+def test_a_new_engine_finds_what_an_earlier_one_left_released(double):
+    """The state is kept on the servers (their weight version): a supervisor restart or a resumed trainer
+    attached to the same servers neither generates on released memory nor leaves it released."""
+    url, state = double()
+    config = SGLangConfig(urls=(url,), enable_memory_saver=True)
+    with SGLangEngine(config) as first:
+        first.sleep(
+            release_weights=False
+        )  # and then the trainer dies (or the supervisor replaces the engine)
+    assert state.weight_version == "default+spin_megatron.released=kv_cache"
+    with SGLangEngine(config) as second:
+        with pytest.raises(RuntimeError, match=r"asleep .*kv_cache.*call wake\(\) before generate"):
+            second.generate([[1]], SamplingParams())
+        second.wake()
+        assert second.generate([[1]], SamplingParams(max_new_tokens=2))
+    assert state.weight_version == "default" and state.versions[-1] == "default" and not state.dead
+
+
+def test_a_server_restarted_under_the_engine_is_not_resumed(double):
+    """An attached server restarted while released starts with nothing released (and its own weight version):
+    the engine reads that before resuming, so it never resumes a region the new server does not hold released."""
+    (url_a, state_a), (url_b, state_b) = double(), double()
+    with SGLangEngine(SGLangConfig(urls=(url_a, url_b), enable_memory_saver=True)) as engine:
+        engine.sleep()
+        state_a.released, state_a.weight_version = set(), "default"  # server A restarted (fresh, awake)
+        engine.update_weights(BUCKET)
+        engine.finish_weight_update()
+        engine.wake()
+        assert engine.generate([[1, 2], [3]], SamplingParams(max_new_tokens=2))
+    assert not state_a.dead and not state_b.dead
+    assert not [path for path, _ in state_a.calls if path == "/resume_memory_occupation"]
+    assert [body for path, body in state_b.calls if path == "/resume_memory_occupation"] == [
+        {"tags": ["weights"]},
+        {"tags": ["kv_cache"]},
+    ]
+
+
+def test_colocated_buckets_are_served_from_each_consumers_device(double, monkeypatch):
+    """Each (server, TP rank) gets a payload made from a copy of the bucket on its own device (issue 22, item 6:
+    SGLang's flattened-bucket loader does not move an IPC tensor, so a server reading another GPU's buffer would
+    copy across GPUs). On CPU the 'meta' device stands in for a second GPU."""
+    (url_a, _), (url_b, _) = double(), double()
+    seen = []
+    monkeypatch.setattr(
+        weights_module, "serialize_for_one_consumer", lambda obj: seen.append(obj["flattened_tensor"].device)
+    )
+    with SGLangEngine(SGLangConfig(urls=(url_a, url_b), sync_mode="colocated")) as engine:
+        engine._weights.devices = [[torch.device("cpu")], [torch.device("meta")]]
+        engine.update_weights(BUCKET)  # two dtypes: two flat buckets, each to both servers
+        engine.finish_weight_update()
+    assert [d.type for d in seen] == ["cpu", "meta", "cpu", "meta"]
+
+
+@pytest.mark.parametrize(
+    "groups, servers, tp, visible, expected",
+    [
+        ([(0,), (1,)], 2, 1, "", ["cuda:0", "cuda:1"]),  # each server's own GPU
+        (
+            [(4, 5)],
+            1,
+            2,
+            "4,5,6",
+            ["cuda:0", "cuda:1"],
+        ),  # physical ids through CUDA_VISIBLE_DEVICES, per TP rank
+        ([(0,), (3,)], 2, 1, "0,1", ["cuda:0", "cuda:0"]),  # a GPU this process cannot see: the engine rank's
+        (None, 2, 1, "", ["cuda:0", "cuda:0"]),  # attached servers: GPUs unknown
+    ],
+)
+def test_consumer_devices(monkeypatch, groups, servers, tp, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    devices = weights_module.consumer_devices(groups, servers, tp, torch.device("cuda", 0))
+    assert [str(d) for server in devices for d in server] == expected
+    cpu = torch.device("cpu")
+    assert weights_module.consumer_devices(groups, servers, tp, cpu) == [[cpu] * tp] * servers
+
+
 @pytest.fixture
 def fake_group(monkeypatch):
     """The double cannot join a process group: the trainer's end of it is recorded instead."""
@@ -174,9 +269,7 @@ def fake_group(monkeypatch):
     monkeypatch.setattr(
         torch.distributed, "broadcast", lambda t, src, group: seen["broadcasts"].append(t.shape)
     )
-    monkeypatch.setattr(
-        torch.distributed, "destroy_process_group", lambda group: seen["destroyed"].append(group)
-    )
+    monkeypatch.setattr(weights_module, "_destroy_local", lambda group: seen["destroyed"].append(group))
     return seen
 
 
@@ -205,17 +298,21 @@ def test_disaggregated_sync_requests_inside_a_session(double, fake_group):
     # The servers are told the port of a store that is already bound (nothing to race for).
     port = trainer_end["store"].port
     assert port > 0 and trainer_end["master_port"] == port
+    name = trainer_end["group_name"]  # a name of its own for every group formed (see the failure tests)
+    assert name.startswith(proto.WEIGHT_UPDATE_GROUP + "_") and name != proto.new_weight_update_group_name()
     group = proto.init_weights_update_group_payload(  # server B's TP ranks are 3 and 4 of 1 + 2 × 2
-        master_address="127.0.0.1", master_port=port, rank_offset=3, world_size=5, backend="gloo"
-    )
+        master_address="127.0.0.1", master_port=port, rank_offset=3, world_size=5, backend="gloo",
+        group_name=name,
+    )  # fmt: skip
+    update = proto.update_weights_from_distributed_payload
     assert state.calls == [
         ("/begin_weight_update", {"selector": "all"}),
         ("/init_weights_update_group", group),
-        ("/update_weights_from_distributed", proto.update_weights_from_distributed_payload(BUCKET)),
-        ("/update_weights_from_distributed", proto.update_weights_from_distributed_payload(BUCKET[:1])),
+        ("/update_weights_from_distributed", update(BUCKET, group_name=name)),
+        ("/update_weights_from_distributed", update(BUCKET[:1], group_name=name)),
         ("/end_weight_update", {}),
         ("/flush_cache", None),
-        ("/destroy_weights_update_group", {"group_name": proto.WEIGHT_UPDATE_GROUP}),
+        ("/destroy_weights_update_group", {"group_name": name}),
     ]  # fmt: skip
     assert [g["rank"] for g in fake_group["groups"]] == [0] and fake_group["groups"][0]["backend"] == "gloo"
     assert fake_group["broadcasts"] == [(3, 4), (5,), (2,), (3, 4)]  # in the order of the posted names
@@ -273,11 +370,40 @@ def test_supervisor_records_a_failed_sync_drains_its_buckets_and_restarts_clean(
     supervisor.shutdown()
 
 
+def test_a_failed_sync_removes_the_servers_group_and_the_next_one_forms_a_new_one(double, fake_group):
+    """Issue 22, item 5: after a failure the servers are told to destroy the group (it may exist on their side
+    whatever ours saw), and the next sync forms one under a new name (a server that missed the destroy, or a
+    crashed trainer's, keeps the old name: torch refuses a second group of the same name)."""
+    url, state = double(fail_update_at=1)
+    with SGLangEngine(SGLangConfig(urls=(url,)), trainer_gpu_ids=[]) as engine:
+        with pytest.raises(SGLangServerError, match="shape mismatch"):
+            engine.update_weights(BUCKET)
+        engine.update_weights(BUCKET)
+        engine.finish_weight_update()
+    first, second = [body["group_name"] for path, body in state.calls if path == "/init_weights_update_group"]
+    assert first != second
+    destroyed = [body["group_name"] for path, body in state.calls if path == "/destroy_weights_update_group"]
+    assert destroyed == [
+        first,
+        second,
+    ]  # after the failure, then at shutdown (an attached server outlives us)
+    assert state.paths().index("/destroy_weights_update_group") < state.paths().index("/end_weight_update")
+    assert len(fake_group["destroyed"]) == 2 and not state.session_open
+
+
 def test_server_killed_mid_request_is_a_clear_error():
     port = free_port()
     command = [sys.executable, DOUBLE_SCRIPT, "--port", str(port), "--double-mode", "crash_on_generate"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # an attached server must be listening already (a refused connection fails the start in seconds)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
         with SGLangEngine(SGLangConfig(urls=(f"http://127.0.0.1:{port}",), health_timeout_s=60)) as engine:
             with pytest.raises(SGLangServerError, match=r"/generate: connection failed or dropped .*crashed"):
                 engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
@@ -351,3 +477,50 @@ def test_spin_train_with_a_taken_server_port_fails_in_one_line(capsys, tmp_path,
     (line,) = [line for line in err.splitlines() if "error" in line]  # (above it: the initial model's writer)
     assert code == 2 and line == err.splitlines()[-1], err
     assert line.startswith(f"spin-train: error: SGLang server 0: port {port} on 127.0.0.1 is in use"), err
+
+
+def test_spin_train_with_a_server_that_dies_while_starting_fails_in_one_line(capsys, tmp_path):
+    """Issue 22, item 8: one line naming the server's log file and its last line, no traceback."""
+    from spin_megatron.train import main
+
+    python = tmp_path / "python"  # an interpreter that is there, but whose server dies at once
+    python.write_text(
+        "#!/bin/sh\necho 'RuntimeError: not enough memory for the weights (scripted)'\nexit 3\n"
+    )
+    python.chmod(0o755)
+    capsys.readouterr()
+    code = main(
+        ["experiment=tiny_cpu", f"trainer.output_dir={tmp_path / 'run'}", "rollout.engine=sglang",
+         f"rollout.sglang.python_executable={python}", f"rollout.sglang.base_port={free_port()}",
+         f"rollout.sglang.log_dir={tmp_path / 'logs'}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("spin-train: error: SGLang server at http://127.0.0.1:"), err
+    assert "died before becoming healthy: SGLang server 0 (pid " in line and "exited with code 3" in line
+    assert (
+        f"its log: {tmp_path / 'logs' / 'sglang_server_0.log'} (last line: RuntimeError: not enough" in line
+    )
+
+
+def test_spin_train_attached_to_a_url_where_nothing_listens_fails_within_seconds(capsys, tmp_path):
+    """Connection refused is not a server that is still loading: one line naming the URL, in seconds (it was
+    health_timeout_s, 900 s by default, then a traceback)."""
+    from spin_megatron.train import main
+
+    url = f"http://127.0.0.1:{free_port()}"
+    capsys.readouterr()
+    started = time.monotonic()
+    code = main(
+        ["experiment=tiny_cpu", f"trainer.output_dir={tmp_path / 'run'}", "rollout.engine=sglang",
+         f"rollout.sglang.urls=[{url}]", "rollout.sglang.health_timeout_s=60"]
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (
+        f"spin-train: error: SGLang server at {url} refuses connections (nothing listens there): start it first, "
+        "or fix rollout.sglang.urls"
+    )
+    assert elapsed < 40, elapsed  # the run's own start-up included (model, data); the wait itself is 5 s

@@ -88,7 +88,13 @@ def wait_all_gpus_free(ray, timeout_s: float = 20.0) -> bool:
 
 
 def test_ray_fleet_places_generates_and_leaves_nothing_behind(ray_cluster, tmp_path):
-    config = ray_config(tmp_path, num_engines=2, tp_size=2, max_inflight_requests=4)
+    config = ray_config(
+        tmp_path,
+        num_engines=2,
+        tp_size=2,
+        max_inflight_requests=4,
+        extra_server_env={"SPIN_TEST_IFNAME": "ib0"},
+    )
     with SGLangEngine(config, trainer_gpu_ids=[0]) as engine:
         fleet = engine._fleet
         assert engine.sync_mode == "disaggregated"  # auto: NCCL to Ray's GPUs, never CUDA IPC
@@ -106,6 +112,9 @@ def test_ray_fleet_places_generates_and_leaves_nothing_behind(ray_cluster, tmp_p
     assert "-m sglang.launch_server --model-path fake-model --tp-size 2 --host" in text
     (visible,) = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("CUDA_VISIBLE")]
     assert set(visible.split(",")) == gpu_sets[1]  # the server sees exactly its actor's GPUs
+    # the environment a locally launched server gets (issue 22, item 4): the trainer's log-probs, extra_server_env
+    env = [line for line in text.splitlines() if line.startswith("env ")]
+    assert {"env SGLANG_RETURN_ORIGINAL_LOGPROB=1", "env SPIN_TEST_IFNAME=ib0"} <= set(env), env
     lines = [line for log in logs for line in log.read_text().splitlines()]
     children = [int(line.split()[-1]) for line in lines if line.startswith("child pid")]
     assert len(children) == 2 and all(pid_gone(pid) for pid in pids + children)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,11 +19,13 @@ import requests
 import torch
 
 from spin_megatron.rollout.protocol import SamplingParams
+from spin_megatron.rollout.sglang import protocol as proto
 from spin_megatron.rollout.sglang.config import SGLangConfig
 from spin_megatron.rollout.sglang.engine import SGLangEngine
+from spin_megatron.rollout.sglang.protocol import SGLangServerError
 from spin_megatron.rollout.supervisor import EngineSupervisor, RolloutError
 from tests.sglang_double import free_port
-from tests.sglang_real_server import cpu_server_config, hf_logprobs, perturbed_state
+from tests.sglang_real_server import REPO, cpu_server_config, hf_logprobs, perturbed_state
 
 pytestmark = [pytest.mark.sglang_real, pytest.mark.slow]
 PROMPTS = [[9707, 11, 1879, 0], [3838, 374, 220, 17, 10, 17, 30], [785, 6722]]
@@ -134,6 +138,100 @@ def test_router_in_front_of_two_real_servers_and_a_sync_into_both(fleet, tiny_qw
             assert _greedy_gap(direct, tiny_qwen_vocab_model, state) < 1e-4
     _sync(fleet, perturbed_state(tiny_qwen_vocab_model, seed=None))  # back to the checkpoint's weights
     assert "sglang_router" in (fleet.log_dir / "sglang_router.log").read_text()
+
+
+def _restore(url: str, model_dir) -> None:
+    """The checkpoint's own weights back in the server, for the other tests of this module."""
+    with SGLangEngine(SGLangConfig(urls=(url,), sync_mode="colocated")) as restore:
+        _sync(restore, perturbed_state(model_dir, seed=None))
+
+
+def _disaggregated(server) -> SGLangConfig:
+    # request_timeout_s: a group that cannot form (the pre-fix behaviour) fails in 30 s, not 120
+    return SGLangConfig(urls=tuple(server.urls), sync_mode="disaggregated", request_timeout_s=30)
+
+
+def test_a_sync_that_fails_mid_way_then_a_good_one(server, tiny_qwen_vocab_model):
+    """Issue 22, item 5: the server refuses a bucket after receiving it (its loader checks shapes); the engine
+    tears the group down on both sides, and the next sync forms a new one (before: the server kept the group's
+    name and refused every later /init_weights_update_group)."""
+    state = perturbed_state(tiny_qwen_vocab_model, seed=5)
+    try:
+        with SGLangEngine(_disaggregated(server)) as engine:
+            engine.update_weights(list(state.items())[:4])
+            with pytest.raises(
+                SGLangServerError,
+                match=r"update_weights_from_distributed answered HTTP 400: .*Attempted to load",
+            ):
+                engine.update_weights([("model.norm.weight", torch.zeros(3))])
+            _sync(engine, state)
+            assert _greedy_gap(engine, tiny_qwen_vocab_model, state) < 1e-4
+    finally:
+        _restore(server.urls[0], tiny_qwen_vocab_model)
+
+
+def test_a_trainer_killed_mid_sync_then_a_new_one_attached_to_the_same_server(server, tiny_qwen_vocab_model):
+    """Issue 22, item 5: SIGKILL between two broadcasts leaves the server with an open session and a group whose
+    peer is dead; a new trainer (a resumed run) attached to the same server syncs fully."""
+    code = f"from tests.sglang_real_server import *; sync_then_die_mid_bucket({server.urls[0]!r}, {str(tiny_qwen_vocab_model)!r})"
+    killed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = perturbed_state(tiny_qwen_vocab_model, seed=8)
+    try:
+        started = time.monotonic()
+        with SGLangEngine(_disaggregated(server)) as engine:
+            _sync(engine, state)
+            assert _greedy_gap(engine, tiny_qwen_vocab_model, state) < 1e-4
+        assert time.monotonic() - started < 30
+    finally:
+        _restore(server.urls[0], tiny_qwen_vocab_model)
+
+
+def test_shutdown_after_the_trainers_teardown_is_quiet_and_drops_the_servers_group(
+    server, tiny_qwen_vocab_model, tmp_path, capfd
+):
+    """Issue 22, item 8: a failed run's teardown destroys every process group (``destroy_parallel``), ours too;
+    the engine's shutdown, at exit, then raised ``ValueError: Invalid process group specified``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        engine = SGLangEngine(_disaggregated(server))
+        _sync(
+            engine, perturbed_state(tiny_qwen_vocab_model, seed=None)
+        )  # its own weights: nothing to restore
+        name = engine._weights.server_group
+    finally:
+        dist.destroy_process_group()
+    capfd.readouterr()
+    engine.shutdown()
+    assert capfd.readouterr().err == ""
+    # the attached server was told to drop the group: it no longer has it
+    response = requests.post(
+        server.urls[0] + "/destroy_weights_update_group", json={"group_name": name}, timeout=60
+    )
+    assert response.status_code == 400 and "does not exist" in response.json()["message"]
+
+
+def test_the_memory_saver_state_is_read_from_the_real_servers_weight_version(server):
+    """Issue 22, item 7: what an earlier trainer released is kept in the server's weight version
+    (/update_weight_version, /model_info: both run on CPU; the release itself needs CUDA). A new engine
+    attached to the server reads it and refuses to generate until woken."""
+    url = server.urls[0]
+    base = requests.get(url + "/model_info", timeout=60).json()["weight_version"]
+    stamp = proto.update_weight_version_payload(proto.memory_stamp(base, ["kv_cache"]))
+    assert requests.post(url + "/update_weight_version", json=stamp, timeout=60).status_code == 200
+    try:
+        with SGLangEngine(SGLangConfig(urls=(url,), enable_memory_saver=True)) as engine:
+            assert engine._memory.asleep() == {url: ["kv_cache"]}
+            with pytest.raises(RuntimeError, match=r"asleep .*call wake\(\) before generate"):
+                engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    finally:
+        restore = proto.update_weight_version_payload(base)
+        assert requests.post(url + "/update_weight_version", json=restore, timeout=60).status_code == 200
+    assert requests.get(url + "/model_info", timeout=60).json()["weight_version"] == base
 
 
 def _kill_server(engine) -> None:

@@ -7,7 +7,10 @@ SGLang's own code, as its HTTP server would. Prints one JSON report on stdout.
   check that every key we send is a field of that class (pydantic would ignore a misspelt one silently);
 - /update_weights_from_tensor payloads: each TP rank's entry decoded alone, as ``tp_worker.deserialize_own_rank``
   does (SGLang's ``MultiprocessingSerializer`` and restricted unpickler), then rebuilt by SGLang's
-  ``FlattenedTensorBucket``; the report lists, per rank, each weight's name, dtype, shape and a checksum.
+  ``FlattenedTensorBucket``; the report lists, per rank, each weight's name, dtype, shape and a checksum;
+- lifecycle (optional ``lifecycle`` section): router command lines through sglang_router's own parser, server
+  environments through SGLang's env registry (does /health generate?), and the memory saver's regions as the
+  scheduler's ``SchedulerWeightUpdaterManager`` treats them (their names; resuming one that is not released).
 """
 
 import json
@@ -30,6 +33,7 @@ CLASSES = {
     "/destroy_weights_update_group": io_struct.DestroyWeightsUpdateGroupReqInput,
     "/release_memory_occupation": io_struct.ReleaseMemoryOccupationReqInput,
     "/resume_memory_occupation": io_struct.ResumeMemoryOccupationReqInput,
+    "/update_weight_version": io_struct.UpdateWeightVersionReqInput,
 }
 
 
@@ -79,6 +83,68 @@ def decode_tensor_payload(body, tp_size):
     return per_rank
 
 
+def router_args(argv):
+    from sglang_router.launch_router import parse_router_args
+
+    args = parse_router_args(argv)
+    fields = ("worker_urls", "host", "port", "prometheus_port", "disable_health_check")
+    return {**{name: getattr(args, name) for name in fields}, "policy": str(args.policy)}
+
+
+def health_generates(env):
+    """Whether SGLang's /health would run a generation under ``env`` (read as its HTTP server reads it)."""
+    import os
+
+    from sglang.srt.environ import envs
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return envs.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION.get()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def memory_regions():
+    """The scheduler's own resume on a manager that holds ``kv_cache`` released (what a release leaves)."""
+    from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS
+    from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
+
+    class Adapter:  # torch_memory_saver needs CUDA; only its calls are recorded
+        calls = []
+
+        def pause(self, tag):
+            self.calls.append(("pause", tag))
+
+        def resume(self, tag):
+            self.calls.append(("resume", tag))
+
+    manager = object.__new__(SchedulerWeightUpdaterManager)  # its __post_init__ needs SGLang's TP groups
+    manager.offload_tags, manager.memory_saver_adapter, manager.scheduler = {"kv_cache"}, Adapter(), None
+    outcomes = []
+    for tags in (["kv_cache"], ["kv_cache"], ["weights"]):
+        try:
+            manager.resume_memory_occupation(io_struct.ResumeMemoryOccupationReqInput(tags=tags))
+            outcomes.append("ok")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+    return {
+        "tags": [GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS],
+        "resumes": outcomes,
+        "adapter": Adapter.calls,
+    }
+
+
+def lifecycle_report(spec):
+    return {
+        "router": [router_args(argv) for argv in spec["router_argv"]],
+        "health_generates": [health_generates(env) for env in spec["server_envs"]],
+        "memory": memory_regions(),
+    }
+
+
 def main(path):
     requests = json.load(open(path))
     report = {"errors": [], "decoded": []}
@@ -91,6 +157,8 @@ def main(path):
             report["errors"].append(f"{endpoint}: {error}")
     for body in requests["tensor_payloads"]:
         report["decoded"].append(decode_tensor_payload(body, requests["tp_size"]))
+    if "lifecycle" in requests:
+        report["lifecycle"] = lifecycle_report(requests["lifecycle"])
     print(json.dumps(report))
 
 

@@ -16,7 +16,9 @@ half-updated model.
 Lifecycle (colocated, memory saver): ``sleep(release_weights=...)`` releases the KV cache, and the weights
 too when a sync follows (SGLang keeps no CPU copy of released weights: a resume without a sync would serve
 garbage); ``update_weights`` resumes the weights; ``wake()`` resumes whatever is still released. The trainer
-wakes the engine at the end of every step, so every path that generates finds it awake.
+wakes the engine at the end of every step, so every path that generates finds it awake. What is released is
+tracked per server and kept on the servers (``memory.py``): a failure on one server, a new engine attached to the
+same servers and a server restarted under us all leave it right.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.protocol import SamplingParams
-from spin_megatron.rollout.sglang.config import SGLangConfig, resolve_sync_mode
+from spin_megatron.rollout.sglang.config import SGLangConfig, engine_gpu_groups, resolve_sync_mode
+from spin_megatron.rollout.sglang.memory import ServerMemory
 from spin_megatron.rollout.sglang.protocol import (
     MEMORY_TAGS,
     SESSION_ALREADY_OPEN,
@@ -45,7 +48,6 @@ from spin_megatron.rollout.sglang.protocol import (
     begin_weight_update_payload,
     end_weight_update_payload,
     generate_payload,
-    memory_payload,
     parse_generate_response,
     sample_seed,
     snippet,
@@ -103,19 +105,29 @@ class SGLangEngine:
         # One weight/memory request per server at a time, plus room for any a failed call left running.
         self._admin_pool = ThreadPoolExecutor(2 * len(self.urls), thread_name_prefix="sglang-admin")
         if self.sync_mode == "colocated":
-            self._weights = ColocatedWeightSync(self._client, self._admin_pool, self.urls, config.tp_size)
+            # launched servers: each (server, TP rank) reads a buffer on its own GPU; attached: GPUs unknown
+            groups = engine_gpu_groups(config) if config.launches_servers else None
+            self._weights = ColocatedWeightSync(
+                self._client, self._admin_pool, self.urls, config.tp_size, groups
+            )
         else:
             self._weights = DisaggregatedWeightSync(
                 self._client, self._admin_pool, self.urls, config.tp_size,
                 master_address=config.weight_sync_master_address or self._default_master_address(),
                 master_port=config.weight_sync_master_port, timeout_s=config.request_timeout_s,
             )  # fmt: skip
-        self._released: set[str] = set()  # memory tags released by sleep() and not resumed yet
+        self._memory = ServerMemory(self._client, self._admin_pool, self.urls)
         self._in_session = False  # a weight-update session is open on the servers
         self._sessions_supported: bool | None = None  # False: servers older than the session endpoints
         self._next_server = 0
         self._closed = False
         atexit.register(self.shutdown)
+        if config.enable_memory_saver:
+            try:
+                self._memory.load()  # what an earlier trainer left released on these servers
+            except BaseException:
+                self.shutdown()
+                raise
 
     @property
     def urls(self) -> list[str]:
@@ -139,9 +151,10 @@ class SGLangEngine:
     ) -> list[Sample]:
         """``params.n`` samples per prompt, prompt by prompt, ``sample_index`` 0..n-1 inside each."""
         self._check_open()
-        if self._released:
+        asleep = self._memory.asleep()
+        if asleep:
             raise RuntimeError(
-                "the SGLang servers are asleep (memory released): call wake() before generate()"
+                f"SGLang servers are asleep (memory released: {asleep}): call wake() before generate()"
             )
         keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
         if len(keys) != len(prompt_ids):
@@ -194,8 +207,7 @@ class SGLangEngine:
         if not named:
             return
         try:
-            if "weights" in self._released:
-                self._resume(["weights"])  # the KV cache stays released until wake()
+            self._memory.resume(["weights"])  # where released; the KV cache stays released until wake()
             if not self._in_session:
                 self._begin_session()
             self._weights.push(named)
@@ -210,16 +222,18 @@ class SGLangEngine:
         try:
             if self._in_session:
                 self._end_session()
-            if "kv_cache" not in self._released:
-                self._flush_caches()
+            self._flush_caches([url for url in self.urls if "kv_cache" not in self._memory.released[url]])
         except BaseException:
             self.abort_weight_update()
             raise
         self._weights.finish()
 
     def abort_weight_update(self) -> None:
-        """After a failed sync: close the session on every server that still answers (errors are reported,
-        not raised: the caller is already handling the failure) and drop what the sync holds."""
+        """After a failed sync: drop the weight-update group (ours first: a server blocked in a broadcast from us
+        is released by it) and close the session on every server that still answers (errors are reported, not
+        raised: the caller is already handling the failure)."""
+        if isinstance(self._weights, DisaggregatedWeightSync):
+            self._weights.drop_group()
         if self._in_session:
             self._in_session = False
             for url in self.urls:
@@ -229,8 +243,6 @@ class SGLangEngine:
                     print(
                         f"sglang: closing the weight-update session of {url} failed: {exc}", file=sys.stderr
                     )
-        if isinstance(self._weights, DisaggregatedWeightSync):
-            self._weights.drop_group()
         self._weights.finish()
 
     def _begin_session(self) -> None:
@@ -267,30 +279,23 @@ class SGLangEngine:
         """Release the KV cache, and the weights when ``release_weights`` (only when a weight sync follows:
         SGLang does not back released weights up). Memory-saver servers only; others keep their memory."""
         self._check_open()
-        tags = [tag for tag in MEMORY_TAGS if tag != "weights" or release_weights]
-        tags = [tag for tag in tags if tag not in self._released]
-        if not self.config.enable_memory_saver or not tags:
+        if not self.config.enable_memory_saver:
             return
-        self._flush_caches()  # SGLang refuses to release memory while requests are still queued
-        self._post_all("/release_memory_occupation", memory_payload(tags))
-        self._released |= set(tags)
+        tags = [tag for tag in MEMORY_TAGS if tag != "weights" or release_weights]
+        # SGLang refuses to release memory while requests are still queued
+        self._flush_caches([url for url in self.urls if set(tags) - self._memory.released[url]])
+        self._memory.release(tags)
 
     def wake(self) -> None:
         self._check_open()
-        self._resume([tag for tag in ("weights", "kv_cache") if tag in self._released])
-
-    def _resume(self, tags: list[str]) -> None:
-        if not tags:
-            return
-        self._post_all("/resume_memory_occupation", memory_payload(tags))
-        self._released -= set(tags)
+        self._memory.resume(["weights", "kv_cache"])
 
     def _post_all(self, endpoint: str, payload: dict) -> None:
         post_to_all(self._client, self._admin_pool, self.urls, endpoint, [payload] * len(self.urls))
 
-    def _flush_caches(self) -> None:
-        """POST /flush_cache to every server; SGLang answers 400 while requests run, so retry until idle."""
-        for url in self.urls:
+    def _flush_caches(self, urls: list[str]) -> None:
+        """POST /flush_cache to ``urls``; SGLang answers 400 while requests run, so retry until idle."""
+        for url in urls:
             deadline = time.monotonic() + self.config.request_timeout_s
             while True:
                 response = self._client.request("POST", url, "/flush_cache")
@@ -304,7 +309,8 @@ class SGLangEngine:
 
     # ----- shutdown ---------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Leave the weight-update group, stop every process this engine started. Idempotent."""
+        """Leave the weight-update group, stop every process this engine started. Idempotent; quiet and safe
+        after any failure (it also runs at exit)."""
         if self._closed:
             return
         self._closed = True

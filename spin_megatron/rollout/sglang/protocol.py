@@ -17,8 +17,10 @@ dataclasses in ``python/sglang/srt/managers/io_struct.py``, SGLang 0.5.x):
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,10 @@ from spin_megatron.types import FinishReason
 MEMORY_TAGS = ("kv_cache", "weights")
 WEIGHT_UPDATE_GROUP = "spin_megatron_weight_sync"
 ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
+# 0.5.23's /health runs a one-token generation on an idle server (``entrypoints/http_server.py``
+# ``health_generate``) unless this is false: with released memory that generation runs on unmapped memory,
+# and one landing between the flush and the release trips the release's idle assertion.
+HEALTH_GENERATION_ENV = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
 SNIPPET_CHARS = 300
 
 
@@ -73,14 +79,24 @@ def build_server_command(config: SGLangConfig, engine_index: int, *, colocated: 
 
 
 def build_server_env(
-    config: SGLangConfig, engine_index: int, base_env: Mapping[str, str], *, colocated: bool
+    config: SGLangConfig,
+    engine_index: int,
+    base_env: Mapping[str, str],
+    *,
+    colocated: bool,
+    fence_gpus: bool = True,
 ) -> dict[str, str]:
-    """The server's environment: ``base_env``, ``CUDA_VISIBLE_DEVICES`` (see build_server_command), log-probs
-    before top-p/top-k renormalisation and temperature (``SGLANG_RETURN_ORIGINAL_LOGPROB``, read in SGLang's
-    ``srt/layers/sampler.py``: what the trainer recomputes for ``rollout/logp_diff``), then
-    ``extra_server_env``."""
-    gpus = _visible_gpus(config) if colocated else engine_gpu_groups(config)[engine_index]
-    env = {**base_env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), ORIGINAL_LOGPROB_ENV: "1"}
+    """The server's environment: ``base_env``, ``CUDA_VISIBLE_DEVICES`` (see build_server_command; with
+    ``fence_gpus=False`` the one in ``base_env`` is kept: a Ray actor's, set by Ray), log-probs before
+    top-p/top-k renormalisation and temperature (``SGLANG_RETURN_ORIGINAL_LOGPROB``, read in SGLang's
+    ``srt/layers/sampler.py``: what the trainer recomputes for ``rollout/logp_diff``), with the memory saver a
+    ``/health`` that does not generate (:data:`HEALTH_GENERATION_ENV`), then ``extra_server_env``."""
+    env = {**base_env, ORIGINAL_LOGPROB_ENV: "1"}
+    if fence_gpus:
+        gpus = _visible_gpus(config) if colocated else engine_gpu_groups(config)[engine_index]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    if config.enable_memory_saver:
+        env[HEALTH_GENERATION_ENV] = "0"
     return {**env, **config.extra_server_env}
 
 
@@ -93,12 +109,19 @@ def build_router_command(
 ) -> list[str]:
     """``python -m sglang_router.launch_router --worker-urls ...`` in front of ``worker_urls``. ``metrics_port``:
     its Prometheus exporter's port (sglang_router's default, 29000, is one fixed port per host: a second router on
-    the host — another replica's, another run's — would die on it)."""
+    the host — another replica's, another run's — would die on it).
+
+    With the memory saver the router runs no health checks (``--disable-health-check``; 0.3.2 otherwise polls
+    every worker's ``/health`` each 60 s, which in 0.5.23 generates a token on an idle server: on released
+    weights or KV cache, or between the flush and the release). A dead server then shows as failed requests,
+    which the trainer's supervisor handles."""
     python = config.python_executable or sys.executable
     metrics = ["--prometheus-port", str(metrics_port)] if metrics_port else []
+    health = ["--disable-health-check"] if config.enable_memory_saver else []
     return [
         python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
         "--host", config.host, "--port", str(config.router_port), "--policy", config.router_policy, *metrics,
+        *health,
     ]  # fmt: skip
 
 
@@ -297,6 +320,40 @@ SESSION_ALREADY_OPEN = "already open"  # in 0.5.23's refusal of a second /begin_
 
 def destroy_weights_update_group_payload(group_name: str = WEIGHT_UPDATE_GROUP) -> dict:
     return {"group_name": group_name}
+
+
+GROUP_MISSING = "does not exist"  # in 0.5.23's answer to destroying a group it does not have
+
+
+def new_weight_update_group_name() -> str:
+    """A name for ONE weight-update group, never reused. A server keeps a group until told to destroy it, and
+    torch refuses a second group of the same name: with a fixed name, a server that missed the destroy (a failed
+    sync, a trainer that crashed) would refuse every later ``/init_weights_update_group``."""
+    return f"{WEIGHT_UPDATE_GROUP}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+
+
+# The memory saver's state is written into the server's weight version (``/update_weight_version``, read back by
+# ``/model_info``): it lives as long as the server does, a restarted server starts without it, and a new trainer
+# attached to the server reads it. SGLang itself reports no released regions.
+RELEASED_MARK = "+spin_megatron.released="
+
+
+def memory_stamp(base_version: str, released: Iterable[str]) -> str:
+    """The weight version that records ``released`` regions on top of the server's own ``base_version``."""
+    tags = sorted(set(released))
+    return f"{base_version}{RELEASED_MARK}{','.join(tags)}" if tags else base_version
+
+
+def parse_memory_stamp(version: Any) -> tuple[str, set[str]]:
+    """``(server's own version, released regions)`` of a weight version written by :func:`memory_stamp`."""
+    version = version if isinstance(version, str) else "default"
+    base, marked, tags = version.partition(RELEASED_MARK)
+    return base, {tag for tag in tags.split(",") if tag in MEMORY_TAGS} if marked else set()
+
+
+def update_weight_version_payload(version: str) -> dict:
+    """``UpdateWeightVersionReqInput``; nothing runs while the trainer changes it, so nothing is aborted."""
+    return {"new_version": version, "abort_all_requests": False}
 
 
 def memory_payload(tags: Sequence[str]) -> dict:

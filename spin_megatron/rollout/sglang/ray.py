@@ -32,7 +32,7 @@ from typing import Any
 from spin_megatron.errors import ConfigError, UserError
 from spin_megatron.ports import port_free
 from spin_megatron.rollout.sglang.config import SGLangConfig
-from spin_megatron.rollout.sglang.protocol import SGLangServerError, build_server_command
+from spin_megatron.rollout.sglang.protocol import SGLangServerError, build_server_command, build_server_env
 from spin_megatron.rollout.sglang.server import HttpClient, ManagedProcess, ServerFleet
 
 CONNECT_RETRY_S = 2.0
@@ -157,7 +157,8 @@ class SGLangServerActor:
         # Index 0 of a one-server config: this server's own host, port and (visible) GPUs.
         single = replace(self.config, host=host, base_port=port, num_engines=1, gpu_ids=())
         command = build_server_command(single, 0, colocated=False)
-        env = dict(os.environ)  # Ray set CUDA_VISIBLE_DEVICES to this actor's GPUs
+        # what a locally launched server gets, except CUDA_VISIBLE_DEVICES: Ray set it to this actor's GPUs
+        env = build_server_env(single, 0, os.environ, colocated=False, fence_gpus=False)
         log = self.log_dir / f"sglang_server_{self.index}.log"
         self.process = ManagedProcess(
             f"SGLang server {self.index} on {host}", command, env, log, die_with_parent=True
@@ -177,6 +178,9 @@ class SGLangServerActor:
 
     def describe(self) -> str:
         return "not started" if self.process is None else self.process.describe()
+
+    def summary(self) -> str:
+        return "not started" if self.process is None else self.process.summary()
 
     def terminate(self, grace_s: float = 20.0) -> None:
         if self.process is not None:
@@ -221,6 +225,12 @@ class RemoteServerProcess:
     def describe(self) -> str:
         try:
             return f"{self.name}: {self._call('describe')}"
+        except ActorGone as exc:
+            return f"{exc}; its log was {self.info['log']} on {self.info['node_ip']}"
+
+    def summary(self) -> str:
+        try:
+            return f"{self.name}: {self._call('summary')} on {self.info['node_ip']}"
         except ActorGone as exc:
             return f"{exc}; its log was {self.info['log']} on {self.info['node_ip']}"
 

@@ -40,6 +40,7 @@ LINUX = sys.platform.startswith(
 )  # die_with_parent needs prctl; elsewhere the actor's terminate() only
 LOG_TAIL_LINES = 40
 PORT_RELEASE_WAIT_S = 10.0  # how long a port may stay taken by a server that was just stopped
+ATTACHED_REFUSED_S = 5.0  # how long an attached server may refuse connections before that is an error
 
 
 def _die_with_parent() -> None:
@@ -53,6 +54,26 @@ def _die_with_parent() -> None:
 
 class PortTakenError(SGLangServerError, UserError):
     """A port a launched server or router needs is taken: one line at start-up, a failed restart later."""
+
+
+class ServerStartError(SGLangServerError, UserError):
+    """A server (or router) that cannot start, died before it was healthy, never became healthy, or is attached
+    and refuses connections: one line naming its log file or URL (a traceback would add nothing)."""
+
+
+class ServerRefused(SGLangServerError):
+    """Nothing listens at the server's address (connection refused)."""
+
+
+def _refused(exc: BaseException | None, depth: int = 0) -> bool:
+    """Whether ``exc`` (a requests error) comes from a refused connection, however deeply urllib3 wrapped it."""
+    if exc is None or depth > 6:
+        return False
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    inner = [a for a in getattr(exc, "args", ()) if isinstance(a, BaseException)]
+    inner += [getattr(exc, "reason", None), exc.__cause__, exc.__context__]
+    return any(_refused(e, depth + 1) for e in inner if isinstance(e, BaseException))
 
 
 class ManagedProcess:
@@ -78,10 +99,17 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(command)}\n".encode())
             log.flush()
-            self._popen = subprocess.Popen(
-                list(command), env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent and LINUX else None,
-            )  # fmt: skip
+            try:
+                self._popen = subprocess.Popen(
+                    list(command), env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                    preexec_fn=_die_with_parent if die_with_parent and LINUX else None,
+                )  # fmt: skip
+            except OSError as exc:  # no such interpreter, not executable
+                raise ServerStartError(
+                    f"cannot start {name}: {command[0]}: {exc.strerror or exc} (python_executable must be a "
+                    "Python with SGLang installed)"
+                ) from None
 
     @property
     def pid(self) -> int:
@@ -97,9 +125,17 @@ class ManagedProcess:
         return "\n".join(text[-lines:]) or "(empty log)"
 
     def describe(self) -> str:
+        return f"{self._state()}; last lines of {self.log_path}:\n{self.log_tail()}"
+
+    def summary(self) -> str:
+        """One line: the state, the log file and its last line."""
+        return f"{self._state()}; its log: {self.log_path} (last line: {snippet(self.log_tail(1), 200)})"
+
+    def _state(self) -> str:
         code = self.exit_code()
-        state = "still running" if code is None else f"exited with code {code}"
-        return f"{self.name} (pid {self.pid}) {state}; last lines of {self.log_path}:\n{self.log_tail()}"
+        return f"{self.name} (pid {self.pid}) " + (
+            "still running" if code is None else f"exited with code {code}"
+        )
 
     def terminate(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the process group, SIGKILL to whatever is left after ``grace_s``."""
@@ -153,7 +189,8 @@ class HttpClient:
                 f"the server is just slow). {self.describe_failure(url)}".rstrip()
             ) from exc
         except requests.ConnectionError as exc:
-            raise SGLangServerError(
+            error = ServerRefused if _refused(exc) else SGLangServerError
+            raise error(
                 f"{url}{endpoint}: connection failed or dropped ({type(exc).__name__}); the server is not "
                 f"running or crashed while handling the request. {self.describe_failure(url)}".rstrip()
             ) from exc
@@ -229,29 +266,39 @@ def wait_until_healthy(
     process: ManagedProcess | None = None,
     what: str = "server",
 ) -> None:
-    """Poll ``GET url/health`` until it answers 200; fail early if ``process`` exits, with its log tail."""
-    deadline = time.monotonic() + timeout_s
+    """Poll ``GET url/health`` until it answers 200. Fails in one line (:class:`ServerStartError`) when
+    ``process`` exits (naming its log), after ``timeout_s``, or, for an attached server (no ``process``), when
+    connections are still refused after :data:`ATTACHED_REFUSED_S`: nothing listens there, which is not a
+    server that is still loading (that one answers 503, or not at all, and is waited for)."""
+    start = time.monotonic()
+    deadline = start + timeout_s
     last = "no answer yet"
     while True:
         if process is not None and process.exit_code() is not None:
-            raise SGLangServerError(
-                f"SGLang {what} at {url} died before becoming healthy: {process.describe()}"
+            raise ServerStartError(
+                f"SGLang {what} at {url} died before becoming healthy: {process.summary()}"
             )
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         try:
             response = client.request("GET", url, "/health", timeout_s=max(0.1, min(5.0, remaining)))
+        except ServerRefused as exc:
+            if process is None and time.monotonic() - start >= min(ATTACHED_REFUSED_S, timeout_s):
+                raise ServerStartError(
+                    f"SGLang {what} at {url} refuses connections (nothing listens there): start it first, or "
+                    "fix rollout.sglang.urls"
+                ) from exc
+            last = "connection refused"
         except SGLangServerError as exc:
-            # Not up yet (connection refused) or slow: remembered for the timeout message, polled again.
-            last = str(exc).splitlines()[0]
+            last = str(exc).splitlines()[0]  # slow to answer: remembered for the timeout message
         else:
             if response.status_code == 200:
                 return
             last = f"HTTP {response.status_code}: {snippet(response.text, 120)}"
         time.sleep(max(0.0, min(HEALTH_POLL_S, deadline - time.monotonic())))
-    detail = f" {process.describe()}" if process is not None else ""
-    raise SGLangServerError(
+    detail = f" {process.summary()}" if process is not None else ""
+    raise ServerStartError(
         f"SGLang {what} at {url} did not become healthy within {timeout_s:g} s (last: {last}); raise "
         f"rollout.sglang.health_timeout_s if it is still loading.{detail}"
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -39,12 +40,15 @@ from torch.multiprocessing import reductions
 
 from spin_megatron.rollout.sglang.buckets import FlatBucket, pack_flat_buckets
 from spin_megatron.rollout.sglang.protocol import (
+    GROUP_MISSING,
     WEIGHT_UPDATE_GROUP,
     SGLangServerError,
     check_success_response,
     destroy_weights_update_group_payload,
     engine_rank_offsets,
     init_weights_update_group_payload,
+    new_weight_update_group_name,
+    snippet,
     update_weights_from_distributed_payload,
     update_weights_from_tensor_payload,
 )
@@ -106,12 +110,48 @@ def use_file_system_sharing() -> None:
         torch.multiprocessing.set_sharing_strategy("file_system")
 
 
-class ColocatedWeightSync:
-    """``/update_weights_from_tensor`` with one payload per (server, TP rank)."""
+def consumer_devices(
+    gpu_groups: Sequence[Sequence[int]] | None, num_servers: int, tp_size: int, engine_device: torch.device
+) -> list[list[torch.device]]:
+    """Where the trainer puts the buffer each (server, TP rank) reads: that rank's own GPU.
 
-    def __init__(self, client: HttpClient, pool: ThreadPoolExecutor, urls: Sequence[str], tp_size: int):
+    SGLang 0.5.23 rebuilds a CUDA-IPC tensor on the exporter's GPU and its flattened-bucket loader
+    (``model_runner_components/weight_updater.py`` → ``FlattenedTensorBucket.reconstruct_tensors`` →
+    ``load_weights``) does not move it: a server on another GPU would copy every weight across GPUs and keep a
+    CUDA context on the engine rank's GPU for good. ``gpu_groups``: the physical GPUs of each launched server's
+    TP ranks (None for attached servers, whose GPUs are unknown: the engine rank's GPU serves them all, as it
+    does any GPU this process cannot see)."""
+    fallback = [[engine_device] * tp_size for _ in range(num_servers)]
+    if engine_device.type != "cuda" or gpu_groups is None:
+        return fallback
+    visible = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    count = torch.cuda.device_count()
+
+    def local(gpu: int) -> torch.device:
+        if visible:
+            index = visible.index(str(gpu)) if str(gpu) in visible else -1
+        else:
+            index = gpu if gpu < count else -1
+        return torch.device("cuda", index) if index >= 0 else engine_device
+
+    return [[local(gpu) for gpu in group] for group in gpu_groups]
+
+
+class ColocatedWeightSync:
+    """``/update_weights_from_tensor`` with one payload per (server, TP rank), each from a buffer on the GPU
+    of that rank (:func:`consumer_devices`)."""
+
+    def __init__(
+        self,
+        client: HttpClient,
+        pool: ThreadPoolExecutor,
+        urls: Sequence[str],
+        tp_size: int,
+        gpu_groups: Sequence[Sequence[int]] | None = None,
+    ):
         self.client, self.pool, self.urls, self.tp_size = client, pool, list(urls), tp_size
         self.device = transport_device()
+        self.devices = consumer_devices(gpu_groups, len(self.urls), tp_size, self.device)
         if self.device.type == "cpu":
             use_file_system_sharing()
         # Buffers of the last bucket outlive its acknowledgement: SGLang answers once it has *enqueued* its
@@ -120,17 +160,29 @@ class ColocatedWeightSync:
 
     def push(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
         buckets = pack_flat_buckets(_on_device(named, self.device))
-        if self.device.type == "cuda":  # the server reads these buffers on its own stream, in another process
-            torch.cuda.current_stream().synchronize()
-        for bucket in buckets:
-            obj = flattened_bucket_object(bucket)
-            payloads = []
-            for _ in self.urls:
-                per_rank = [serialize_for_one_consumer(obj) for _ in range(self.tp_size)]
-                payloads.append(update_weights_from_tensor_payload(per_rank))
+        copies = [self._copies(bucket) for bucket in buckets]
+        if (
+            self.device.type == "cuda"
+        ):  # the servers read these buffers on their own streams, in other processes
+            for device in {d for server in self.devices for d in server}:
+                torch.cuda.synchronize(device)
+        for on_device in copies:
+            payloads = [
+                update_weights_from_tensor_payload(
+                    [serialize_for_one_consumer(flattened_bucket_object(on_device[d])) for d in server]
+                )
+                for server in self.devices
+            ]
             endpoint = "/update_weights_from_tensor"
             post_to_all(self.client, self.pool, self.urls, endpoint, payloads, check_success_response)
-        self._retained = buckets
+        self._retained = [bucket for on_device in copies for bucket in on_device.values()]
+
+    def _copies(self, bucket: FlatBucket) -> dict[torch.device, FlatBucket]:
+        """The bucket on every consumer GPU (the engine rank's own: the bucket itself)."""
+        wanted = {d for server in self.devices for d in server}
+        return {
+            d: bucket if d == self.device else FlatBucket(bucket.flat.to(d), bucket.entries) for d in wanted
+        }
 
     def finish(self) -> None:
         self._retained = []
@@ -152,14 +204,14 @@ def host_weight_update_store(master_address: str, master_port: int, world_size: 
 
 def new_weight_update_group(
     *, backend: str, master_address: str, master_port: int, world_size: int, rank: int, timeout_s: float,
-    store=None,
+    store=None, group_name: str = WEIGHT_UPDATE_GROUP,
 ):  # fmt: skip
     """A process group of the trainer and the servers, beside (not replacing) the trainer's default group.
 
     The rendezvous is the one SGLang's ``init_custom_process_group`` performs on the servers' side: a TCP
     store at ``master_address:master_port`` (rank 0, the trainer, hosts it: pass the one from
-    :func:`host_weight_update_store`), keys under the group name as prefix. torch has no public API for a group outside the default world, hence its internal helper
-    (SGLang, verl and slime use the same one)."""
+    :func:`host_weight_update_store`), keys under the group name as prefix. torch has no public API for a group
+    outside the default world, hence its internal helper (SGLang, verl and slime use the same one)."""
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     timeout = timedelta(seconds=timeout_s)
@@ -169,15 +221,25 @@ def new_weight_update_group(
         )
     store.set_timeout(timeout)
     group, _ = _new_process_group_helper(
-        world_size, rank, [], Backend(backend), PrefixStore(WEIGHT_UPDATE_GROUP, store),
-        group_name=WEIGHT_UPDATE_GROUP, timeout=timeout,
+        world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+        group_name=group_name, timeout=timeout,
     )  # fmt: skip
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
 
+# How long each server gets to drop the group at shutdown: a dead or stuck server must not hold up the exit.
+CLOSE_TIMEOUT_S = 10.0
+
+
 class DisaggregatedWeightSync:
-    """``/update_weights_from_distributed`` over a trainer + servers group (NCCL on GPU, gloo on CPU)."""
+    """``/update_weights_from_distributed`` over a trainer + servers group (NCCL on GPU, gloo on CPU).
+
+    Every group has a name of its own (:func:`new_weight_update_group_name`). From the moment the servers are
+    asked to join one it may exist on their side, whatever happened on ours: after a failed sync and at close
+    they are asked to destroy it (one that has it no longer answers "does not exist", which is fine). A server
+    that never heard the destroy (a trainer killed mid-sync) keeps a dead group, but the next group's new name
+    cannot collide with it."""
 
     def __init__(
         self,
@@ -194,38 +256,29 @@ class DisaggregatedWeightSync:
         self.master_address, self.master_port, self.timeout_s = master_address, master_port, timeout_s
         self.device = transport_device()
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self._group = None
+        self._group = None  # our end of the group
+        self.server_group: str | None = (
+            None  # the group the servers were asked to form and not yet to destroy
+        )
 
     def _connect(self) -> None:
         """Both sides block in the rendezvous, so the servers are asked to join before the trainer does."""
         offsets, world_size = engine_rank_offsets(len(self.urls), self.tp_size)
-        try:
-            store = host_weight_update_store(
-                self.master_address, self.master_port, world_size, self.timeout_s
-            )
-        except (
-            RuntimeError,
-            OSError,
-        ) as exc:  # DistNetworkError: the port is taken or the address is not ours
-            raise SGLangServerError(
-                f"cannot host the weight-update rendezvous on {self.master_address}:{self.master_port or 'any'} "
-                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): set "
-                "rollout.sglang.weight_sync_master_address to an address of this host the servers reach, and "
-                "rollout.sglang.weight_sync_master_port=0 (a free port) or a free one"
-            ) from exc
-        port = store.port
+        store = self._host_store(world_size)
+        port, name = store.port, new_weight_update_group_name()
         payloads = [
             init_weights_update_group_payload(
                 master_address=self.master_address, master_port=port, rank_offset=offset,
-                world_size=world_size, backend=self.backend,
+                world_size=world_size, backend=self.backend, group_name=name,
             )
             for offset in offsets
         ]  # fmt: skip
+        self.server_group = name
         futures = submit_to_all(self.client, self.pool, self.urls, "/init_weights_update_group", payloads)
         try:
             group = new_weight_update_group(
                 backend=self.backend, master_address=self.master_address, master_port=port,
-                world_size=world_size, rank=0, timeout_s=self.timeout_s, store=store,
+                world_size=world_size, rank=0, timeout_s=self.timeout_s, store=store, group_name=name,
             )  # fmt: skip
         except Exception as exc:
             # The servers' answers say why they did not join (unreachable address, taken port, ...).
@@ -237,45 +290,91 @@ class DisaggregatedWeightSync:
         try:
             collect_all(self.urls, futures, "/init_weights_update_group", check_success_response)
         except BaseException:
-            dist.destroy_process_group(group)
+            _destroy_local(group)
             raise
         self._group = group
+
+    def _host_store(self, world_size: int):
+        try:
+            return host_weight_update_store(self.master_address, self.master_port, world_size, self.timeout_s)
+        except (
+            RuntimeError,
+            OSError,
+        ) as exc:  # DistNetworkError: the port is taken or the address is not ours
+            raise SGLangServerError(
+                f"cannot host the weight-update rendezvous on {self.master_address}:{self.master_port or 'any'} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): set "
+                "rollout.sglang.weight_sync_master_address to an address of this host the servers reach, and "
+                "rollout.sglang.weight_sync_master_port=0 (a free port) or a free one"
+            ) from exc
 
     def push(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
         if self._group is None:
             self._connect()
         tensors = _on_device(named, self.device)
-        payload = update_weights_from_distributed_payload(tensors)
+        payload = update_weights_from_distributed_payload(tensors, group_name=self.server_group)
         endpoint = "/update_weights_from_distributed"
         futures = submit_to_all(self.client, self.pool, self.urls, endpoint, [payload] * len(self.urls))
-        try:
-            for _, tensor in tensors:  # the order of `names`: each server receives them in that order
-                dist.broadcast(tensor, src=0, group=self._group)
-        except Exception:
-            self.drop_group()  # a broken group cannot carry the next sync: it is formed anew
-            raise
+        for _, tensor in tensors:  # the order of `names`: each server receives them in that order
+            dist.broadcast(tensor, src=0, group=self._group)
         collect_all(self.urls, futures, endpoint, check_success_response)
 
     def finish(self) -> None:
         """Nothing is retained: the servers acknowledge only after receiving every broadcast."""
 
     def drop_group(self) -> None:
-        """Forget the group after a failure (the servers of a restarted fleet are new anyway)."""
+        """After a failed sync: tear down our end first (over gloo that also ends a server's pending receive),
+        then ask the servers to destroy theirs, so that the next sync forms a new group. Failures are reported,
+        not raised: the caller is already handling the sync's own."""
         group, self._group = self._group, None
-        if group is not None:
-            try:
-                dist.destroy_process_group(group)
-            except Exception as exc:  # a group whose peers died may fail to tear down; it is gone either way
-                print(f"sglang: tearing down the broken weight-update group: {exc}", file=sys.stderr)
+        error = _destroy_local(group)
+        if error:
+            print(f"sglang: tearing down the broken weight-update group: {error}", file=sys.stderr)
+        for error in self._destroy_on_servers(self.timeout_s):
+            print(f"sglang: {error}", file=sys.stderr)
 
     def close(self, notify_servers: bool) -> None:
-        if self._group is None:
-            return
-        try:
-            if notify_servers:
-                payloads = [destroy_weights_update_group_payload()] * len(self.urls)
-                endpoint = "/destroy_weights_update_group"
-                post_to_all(self.client, self.pool, self.urls, endpoint, payloads, check_success_response)
-        finally:
-            group, self._group = self._group, None
-            dist.destroy_process_group(group)
+        """At shutdown, whatever happened before: never raises, prints nothing. ``notify_servers``: ask the
+        servers to destroy the group (attached servers outlive us; launched ones are about to stop)."""
+        if notify_servers:
+            self._destroy_on_servers(CLOSE_TIMEOUT_S)
+        self.server_group = None
+        group, self._group = self._group, None
+        _destroy_local(group)
+
+    def _destroy_on_servers(self, timeout_s: float) -> list[str]:
+        """POST /destroy_weights_update_group for :attr:`server_group` to every server; what failed."""
+        name, self.server_group = self.server_group, None
+        if name is None:
+            return []
+        payload, endpoint = destroy_weights_update_group_payload(name), "/destroy_weights_update_group"
+        futures = [
+            self.pool.submit(self.client.request, "POST", url, endpoint, payload, timeout_s=timeout_s)
+            for url in self.urls
+        ]
+        errors = []
+        for url, future in zip(self.urls, futures, strict=True):
+            try:
+                response = future.result()
+            except SGLangServerError as exc:
+                errors.append(f"could not remove weight-update group {name} from {url}: {exc}")
+                continue
+            if response.status_code != 200 and GROUP_MISSING not in response.text:
+                errors.append(
+                    f"{url}{endpoint} answered HTTP {response.status_code}: {snippet(response.text)}"
+                )
+        return errors
+
+
+def _destroy_local(group) -> str | None:
+    """Destroy our end of a group; one destroyed already (a failed run's teardown destroys every group with
+    ``destroy_process_group()``) is left alone. Returns what went wrong, if anything."""
+    from torch.distributed.distributed_c10d import _world
+
+    if group is None or group not in _world.pg_map:
+        return None
+    try:
+        dist.destroy_process_group(group)
+    except Exception as exc:  # a group whose peers died may fail to tear down; it is gone either way
+        return f"{type(exc).__name__}: {exc}"
+    return None
