@@ -120,6 +120,25 @@ def test_sleep_sync_wake_cycle_with_the_memory_saver(hf_dir, tmp_path):
     assert after[0][:certain] == expected[:certain]
 
 
+def test_a_new_engine_on_the_same_server_resumes_what_the_first_released(hf_dir, tmp_path):
+    """Issue 22, item 7, with the real memory saver: the released KV cache is recorded on the server, so a second
+    engine attached to it (a supervisor restart, a resumed trainer) resumes it, and the first one, whose own
+    record is stale now, reads the server before resuming and resumes nothing (SGLang would raise KeyError)."""
+    if importlib.util.find_spec("torch_memory_saver") is None:
+        pytest.skip("torch_memory_saver (SGLang's --enable-memory-saver backend) is not installed")
+    config = _config(hf_dir, tmp_path, gpu_ids=tuple(current_trainer_gpus()), enable_memory_saver=True)
+    with SGLangEngine(config) as first:
+        greedy = [s.response_ids for s in first.generate(PROMPTS, GREEDY)]
+        first.sleep(release_weights=False)
+        attached = SGLangConfig(urls=tuple(first.urls), enable_memory_saver=True)
+        with SGLangEngine(attached, trainer_gpu_ids=current_trainer_gpus()) as second:
+            assert second._memory.asleep() == {first.urls[0]: ["kv_cache"]}
+            second.wake()
+            assert [s.response_ids for s in second.generate(PROMPTS, GREEDY)] == greedy
+        first.wake()
+        assert [s.response_ids for s in first.generate(PROMPTS, GREEDY)] == greedy
+
+
 def test_disaggregated_weight_sync_over_nccl(hf_dir, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs: one for the trainer, one for the server")
@@ -183,10 +202,12 @@ def test_colocated_fleet_repeated_syncs_in_sessions_do_not_grow_gpu_memory(hf_di
     weights = [(name, t.cuda()) for name, t in perturbed_weights(hf_dir).items()]
     from spin_megatron.rollout.sglang import weights as weights_module
 
-    serialized = []
+    serialized = []  # the device of each payload's buffer
     real_serialize = weights_module.serialize_for_one_consumer
     monkeypatch.setattr(
-        weights_module, "serialize_for_one_consumer", lambda obj: serialized.append(1) or real_serialize(obj)
+        weights_module,
+        "serialize_for_one_consumer",
+        lambda obj: serialized.append(str(obj["flattened_tensor"].device)) or real_serialize(obj),
     )
     with SGLangEngine(config, trainer_gpu_ids=[0]) as engine:
         engine.update_weights(weights)  # warm-up: first sync allocates what every later one reuses
@@ -204,6 +225,8 @@ def test_colocated_fleet_repeated_syncs_in_sessions_do_not_grow_gpu_memory(hf_di
         assert all(a - b < max(model_bytes, 64 << 20) for a, b in zip(after, before)), (before, after)
         # all bf16, so one flat bucket per push: one payload per server (tp_size 1) per push
         assert len(serialized) == engines * (1 + 2 * 20)
+        # each server reads a buffer on its own GPU (issue 22, item 6; CUDA_VISIBLE_DEVICES unset: index = id)
+        assert serialized[:engines] == [f"cuda:{gpu}" for gpu in range(engines)]
 
 
 def test_colocated_tp2_is_refused_with_a_reason(hf_dir, tmp_path):
