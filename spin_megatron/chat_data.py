@@ -109,13 +109,20 @@ class ConversationEncoder:
         self.tokenizer, self.cfg, self.terminator, self.split_name = tokenizer, cfg, terminator, split_name
 
     def _render(self, conversations: list[list[dict]], *, generation_prompt: bool) -> list[str]:
+        if not conversations:  # (transformers takes an empty list for an empty conversation)
+            return []
         return self.tokenizer.apply_chat_template(
             conversations, tokenize=False, add_generation_prompt=generation_prompt
         )
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         # the template already wrote every special token (BOS included, where a model has one)
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):  # the same ids, without offsets: 2x
+            return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _gold_texts(self, prompts: list[list[dict]], answers: list[dict], prompt_texts: list[str], rows):
         fulls = self._render([[*p, a] for p, a in zip(prompts, answers)], generation_prompt=False)
@@ -139,23 +146,23 @@ class ConversationEncoder:
             return body[: self.cfg.max_gold_tokens], True
         return [*body, *self.terminator], False
 
-    def encode(self, prompts: list[list[dict]], answers: list[dict], rows: list[int]) -> list[tuple]:
-        """(prompt ids, gold ids, gold cut?) per conversation."""
-        prompt_texts = self._render(prompts, generation_prompt=True)
-        gold_texts = self._gold_texts(prompts, answers, prompt_texts, rows)
-        golds = [self._gold(ids, text) for ids, text in zip(self._tokenize(gold_texts), gold_texts)]
-        return [(p, *g) for p, g in zip(self._tokenize(prompt_texts), golds)]
+    def _fit(self, prompt: list[dict]) -> tuple[int, list[dict], str, list[int]] | None:
+        """(cut turns, turns, text, ids) of the longest left-truncated prompt that fits, or None. Shorter
+        candidates are never longer in tokens, so a binary search finds it in a few tokenizations."""
+        candidates = list(shorter_prompts(prompt))
+        best, low, high = None, 0, len(candidates) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            text = self._render([candidates[middle][1]], generation_prompt=True)[0]
+            (ids,) = self._tokenize([text])
+            if len(ids) <= self.cfg.max_prompt_tokens:
+                best, high = (*candidates[middle], text, ids), middle - 1
+            else:
+                low = middle + 1
+        return best
 
-    def _fit(self, prompt: list[dict], answer: dict, row: int):
-        """(cut turns, encoded) for the longest left-truncated prompt that fits, or None."""
-        for cut, shorter in shorter_prompts(prompt):
-            (encoded,) = self.encode([shorter], [answer], [row])
-            if len(encoded[0]) <= self.cfg.max_prompt_tokens:
-                return cut, encoded
-        return None
-
-    def __call__(self, conversations: list, rows: list[int]) -> dict[str, list]:
-        out = {name: [] for name in ADDED_COLUMNS}
+    def _parse(self, conversations: list, rows: list[int]) -> list:
+        """Per row: (prompt turns, last assistant turn), or why the row is dropped."""
         parsed = []
         for row, messages in zip(rows, conversations):
             try:
@@ -167,22 +174,29 @@ class ConversationEncoder:
                         "fix or remove that row, or set data.bad_rows=drop"
                     ) from None
                 parsed.append(str(err))
-        good = [(row, p) for row, p in zip(rows, parsed) if not isinstance(p, str)]
-        encoded = iter(
-            self.encode([p for _, (p, _) in good], [a for _, (_, a) in good], [r for r, _ in good])
-        )
-        for row, item in zip(rows, parsed):
-            dropped, cut, (prompt_ids, gold_ids, gold_cut) = "", 0, ([], [], False)
-            if isinstance(item, str):
-                dropped = item
-            else:
-                prompt_ids, gold_ids, gold_cut = next(encoded)
-                if len(prompt_ids) > self.cfg.max_prompt_tokens:
-                    fit = self._fit(*item, row) if self.cfg.overlong_prompts == "left_truncate" else None
-                    if fit is None:
-                        dropped, (prompt_ids, gold_ids, gold_cut) = OVERLONG, ([], [], False)
-                    else:
-                        cut, (prompt_ids, gold_ids, gold_cut) = fit
+        return parsed
+
+    def __call__(self, conversations: list, rows: list[int]) -> dict[str, list]:
+        """The token columns of a batch: prompts first, then the golds of the rows whose prompt fits."""
+        parsed = self._parse(conversations, rows)
+        good = [i for i, item in enumerate(parsed) if not isinstance(item, str)]
+        texts = self._render([parsed[i][0] for i in good], generation_prompt=True)
+        prompts = {
+            i: (0, parsed[i][0], text, ids) for i, text, ids in zip(good, texts, self._tokenize(texts))
+        }
+        for i in good:
+            if len(prompts[i][3]) > self.cfg.max_prompt_tokens:
+                fit = self._fit(parsed[i][0]) if self.cfg.overlong_prompts == "left_truncate" else None
+                prompts[i] = fit if fit is not None else OVERLONG
+        kept = [i for i in good if prompts[i] != OVERLONG]
+        gold_texts = self._gold_texts([prompts[i][1] for i in kept], [parsed[i][1] for i in kept],
+                                      [prompts[i][2] for i in kept], [rows[i] for i in kept])  # fmt: skip
+        golds = dict(zip(kept, map(self._gold, self._tokenize(gold_texts), gold_texts)))
+        out = {name: [] for name in ADDED_COLUMNS}
+        for i, item in enumerate(parsed):
+            dropped = item if isinstance(item, str) else "" if i in golds else OVERLONG
+            cut, prompt_ids = (prompts[i][0], prompts[i][3]) if i in golds else (0, [])
+            gold_ids, gold_cut = golds.get(i, ([], False))
             for name, value in zip(ADDED_COLUMNS, (prompt_ids, gold_ids, dropped, cut, gold_cut)):
                 out[name].append(value)
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ import datasets
 import numpy as np
 import pyarrow
 import pyarrow.compute as pc
-import pyarrow.json
 
 from spin_megatron.chat_data import (
     ADDED_COLUMNS,
@@ -44,30 +44,34 @@ _ROWS_PER_WORKER = 2000  # fewer rows than this per worker process: not worth st
 # ---------------------------------------------------------------------------------------------------- rows
 
 
-def read_rows(files: list[str], cfg: DataConfig, split: str, setting: str) -> datasets.Dataset:
-    """The rows of ``files`` (a JSON Lines file is parsed by Arrow's reader; anything it cannot read goes through
-    :func:`spin_megatron.data.load_rows`, which names the file and line at fault), or of the hub dataset."""
+def read_rows(files: list[str], cfg: DataConfig, split: str, setting: str, scratch: Path | None = None):
+    """The rows of ``files`` (converted to Arrow files under ``scratch`` by ``datasets``, memory-mapped; None:
+    its own cache) or, with no files, of the hub dataset. A file ``datasets`` cannot read goes through
+    :func:`spin_megatron.data.load_rows`, which names the file and line at fault (or reads it after all)."""
     if not files:
         return load_rows(
             [], hub_dataset=cfg.hub_dataset, hub_config=cfg.hub_config, split=split, setting=setting
         )
-    parts = []
-    for name in files:
-        table = None
-        if name.endswith(".jsonl") and Path(name).is_file():
-            try:
-                table = pyarrow.json.read_json(name)
-            except (pyarrow.ArrowException, ValueError):
-                table = None  # the line-by-line reader below reports what is wrong, or reads it after all
-        parts.append(datasets.Dataset(table) if table is not None and table.num_rows else None)
-        if parts[-1] is None:
-            parts[-1] = load_rows([name], hub_dataset="", hub_config=None, split=split, setting=setting)
+    parts = [_read_file(name, split, setting, scratch) for name in files]
     if len(parts) == 1:
         return parts[0]
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError as err:
         raise ConfigError(f"{setting}: the files do not share one set of columns ({err})") from err
+
+
+def _read_file(name: str, split: str, setting: str, scratch: Path | None) -> datasets.Dataset:
+    path = Path(name).expanduser()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if builder is not None and path.is_file():
+        try:  # Arrow's reader, block by block to disk: 200k conversations never sit in memory as objects
+            rows = datasets.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=scratch)
+            if len(rows):
+                return rows
+        except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, ValueError):
+            pass  # malformed or mixed rows: the careful reader below reports them (or unifies their schema)
+    return load_rows([name], hub_dataset="", hub_config=None, split=split, setting=setting)
 
 
 # ---------------------------------------------------------------------------------------------------- cache key
@@ -184,8 +188,11 @@ def _workers(cfg: DataConfig, rows: int) -> int | None:
     return workers if workers > 1 else None
 
 
-def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, split_name: str, key: str):
-    """``rows`` with the token columns added (chat_data.ADDED_COLUMNS), by a batched map over workers."""
+def tokenize_rows(
+    rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, split_name: str, key: str, out: Path | None = None
+) -> datasets.Dataset:
+    """``rows`` with the token columns added (chat_data.ADDED_COLUMNS), by a batched map over workers, written
+    to ``out`` (one file per worker: ``out`` with a ``_0000N_of_0000W`` suffix) or where ``datasets`` puts it."""
     if cfg.messages_key not in rows.column_names:
         raise ConfigError(
             f"field {cfg.messages_key!r} is missing in {split_name}; its rows have keys {rows.column_names}; "
@@ -208,23 +215,34 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig, *, split_n
         features=features,
         num_proc=_workers(cfg, len(rows)),
         new_fingerprint=key,
+        cache_file_name=None if out is None else str(out),
         desc=f"tokenizing {split_name}",
     )
 
 
 def _build_cached(folder: Path, build) -> tuple[datasets.Dataset, bool]:
-    """The tokenized dataset in ``folder``: loaded if there, else built, written atomically and loaded (under a
-    lock, so the ranks of a run build it once), and whether it was there."""
+    """The tokenized dataset in ``folder`` and whether it was there: else ``build(partial)`` writes it into a
+    partial folder, which then becomes ``folder`` (under a lock, so the ranks of a run build it once)."""
     from filelock import FileLock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if not folder.is_dir():
+        found = folder.is_dir()
+        if not found:
             partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-            build().save_to_disk(str(partial))
+            shutil.rmtree(partial, ignore_errors=True)
+            dataset = build(partial)
+            names = sorted({Path(f["filename"]).name for f in dataset.cache_files})
+            assert all((partial / name).is_file() for name in names), dataset.cache_files
+            del dataset  # its files move with the folder
+            shutil.rmtree(
+                partial / "rows", ignore_errors=True
+            )  # the rows converted to Arrow: in the shards too
+            (partial / "shards.json").write_text(json.dumps(names))
             os.replace(partial, folder)
-            return datasets.load_from_disk(str(folder)), False
-    return datasets.load_from_disk(str(folder)), True
+    shards = json.loads((folder / "shards.json").read_text())
+    parts = [datasets.Dataset.from_file(str(folder / name)) for name in shards]
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), found
 
 
 def load_chat_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[ChatExample], ChatDataStats]:
@@ -243,9 +261,11 @@ def load_chat_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[ChatEx
         source = {"hub": [cfg.hub_dataset, cfg.hub_config, hub_split, rows._fingerprint]}
     key = cache_key(source, tokenizer, cfg, gold_terminator(tokenizer, cfg))
 
-    def build() -> datasets.Dataset:
-        loaded = rows if rows is not None else read_rows(files, cfg, hub_split, setting)
-        return tokenize_rows(loaded, tokenizer, cfg, split_name=split_name, key=key)
+    def build(partial: Path | None = None) -> datasets.Dataset:
+        scratch = None if partial is None else partial / "rows"
+        loaded = rows if rows is not None else read_rows(files, cfg, hub_split, setting, scratch)
+        out = None if partial is None else partial / "tokenized.arrow"
+        return tokenize_rows(loaded, tokenizer, cfg, split_name=split_name, key=key, out=out)
 
     if cfg.cache_dir:
         dataset, cached = _build_cached(Path(cfg.cache_dir).expanduser() / f"{split}-{key}", build)

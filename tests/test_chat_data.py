@@ -71,12 +71,18 @@ def write_layout(folder, layout: str):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path, "messages"
     other = [[*r["messages"][:-1], {"role": "assistant", "content": "I am not sure."}] for r in rows]
-    if layout == "real":  # uclaml/SPIN's SPIN_iter0 (real = the SFT data, generated = the model's answer), parquet
+    if (
+        layout == "real"
+    ):  # uclaml/SPIN's SPIN_iter0 (real = the SFT data, generated = the model's answer), parquet
         path = folder / "spin_iter0.parquet"
-        datasets.Dataset.from_dict({"real": [r["messages"] for r in rows], "generated": other}).to_parquet(path)
+        datasets.Dataset.from_dict({"real": [r["messages"] for r in rows], "generated": other}).to_parquet(
+            path
+        )
         return path, "real"
     path = folder / "chosen_rejected.json"  # uclaml's generate.py output: a JSON array of chosen/rejected
-    path.write_text(json.dumps([{"chosen": r["messages"], "rejected": o} for r, o in zip(rows, other)], indent=2))
+    path.write_text(
+        json.dumps([{"chosen": r["messages"], "rejected": o} for r, o in zip(rows, other)], indent=2)
+    )
     return path, "chosen"
 
 
@@ -97,8 +103,10 @@ def test_prompt_and_gold_are_the_templates_rendering_split_at_the_last_assistant
         assert whole == example.prompt_ids + example.gold_ids + tail_after_end, (layout, example.prompt_id)
         assert example.gold_ids[-1] in stops  # the gold ends as a sample ends: with the rollout's stop token
         prompt_text = tokenizer.decode(example.prompt_ids)
-        assert prompt_text == tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True,
-                                                            tokenize=False)  # fmt: skip
+        rendered = tokenizer.apply_chat_template(
+            row["messages"][:-1], add_generation_prompt=True, tokenize=False
+        )
+        assert prompt_text == rendered
         for turn in row["messages"][:-1]:  # the multi-turn history is in the prompt
             assert turn["content"].strip() in prompt_text
     end = {"qwen": "<|im_end|>", "llama3": "<|eot_id|>"}[template]
@@ -168,16 +176,25 @@ def test_left_truncate_drops_whole_turns_and_drop_drops_the_row(qwen, tmp_path):
     full_prompt = qwen.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=True)
     limit = len(short) - 4  # the shortened prompt fits (the gold and the newline after it are not prompt)
     assert len(full_prompt["input_ids"]) > limit
-    (long, _), stats = load_prompt_split(cfg([path], max_prompt_tokens=limit, overlong_prompts="left_truncate"), qwen,
-                                         "train")  # fmt: skip
+    truncate = cfg([path], max_prompt_tokens=limit, overlong_prompts="left_truncate")
+    (long, _), stats = load_prompt_split(truncate, qwen, "train")
     assert (stats.truncated, stats.dropped_overlong) == (1, 0)
-    assert long.prompt_ids + long.gold_ids + [198] == short  # the template's rendering of the shorter conversation
+    assert (
+        long.prompt_ids + long.gold_ids + [198] == short
+    )  # the template's rendering of the shorter conversation
     text = qwen.decode(long.prompt_ids)
-    assert "You are brief." in text and "third question" in text and "second word" in text and "first" not in text
+    assert (
+        "You are brief." in text
+        and "third question" in text
+        and "second word" in text
+        and "first" not in text
+    )
     _, stats = load_prompt_split(cfg([path], max_prompt_tokens=limit), qwen, "train")  # drop (the default)
     assert (stats.kept, stats.dropped_overlong, stats.truncated) == (1, 1, 0)
     # system + last user turn alone too long: dropped even with left_truncate
-    _, stats = load_prompt_split(cfg([path], max_prompt_tokens=30, overlong_prompts="left_truncate"), qwen, "train")
+    _, stats = load_prompt_split(
+        cfg([path], max_prompt_tokens=30, overlong_prompts="left_truncate"), qwen, "train"
+    )
     assert (stats.kept, stats.dropped_overlong) == (1, 1)
 
 
@@ -198,7 +215,11 @@ def test_the_second_load_comes_from_the_cache_until_files_tokenizer_or_settings_
     assert [(e.prompt_id, e.prompt_ids, e.gold_ids, e.row) for e in first] == [
         (e.prompt_id, e.prompt_ids, e.gold_ids, e.row) for e in again
     ]
-    assert (cached.kept, cached.dropped_bad, cached.first_bad) == (stats.kept, stats.dropped_bad, stats.first_bad)
+    assert (cached.kept, cached.dropped_bad, cached.first_bad) == (
+        stats.kept,
+        stats.dropped_bad,
+        stats.first_bad,
+    )
     # an example pickles (to another process) as a plain PromptExample with the same fields
     plain = pickle.loads(pickle.dumps(again[5]))
     assert type(plain) is PromptExample and plain == again[5].materialize()
@@ -296,3 +317,18 @@ def test_no_accuracy_is_reported_without_a_rule():
         rollout, defaultdict(float), defaultdict(float), grad_norm=None, lr=0.0, times={}, skipped_steps=0
     )
     assert "reward/accuracy" not in metrics and "reward/score_mean" not in metrics
+
+
+def test_an_sglang_request_carries_the_conversation_prompt_and_the_stop_token_the_gold_ends_with(qwen):
+    """The engines see token ids only: a conversation's prompt goes to SGLang's /generate as its ids, with the stop
+    token its gold ends with (the real-server e2e runs GSM8K prompts; this is the request-level check)."""
+    from spin_megatron.config import RolloutConfig
+    from spin_megatron.experience import sampling_params
+    from spin_megatron.rollout.sglang import protocol
+
+    example = load_prompt_split(cfg(), qwen, "train")[0][13]  # three exchanges
+    params = sampling_params(RolloutConfig(n=1), stop_token_ids(qwen), seed=3)
+    payload = protocol.generate_payload(example.prompt_ids, params, seed=7)
+    assert payload["input_ids"] == example.prompt_ids
+    assert qwen.decode(payload["input_ids"]).count("<|im_start|>assistant\n") == 3
+    assert example.gold_ids[-1] in payload["sampling_params"]["stop_token_ids"]
