@@ -384,6 +384,9 @@ class TrainerConfig:
     # decay over one iteration: ref_update_freq × mini_batches × update_epochs optimizer steps), as uclaml/SPIN's
     # runs per iteration do; false: one optimizer and one schedule across the whole run
     reset_optimizer_on_refresh: bool = False
+    # after generation, a mini-batch's pairs are re-split over the data-parallel replicas by tokens (Karmarkar-
+    # Karp), not kept where their prompts were sampled; the loss is the mean over the mini-batch either way
+    balance_dp: bool = True
     save_freq: int = 0  # checkpoint every k steps (and always at the end); 0: only at the end
     test_freq: int = 0  # validate every k steps (and at the start and end); 0: never
     keep_last_n: int = 2  # complete checkpoints to keep; 0: all

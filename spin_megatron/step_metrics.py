@@ -64,6 +64,8 @@ def step_metrics(
         "train/updates": counts.get("updates", 0.0),
         "train/nan_skipped_updates": counts.get("nan_skipped", 0.0),
         "train/zero_pair_updates": counts.get("zero_pair", 0.0),
+        # trainer.balance_dp: the largest replica's tokens over the mean replica's, as sampled and as trained
+        **{f"perf/{k}": v for k, v in counts.items() if k.startswith("dp_token_spread/")},
         "train/tokens": counts["tokens"],
         "rollout/restarts": counts.get("restarts", 0.0),
         "rollout/staleness": counts.get(

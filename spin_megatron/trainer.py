@@ -30,6 +30,7 @@ from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.optim_state import reset_state, restart_schedule
 from spin_megatron.overlap import RolloutOverlap
+from spin_megatron.parallel.balance import balance_over_replicas
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
 from spin_megatron.parallel.dpo_step import (
     METRIC_SUMS,
@@ -267,6 +268,12 @@ class SPINTrainer:
         updates, the last grad norm and the update counters."""
         t, groups = self.cfg.trainer, self.groups
         chunks = mini_batches(experience.items, experience.item_prompts, shares)
+        counters = {"updates": 0.0, "nan_skipped": 0.0, "zero_pair": 0.0}
+        if t.balance_dp and groups.dp_size > 1:  # pairs re-split over the replicas by tokens
+            chunks, spread = balance_over_replicas(chunks, groups)
+            counters.update(
+                {"dp_token_spread/before": spread["before"], "dp_token_spread/after": spread["after"]}
+            )
         local = [[len(c), sum(len(i[0].response_ids) for i in c)] for c in chunks]
         flat = {f"{k}/{j}": float(v) for k, row in enumerate(local) for j, v in enumerate(row)}
         totals = sum_over_world(flat, tuple(flat), groups, contribute=groups.rank == self.engine_src)
@@ -276,7 +283,7 @@ class SPINTrainer:
             for c in chunks
         ]
         sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
-        grad_norm, counters = None, {"updates": 0.0, "nan_skipped": 0.0, "zero_pair": 0.0}
+        grad_norm = None
         ref_of = [None] * len(
             chunks
         )  # the reference version each mini-batch's ref log-probs were computed with

@@ -82,9 +82,10 @@ def test_pairs_per_prompt_all_from_the_command_line():
 
 
 def test_pairs_per_prompt_all_counts_one_pair_per_sample_in_the_memory_plan():
-    base = ["experiment=tiny_cpu", "algorithm.mode=spin", "rollout.n=4", "trainer.micro_batch_tokens=1"]
-    every = load_config([*base, "algorithm.pairs_per_prompt=all"])
-    four = load_config([*base, "algorithm.pairs_per_prompt=4"])
+    base = ["experiment=tiny_cpu", "algorithm.mode=spin", "trainer.micro_batch_tokens=1"]
+    every = load_config([*base, "rollout.n=4", "algorithm.pairs_per_prompt=all"])
+    four = load_config([*base, "algorithm.pairs_per_prompt=4"])  # rollout.n follows: 4
+    assert four.rollout.n == 4
     assert (
         num_microbatches(every, dp=1) == num_microbatches(four, dp=1) > num_microbatches(load_config(base), 1)
     )

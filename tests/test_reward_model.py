@@ -232,7 +232,7 @@ def test_config_refusals(overrides, message):
     from spin_megatron.compose import load_config
 
     with pytest.raises(ConfigError, match=message):
-        load_config(["experiment=tiny_cpu", "algorithm.mode=online", "rollout.n=2", *overrides])
+        load_config(["experiment=tiny_cpu", "algorithm.mode=online", *overrides])  # (rollout.n: online's 2)
 
 
 def _spin_train(*overrides, timeout=600):

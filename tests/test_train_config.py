@@ -18,7 +18,9 @@ def _error(capsys, *overrides):
 
 
 def test_tiny_cpu_preset_composes():
-    cfg = load_config(["experiment=tiny_cpu", "rollout.n=3", "algorithm.beta=0.2"])
+    cfg = load_config(
+        ["experiment=tiny_cpu", "rollout.n=3", "algorithm.pairs_per_prompt=3", "algorithm.beta=0.2"]
+    )
     assert isinstance(cfg, Config)
     assert cfg.model.tiny.hidden_size == 64 and cfg.algorithm.mode == "spin"
     assert cfg.rollout.n == 3 and cfg.algorithm.beta == 0.2 and cfg.trainer.ref_update_freq == 2
@@ -167,3 +169,9 @@ MOE = ["experiment=tiny_cpu", "model.tiny.architecture=qwen3_moe"]
 def test_moe_layout_mistakes_are_one_line_errors(capsys, monkeypatch, world_size, overrides, fragment):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     assert fragment in _error(capsys, *overrides)
+
+
+def test_sglang_is_refused_for_a_qwen3_moe_checkpoint_with_dense_layers(capsys, tiny_qwen3_moe_mixed):
+    err = _error(capsys, "experiment=tiny_cpu", "model.tiny=null", f"model.hf_path={tiny_qwen3_moe_mixed}",
+                 "rollout.engine=sglang")  # fmt: skip
+    assert "layers [2] are dense (mlp_only_layers / decoder_sparse_step) and SGLang 0.5.23 builds" in err

@@ -88,20 +88,26 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
     reference_run = tmp_path / "tp1"
     dump = reference_run / "rollouts.jsonl"
     _train(f"trainer.output_dir={reference_run}", f"rollout.dump_path={dump}", *base)
-    expected_loss = _metrics(reference_run)[1]["loss"]
+    expected_loss, expected_norm = (_metrics(reference_run)[1][k] for k in ("loss", "grad_norm"))
     expected = _weights(reference_run)
     replay = ["rollout.engine=replay", f"rollout.replay_path={dump}", *base]
     layouts = {
         "tp2": (["parallel.tp=2"], 2),
         "pp2": (["parallel.pp=2"], 2),
-        "dp2": ([], 2),
+        "dp2": ([], 2),  # trainer.balance_dp (the default): the pairs re-split over the replicas by tokens
+        "dp2_unbalanced": (["trainer.balance_dp=false"], 2),
         "recompute": (["parallel.activation_recompute=true"], 1),
         "logits_tp2": (["trainer.logprob_impl=logits", "parallel.tp=2"], 2),
     }
     for name, (layout, nprocs) in layouts.items():
         run = tmp_path / name
         _train(f"trainer.output_dir={run}", *replay, *layout, nprocs=nprocs)
-        assert abs(_metrics(run)[1]["loss"] - expected_loss) <= 1e-5, name
+        metrics = _metrics(run)[1]
+        assert abs(metrics["loss"] - expected_loss) <= 1e-5, name
+        assert abs(metrics["grad_norm"] - expected_norm) <= 1e-5 * expected_norm, name
+        if name == "dp2":
+            spread = metrics["perf/dp_token_spread/before"], metrics["perf/dp_token_spread/after"]
+            assert 1.0 <= spread[1] <= spread[0], spread
         weights = _weights(run)
         assert sorted(weights) == sorted(expected)
         worst = max((weights[k] - expected[k]).abs().max().item() for k in expected)
