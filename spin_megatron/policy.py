@@ -133,6 +133,19 @@ def check_moe_training_layout(cfg: Config, arch: ModelArch) -> None:
         )
 
 
+def check_moe_engine(cfg: Config, arch: ModelArch) -> None:
+    """SGLang 0.5.23 builds every Qwen3-MoE layer as an MoE layer (``stage_facts`` in its models/qwen3_moe.py
+    ignores ``mlp_only_layers`` and ``decoder_sparse_step``): a checkpoint with dense layers would be served with
+    the wrong weights (all layers are MoE in Qwen3-30B-A3B and Qwen3-235B-A22B)."""
+    if cfg.rollout.engine == "sglang" and arch.moe is not None and not all(arch.moe.layer_pattern):
+        dense = [i for i, moe in enumerate(arch.moe.layer_pattern) if not moe]
+        raise ConfigError(
+            f"rollout.engine=sglang cannot serve this Qwen3-MoE checkpoint: layers {dense} are dense "
+            "(mlp_only_layers / decoder_sparse_step) and SGLang 0.5.23 builds every layer as MoE; use "
+            "rollout.engine=hf"
+        )
+
+
 def _load_initial_weights(model, source: ModelSource, groups: ParallelGroups) -> None:
     if source.mcore_dir is not None:
         load_model_shards(model, source.mcore_dir)

@@ -52,7 +52,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import check_hf_checkpoint
     from spin_megatron.parallel.state import validate_parallel_sizes
-    from spin_megatron.policy import check_moe_training_layout
+    from spin_megatron.policy import check_moe_engine, check_moe_training_layout
     from spin_megatron.reward_model import preflight_reward_model
     from spin_megatron.rewards import get_reward_fn
     from spin_megatron.trainer import resume_path
@@ -63,6 +63,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     arch = model_arch(cfg)
     arch.check_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp)
     check_moe_training_layout(cfg, arch)
+    check_moe_engine(cfg, arch)
     if cfg.model.hf_path is not None and cfg.model.mcore_ckpt is None:
         check_hf_checkpoint(
             HFReader(cfg.model.hf_path), mapping_for(arch, arch.padded_vocab_size(cfg.parallel.tp))
