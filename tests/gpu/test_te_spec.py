@@ -23,7 +23,8 @@ def groups():
     return init_parallel(1, 1)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+# qwen3: TE's QK-norm; qwen3_moe: TE's grouped-GEMM experts (names linear_fc1.weight<i>) and its router GEMM
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama", "tiny_qwen3", "tiny_qwen3_moe"])
 def test_te_spec_matches_local_spec_and_transformers(fixture, groups, request):
     if not te_available():
         missing("te", "TransformerEngine is not installed")
