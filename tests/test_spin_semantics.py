@@ -296,13 +296,19 @@ def test_seed_shape_is_anchored_after_the_first_mini_batch(tmp_path):
 def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
     """spin + sample_from=reference (the default): the engine holds the opponent p_θt for the whole iteration
     (its log-probs agree with the reference's, not the moving policy's), and a run stopped in the middle of an
-    iteration resumes sampling from the same weights: metrics and final weights equal an uninterrupted run.
+    iteration resumes sampling from the same weights: metrics and final weights equal an uninterrupted run (DP=1,
+    5 prompts at 4 per step: the resume also crosses epoch boundaries).
     sample_from=policy really samples from other weights: the same at step 1 (reference == policy), not after."""
+    from tests.test_epoch_boundaries import ROWS
+
+    five = tmp_path / "five.jsonl"  # 5 prompts, 4 per step: every step a new epoch (a batch never repeats one)
+    five.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     common = [
         "trainer.ref_update_freq=3",
         "trainer.mini_batch_size=2",
         "trainer.test_freq=0",
         "trainer.save_freq=2",
+        f"data.train_files=[{five}]",
     ]
     full = _train(
         tmp_path / "full", "trainer.total_steps=4", f"rollout.dump_path={tmp_path / 'ref.jsonl'}", *common
