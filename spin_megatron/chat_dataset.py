@@ -225,24 +225,40 @@ def _build_cached(folder: Path, build) -> tuple[datasets.Dataset, bool]:
     partial folder, which then becomes ``folder`` (under a lock, so the ranks of a run build it once)."""
     from filelock import FileLock
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder) + ".lock")
+        lock.acquire()
+    except OSError as err:
+        raise ConfigError(
+            f"data.cache_dir={folder.parent} cannot be written ({err.strerror or err}); set data.cache_dir to a "
+            "writable folder, or null to tokenize at every start"
+        ) from None
+    try:
         found = folder.is_dir()
         if not found:
+            for stale in folder.parent.glob(f"{folder.name}.partial-*"):  # a build that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-            shutil.rmtree(partial, ignore_errors=True)
-            dataset = build(partial)
-            names = sorted({Path(f["filename"]).name for f in dataset.cache_files})
-            assert all((partial / name).is_file() for name in names), dataset.cache_files
-            del dataset  # its files move with the folder
-            shutil.rmtree(
-                partial / "rows", ignore_errors=True
-            )  # the rows converted to Arrow: in the shards too
-            (partial / "shards.json").write_text(json.dumps(names))
+            try:
+                _write_partial(partial, build)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
             os.replace(partial, folder)
+    finally:
+        lock.release()
     shards = json.loads((folder / "shards.json").read_text())
     parts = [datasets.Dataset.from_file(str(folder / name)) for name in shards]
     return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), found
+
+
+def _write_partial(partial: Path, build) -> None:
+    dataset = build(partial)
+    names = sorted({Path(f["filename"]).name for f in dataset.cache_files})
+    assert names and all((partial / name).is_file() for name in names), dataset.cache_files
+    shutil.rmtree(partial / "rows", ignore_errors=True)  # the rows as Arrow files: the shards hold them too
+    (partial / "shards.json").write_text(json.dumps(names))
 
 
 def load_chat_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[ChatExample], ChatDataStats]:

@@ -332,3 +332,14 @@ def test_an_sglang_request_carries_the_conversation_prompt_and_the_stop_token_th
     assert payload["input_ids"] == example.prompt_ids
     assert qwen.decode(payload["input_ids"]).count("<|im_start|>assistant\n") == 3
     assert example.gold_ids[-1] in payload["sampling_params"]["stop_token_ids"]
+
+
+def test_a_failed_build_leaves_no_partial_cache_and_an_unwritable_cache_dir_is_one_line(qwen, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="^row 24 of train data"):
+        load_prompt_split(cfg(bad_rows="error", cache_dir=str(cache)), qwen, "train")
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]  # no folder, partial or complete
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match=r"data.cache_dir=.*file cannot be written .* or null"):
+        load_prompt_split(cfg(cache_dir=str(blocked)), qwen, "train")
