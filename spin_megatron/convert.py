@@ -286,6 +286,9 @@ def _run_rank(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spin_megatron.quiet import silence_library_noise
+
+    silence_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     nprocs = num_processes(args)

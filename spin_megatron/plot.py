@@ -1,7 +1,8 @@
 """``spin-plot RUN_DIR [--out DIR] [--keys ...]``: PNG curves from ``RUN_DIR/metrics.jsonl``.
 
 Without ``--keys`` it draws the standard panels (loss, rewards, margins, accuracies, score, validation, grad norm,
-lr, response length, rollout log-prob gap, timings), skipping metrics the run did not log. With ``--keys`` it draws
+lr, response length, rollout log-prob gap, timings), skipping metrics the run did not log, and ``overview.png``:
+the curves to check first on one page. With ``--keys`` it draws
 one PNG per metric matching the given names or shell patterns (``"time/*"``).
 """
 
@@ -29,6 +30,18 @@ PANELS = (
     ("response_length", "mean response length (tokens)", ("response_length/mean",)),
     ("logp_diff", "rollout vs trainer log-prob gap", ("rollout/logp_diff",)),
     ("time", "seconds per phase", ("time/*",)),
+)
+# The curves a user checks first, on one page (overview.png): is it learning, is the data giving pairs, is the
+# engine in sync with the trainer.
+OVERVIEW = (
+    "loss",
+    "margins",
+    "accuracies",
+    "score",
+    "val_accuracy",
+    "val_gold_nll",
+    "logp_diff",
+    "grad_norm",
 )
 Series = dict[str, tuple[list[int], list[float]]]
 
@@ -62,20 +75,40 @@ def _expand(patterns, series: Series) -> list[str]:
     return keys
 
 
+def _draw_axes(ax, title: str, keys: list[str], series: Series) -> None:
+    for key in keys:
+        steps, values = series[key]
+        sparse = len(steps) < 30  # validation every k steps: show the points, not just a line
+        ax.plot(steps, values, label=key, marker="o" if sparse else None, markersize=3, linewidth=1.2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    if len(keys) > 1:
+        ax.legend(fontsize=7)
+
+
 def _draw(out_path: Path, title: str, keys: list[str], series: Series) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
-        for key in keys:
-            steps, values = series[key]
-            sparse = len(steps) < 30  # validation every k steps: show the points, not just a line
-            ax.plot(steps, values, label=key, marker="o" if sparse else None, markersize=3, linewidth=1.2)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
+        _draw_axes(ax, title, keys, series)
+        fig.tight_layout()
+        fig.savefig(out_path)
+    finally:
+        plt.close(fig)
+
+
+def _draw_overview(out_path: Path, panels: list[tuple[str, list[str]]], series: Series) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 2.8 * rows), dpi=100, squeeze=False)
+    try:
+        for ax, (title, keys) in zip(axes.flat, panels):
+            _draw_axes(ax, title, keys, series)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
         fig.tight_layout()
         fig.savefig(out_path)
     finally:
@@ -94,12 +127,17 @@ def plot_run(run_dir: Path, out_dir: Path | None = None, keys: list[str] | None 
         panels = [(key.replace("/", "_"), key, (key,)) for key in _expand(keys, series)]
     else:
         panels = PANELS
-    written = []
+    written, overview = [], []
     for stem, title, patterns in panels:
         present = _expand(patterns, series)
         if present:
             written.append(out_dir / f"{stem}.png")
             _draw(written[-1], title, present, series)
+            if not keys and stem in OVERVIEW:
+                overview.append((title, present))
+    if overview:  # first in the list: the page to open
+        written.insert(0, out_dir / "overview.png")
+        _draw_overview(written[0], overview, series)
     return written
 
 

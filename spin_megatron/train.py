@@ -158,6 +158,9 @@ def lost_peer_message(reason: str, output_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spin_megatron.quiet import silence_library_noise
+
+    silence_library_noise()
     overrides = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"done: metrics {out / 'metrics.jsonl'}, checkpoints {out / 'checkpoints'}"
             + (f", HF export {out / 'hf'}" if cfg.trainer.export_hf else "")
-            + f"; plot with: spin-plot {out}",
+            + f"; plot with: spin-plot {out} (then open {out / 'plots' / 'overview.png'})",
             flush=True,
         )
     return 0

@@ -39,6 +39,9 @@ def _train(out, *overrides):
            *overrides]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "Warning" not in result.stderr, result.stderr[
+        -4000:
+    ]  # library noise is filtered (spin_megatron/quiet.py)
     return result.stdout
 
 

@@ -34,10 +34,12 @@ def test_writes_pngs_of_the_logged_curves_and_skips_absent_ones(tmp_path, capsys
     run = write_run(tmp_path / "run")
     assert main([str(run)]) == 0
     printed = capsys.readouterr().out.split()
+    assert printed[0].endswith("/overview.png")  # the one page to open first, printed first
     names = sorted(p.split("/")[-1] for p in printed)
     assert names == sorted(
         f"{stem}.png"
         for stem in (
+            "overview",
             "loss",
             "rewards",
             "margins",

@@ -10,6 +10,7 @@ learning: held-out gold NLL falling, and rewards/accuracies rising within each S
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,16 +43,22 @@ def main() -> int:
     print(
         "$ torchrun --standalone --nproc_per_node 2 -m spin_megatron.train experiment=demo_cpu\n", flush=True
     )
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }  # (torchrun's banner otherwise)
+    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
         return 1
-    subprocess.run([sys.executable, "-m", "spin_megatron.plot", str(RUN_DIR)], cwd=REPO, check=True)
+    plot = [sys.executable, "-m", "spin_megatron.plot", str(RUN_DIR)]
+    subprocess.run(plot, cwd=REPO, check=True, stdout=subprocess.DEVNULL)  # (its paths: printed below)
     metrics = [json.loads(line) for line in (RUN_DIR / "metrics.jsonl").read_text().splitlines()]
     nll = [(m["step"], m["val/gold_nll"]) for m in metrics if "val/gold_nll" in m]
     print("\nheld-out gold NLL per token: " + ", ".join(f"step {s}: {v:.3f}" for s, v in nll))
     acc = [f"{m['rewards/accuracies']:.2f}" for m in metrics if "rewards/accuracies" in m]
     print(f"rewards/accuracies per step (reference refreshed every 4 steps): {' '.join(acc)}")
     print(
-        f"\nmetrics:     {RUN_DIR / 'metrics.jsonl'}\nplots:       {RUN_DIR / 'plots'}\n"
+        f"\nmetrics:     {RUN_DIR / 'metrics.jsonl'}\noverview:    {RUN_DIR / 'plots' / 'overview.png'} "
+        f"(every curve: {RUN_DIR / 'plots'})\n"
         f"checkpoints: {RUN_DIR / 'checkpoints'}\nHF export:   {RUN_DIR / 'hf'}"
     )
     return 0 if nll and nll[-1][1] < nll[0][1] else 1
