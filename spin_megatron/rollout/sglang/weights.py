@@ -228,8 +228,9 @@ def new_weight_update_group(
     return group
 
 
-# How long each server gets to drop the group at shutdown: a dead or stuck server must not hold up the exit.
-CLOSE_TIMEOUT_S = 10.0
+# How long each server gets to drop a group (after a failure, at shutdown): a dead or stuck server must not hold up
+# the trainer; a group it keeps is never used again (names are not reused).
+DESTROY_TIMEOUT_S = 15.0
 
 
 class DisaggregatedWeightSync:
@@ -330,14 +331,14 @@ class DisaggregatedWeightSync:
         error = _destroy_local(group)
         if error:
             print(f"sglang: tearing down the broken weight-update group: {error}", file=sys.stderr)
-        for error in self._destroy_on_servers(self.timeout_s):
+        for error in self._destroy_on_servers(DESTROY_TIMEOUT_S):
             print(f"sglang: {error}", file=sys.stderr)
 
     def close(self, notify_servers: bool) -> None:
         """At shutdown, whatever happened before: never raises, prints nothing. ``notify_servers``: ask the
         servers to destroy the group (attached servers outlive us; launched ones are about to stop)."""
         if notify_servers:
-            self._destroy_on_servers(CLOSE_TIMEOUT_S)
+            self._destroy_on_servers(DESTROY_TIMEOUT_S)
         self.server_group = None
         group, self._group = self._group, None
         _destroy_local(group)
