@@ -50,9 +50,10 @@ def default_use_te(dtype: torch.dtype) -> bool:
 
 
 def layer_spec(use_te: bool, *, qk_norm: bool = False, num_experts: int | None = None):
-    """The transformer-layer ModuleSpec: TE's fused layers, or the local spec with SDPA core attention (its
-    norms are Megatron's torch RMSNorm wrapper; see block_spec for the final norm). ``num_experts``: an MoE layer
-    (TE: grouped-GEMM experts; local: ``SequentialMLP``, one MLP per local expert)."""
+    """The transformer-layer ModuleSpec: TE's fused layers, or the local spec with SDPA core attention and our
+    torch RMSNorm (:mod:`spin_megatron.models.norm`: Megatron's own torch-norm wrapper refuses sequence
+    parallelism; block_spec takes the final norm from here). ``num_experts``: an MoE layer (TE: grouped-GEMM
+    experts; local: ``SequentialMLP``, one MLP per local expert)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -65,7 +66,20 @@ def layer_spec(use_te: bool, *, qk_norm: bool = False, num_experts: int | None =
         num_experts=num_experts, qk_layernorm=qk_norm, normalization="RMSNorm"
     )
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    _use_our_norms(spec, qk_norm)
     return spec
+
+
+def _use_our_norms(spec, qk_norm: bool) -> None:
+    """The local spec's norms → :class:`~spin_megatron.models.norm.RMSNorm` (sequence-parallel aware); QK-norms →
+    :class:`~spin_megatron.models.norm.HeadRMSNorm`. Same forward as Megatron's torch fallback."""
+    from spin_megatron.models.norm import HeadRMSNorm, RMSNorm
+
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    if qk_norm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = HeadRMSNorm
 
 
 def decoder_layer_specs(arch: ModelArch, use_te: bool) -> list:
