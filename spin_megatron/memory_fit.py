@@ -101,6 +101,9 @@ def _options(plan: MemoryPlan, cfg: Config) -> list[list[tuple]]:
         )
     if not cfg.optim.use_distributed_optimizer and plan.dp > 1:
         groups.append([(("optim.use_distributed_optimizer", True),)])
+    if arch.moe is not None:  # more expert parallelism: the experts' weights and optimizer state ÷ EP
+        ep = cfg.parallel.ep
+        groups.append([(("parallel.ep", x),) for x in arch.valid_ep_sizes() if x > ep and x <= world])
     if not cfg.parallel.activation_recompute:
         groups.append([(("parallel.activation_recompute", True),)])
     budgets, budget = [], cfg.trainer.micro_batch_tokens // 2
@@ -109,6 +112,8 @@ def _options(plan: MemoryPlan, cfg: Config) -> list[list[tuple]]:
         budget //= 2
     groups.append(budgets)
     tps = [t for t in arch.valid_tp_sizes() if t > tp and world % (t * pp) == 0 and t <= c.gpus_per_node]
+    if arch.moe is not None:  # MoE at TP > 1 needs sequence parallelism, not enabled yet (policy.py)
+        tps = []
     groups.append([(("parallel.tp", t),) for t in tps])
     groups.append([(("parallel.pp", q),) for q in arch.valid_pp_sizes() if q > pp and world % (tp * q) == 0])
     groups.append([(("cluster.nodes", c.nodes + extra),) for extra in range(1, 4 * c.nodes + 1)])

@@ -124,6 +124,7 @@ class MemoryPlan:
     sync_every: int = 1
     sync_buckets: int = 0
     full_model_params: int = 0
+    dispatch_bytes_per_step: int = 0  # MoE token dispatch sent by one GPU per optimizer step (EP > 1)
     notes: list[str] = field(default_factory=list)
     arch: object = field(default=None, repr=False, compare=False)
 
@@ -181,8 +182,10 @@ class MemoryPlan:
 
 
 # ------------------------------------------------------------------------------------------------ counting
-def layer_params(arch, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank (QKV bias for Qwen2, norms replicated)."""
+def layer_param_split(arch, tp: int, layer: int = 0, ep: int = 1, etp: int | None = None) -> tuple[int, int]:
+    """``(dense, expert)`` parameters of decoder layer ``layer`` on one rank: attention, norms (and Qwen3's
+    QK-norms) plus the TP-split MLP; or, in an MoE layer, the replicated router and this rank's E/EP experts split
+    ``etp`` ways (default ``tp``) — expert parameters have their own data-parallel group (module docstring)."""
     h, q, kv, f = (
         arch.hidden_size,
         arch.num_attention_heads * arch.head_dim,
@@ -190,26 +193,57 @@ def layer_params(arch, tp: int) -> int:
         arch.intermediate_size,
     )
     qkv = (q + 2 * kv) // tp * (h + (1 if arch.qkv_bias else 0))
-    return qkv + h * q // tp + 3 * h * f // tp + 2 * h
+    dense = qkv + h * q // tp + 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
+    if arch.moe is None or not arch.moe.is_moe_layer(layer):
+        return dense + 3 * h * f // tp, 0
+    m, etp = arch.moe, tp if etp is None else etp
+    return dense + m.num_experts * h, m.num_experts // ep * 3 * h * (m.intermediate_size // etp)
 
 
-def stage_params(arch, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
-    """Parameters of one TP rank of pipeline stage ``stage`` (as Megatron's GPTModel allocates them)."""
-    h, vocab_rows = arch.hidden_size, padded_vocab // tp
-    count = arch.num_layers // pp * layer_params(arch, tp)
+def layer_params(arch, tp: int, layer: int = 0, ep: int = 1, etp: int | None = None) -> int:
+    """Parameters of one transformer layer on one TP rank (QKV bias for Qwen2, norms replicated)."""
+    return sum(layer_param_split(arch, tp, layer, ep, etp))
+
+
+def stage_param_split(
+    arch, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1, etp: int | None = None
+) -> tuple[int, int]:
+    """``(dense, expert)`` parameters of one rank of pipeline stage ``stage`` (as Megatron allocates them)."""
+    h, vocab_rows, per_stage = arch.hidden_size, padded_vocab // tp, arch.num_layers // pp
+    dense = expert = 0
+    for layer in range(stage * per_stage, (stage + 1) * per_stage):
+        d, x = layer_param_split(arch, tp, layer, ep, etp)
+        dense, expert = dense + d, expert + x
     if stage == 0:
-        count += vocab_rows * h
+        dense += vocab_rows * h
     if stage == pp - 1:
-        count += h  # final norm
+        dense += h  # final norm
         if not arch.tie_word_embeddings or pp > 1:  # tied at pp > 1: the last stage keeps a copy
-            count += vocab_rows * h
-    return count
+            dense += vocab_rows * h
+    return dense, expert
+
+
+def stage_params(
+    arch, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1, etp: int | None = None
+) -> int:
+    """Parameters of one rank of pipeline stage ``stage`` (as Megatron's GPTModel allocates them)."""
+    return sum(stage_param_split(arch, tp, pp, stage, padded_vocab, ep, etp))
 
 
 def full_model_params(arch) -> int:
-    """Parameters of the HF checkpoint (unpadded vocabulary; what a weight sync sends)."""
+    """Parameters of the HF checkpoint (unpadded vocabulary, every expert; what a weight sync sends)."""
     embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    return arch.num_layers * layer_params(arch, 1) + embeddings + arch.hidden_size
+    return sum(layer_params(arch, 1, i) for i in range(arch.num_layers)) + embeddings + arch.hidden_size
+
+
+def active_params(arch) -> int:
+    """Parameters one token uses (MoE: the top-k experts of each layer; dense: all)."""
+    total = full_model_params(arch)
+    if arch.moe is None:
+        return total
+    m = arch.moe
+    idle = sum(m.layer_pattern) * (m.num_experts - m.top_k) * 3 * arch.hidden_size * m.intermediate_size
+    return total - idle
 
 
 def reward_model_params(config: dict) -> int:
@@ -254,18 +288,49 @@ def _kv(arch) -> int:
     return arch.num_kv_heads * arch.head_dim
 
 
-def layer_activation_elements(arch, tp: int, tokens: int, kernels: str, recompute: bool) -> int:
-    """Elements (of the parameter dtype) one layer keeps for backward for ``tokens`` tokens (module docstring)."""
+def layer_activation_elements(
+    arch, tp: int, tokens: int, kernels: str, recompute: bool, *, moe: bool = False, etp: int | None = None
+) -> int:
+    """Elements (of the parameter dtype) one layer keeps for backward for ``tokens`` tokens (module docstring).
+    ``moe``: an MoE layer, whose MLP keeps, per token, its k routed copies (the dispatched input ``h`` and the
+    expert's SwiGLU ``6·I/etp``) and the router's scores (measured on CPU: ``k·(h + 6·I + 6) + 1.25·E``)."""
     h, q, f = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.intermediate_size
     if recompute:
         return tokens * h
-    per_token = 4 * h + (3 * q + 3 * _kv(arch) + 5 * f) // tp + 4 * arch.head_dim
+    mlp = 5 * f // tp
+    if moe:
+        m, etp = arch.moe, tp if etp is None else etp
+        mlp = m.top_k * (h + 6 * m.intermediate_size // etp + 6) + 5 * m.num_experts // 4
+    per_token = 4 * h + (3 * q + 3 * _kv(arch)) // tp + mlp + 4 * arch.head_dim
     per_token += arch.num_attention_heads // tp  # softmax statistics
     if kernels != "gpu":  # torch RMSNorm (local spec) keeps more than TE's fused norm
         per_token += 2 * h
     if kernels == "cpu":
         per_token += tokens
     return tokens * per_token
+
+
+def stage_layers(arch, pp: int, stage: int) -> tuple[int, int]:
+    """``(dense, MoE)`` layers of pipeline stage ``stage``."""
+    per_stage = arch.num_layers // pp
+    layers = range(stage * per_stage, (stage + 1) * per_stage)
+    moe = sum(1 for i in layers if arch.moe is not None and arch.moe.is_moe_layer(i))
+    return per_stage - moe, moe
+
+
+def dispatch_bytes(cfg, arch, tokens: int, microbatches: int, dp: int) -> int:
+    """Bytes one GPU sends for the MoE token dispatch in one optimizer step (policy forward + backward, and the
+    reference's forward): alltoall sends each token's k copies off-rank with probability (EP−1)/EP, out and back;
+    allgather gathers every token of the TP×EP group and reduce-scatters the result."""
+    par, e = cfg.parallel, _DTYPE_BYTES[cfg.model.dtype]
+    if arch.moe is None or par.ep == 1:
+        return 0
+    moe_layers = max(stage_layers(arch, par.pp, s)[1] for s in range(par.pp))
+    if par.moe_token_dispatcher == "alltoall":
+        per_layer = 2 * arch.moe.top_k * tokens * arch.hidden_size * e * (par.ep - 1) // par.ep
+    else:
+        per_layer = 2 * tokens * arch.hidden_size * e * (par.tp * par.ep - 1)
+    return per_layer * moe_layers * microbatches * 3  # policy forward, its backward, reference forward
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -311,24 +376,41 @@ def logprob_bytes(
 def _stage(
     cfg, arch, kernels: str, dp: int, stage: int, tokens: int, in_flight: int, engine: int
 ) -> StageMemory:
-    tp, pp, e = cfg.parallel.tp, cfg.parallel.pp, _DTYPE_BYTES[cfg.model.dtype]
+    par, e = cfg.parallel, _DTYPE_BYTES[cfg.model.dtype]
+    tp, pp, ep, etp = par.tp, par.pp, par.ep, par.etp or par.tp
     padded, h = arch.padded_vocab_size(tp), arch.hidden_size
-    n = stage_params(arch, tp, pp, stage, padded)
-    shards = dp if cfg.optim.use_distributed_optimizer else 1
-    recompute = cfg.parallel.activation_recompute
-    activations = (
-        in_flight * arch.num_layers // pp * layer_activation_elements(arch, tp, tokens, kernels, recompute)
-    )
+    n_dense, n_expert = stage_param_split(arch, tp, pp, stage, padded, ep, etp)
+    n = n_dense + n_expert
+    distributed = cfg.optim.use_distributed_optimizer
+    shards = dp if distributed else 1
+    expert_shards = tp * dp // (ep * etp) if distributed else 1  # the experts' data-parallel group
+    recompute = par.activation_recompute
+    dense_layers, moe_layers = stage_layers(arch, pp, stage)
+    activations = dense_layers * layer_activation_elements(arch, tp, tokens, kernels, recompute)
+    if moe_layers:
+        activations += moe_layers * layer_activation_elements(
+            arch, tp, tokens, kernels, recompute, moe=True, etp=etp
+        )
+    activations *= in_flight
     if recompute:  # the layer being recomputed holds its full activations
-        activations += layer_activation_elements(arch, tp, tokens, kernels, False)
+        activations += layer_activation_elements(
+            arch, tp, tokens, kernels, False, moe=moe_layers > 0, etp=etp
+        )
     columns, logprob = padded // tp, 0
-    transient = (2 * arch.intermediate_size // tp + h) * tokens * e  # one layer's backward working set
+    width = 2 * arch.intermediate_size // tp
+    if moe_layers:
+        width = max(width if dense_layers else 0, arch.moe.top_k * 2 * arch.moe.intermediate_size // etp)
+    transient = (width + h) * tokens * e  # one layer's backward working set
     if stage == pp - 1:
         activations += (2 if kernels == "gpu" else 3) * tokens * h  # final norm
         path = "fused" if cfg.trainer.logprob_impl == "fused_head" else "chunked"
         logprob = logprob_bytes(tokens, columns, h, cfg.trainer.logprob_chunk_tokens, e)[path]
         transient = max(transient, (columns * h + tokens * h) * e)  # output-layer weight and input gradients
-    largest = max(columns * h, 2 * arch.intermediate_size // tp * h)
+    largest = max(  # the largest parameter tensor: the output layer, an MLP's or one expert's fc1
+        columns * h,
+        2 * arch.intermediate_size // tp * h if dense_layers else 0,
+        2 * arch.moe.intermediate_size // etp * h if moe_layers else 0,
+    )
     step_temp = 0  # GPU: fused Adam, NCCL all-gathers in place
     if kernels == "gpu_local":  # no TE/apex FusedAdam: torch's foreach AdamW (an fp32 copy of a moment)
         step_temp = 4 * n // shards
@@ -340,8 +422,8 @@ def _stage(
         num_params=n,
         params=e * n,
         grads=4 * n,
-        optimizer_main=0 if e == 4 else 4 * n // shards,
-        optimizer_moments=8 * n // shards,
+        optimizer_main=0 if e == 4 else 4 * n_dense // shards + 4 * n_expert // expert_shards,
+        optimizer_moments=8 * n_dense // shards + 8 * n_expert // expert_shards,
         reference=e * n,
         activations=activations * e,
         logprob=logprob,
@@ -363,11 +445,14 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
 
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    from spin_megatron.models.arch import check_expert_grid
+
     tp, pp, r, e = cfg.parallel.tp, cfg.parallel.pp, cfg.rollout, _DTYPE_BYTES[cfg.model.dtype]
-    arch.check_parallel(tp, pp)
+    arch.check_parallel(tp, pp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
     if world_size % (tp * pp):
         raise ConfigError(f"{world_size} training GPUs do not split into parallel.tp × pp = {tp * pp}")
     dp = world_size // (tp * pp)
+    check_expert_grid(tp, dp, cfg.parallel.ep, cfg.parallel.etp or tp)
     gpu = gpu_bytes if gpu_bytes is not None else int(cfg.cluster.gpu_memory_gb * GB)
     tokens, microbatches = micro_batch_tokens(cfg), num_microbatches(cfg, dp)
     engine = r.engine if r.engine in ("sglang", "hf") else "none"
@@ -398,6 +483,7 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
         placement=cfg.cluster.placement,
         sync_every=_sync_interval(cfg),
         full_model_params=full,
+        dispatch_bytes_per_step=dispatch_bytes(cfg, arch, tokens, microbatches, dp),
         arch=arch,
     )
     if engine == "none":

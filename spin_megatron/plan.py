@@ -29,6 +29,22 @@ _TINY_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_si
 _TINY_KEYS += ("num_key_value_heads", "tie_word_embeddings")
 
 _QWEN = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
+# Qwen3 (config.json of Qwen/Qwen3-8B, -30B-A3B, -235B-A22B): head_dim 128 whatever the width, untied head
+_QWEN3 = dict(
+    _QWEN,
+    architectures=["Qwen3ForCausalLM"],
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+    max_position_embeddings=40960,
+)
+_QWEN3_MOE = dict(
+    architectures=["Qwen3MoeForCausalLM"],
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    router_aux_loss_coef=0.001,
+)
 BUILTIN_ARCHS = {
     "qwen2.5-0.5b": dict(_QWEN, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
@@ -47,6 +63,12 @@ BUILTIN_ARCHS = {
                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=12288),
+    "qwen3-30b-a3b": dict(_QWEN3, **_QWEN3_MOE, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, intermediate_size=6144, moe_intermediate_size=768),
+    "qwen3-235b-a22b": dict(_QWEN3, **_QWEN3_MOE, hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                            num_key_value_heads=4, intermediate_size=12288, moe_intermediate_size=1536),
 }  # fmt: skip
 
 
@@ -58,7 +80,7 @@ def builtin_arch(name: str) -> ModelArch:
     family = "Llama" if name.startswith("llama") else "Qwen2"
     return arch_from_hf_config(
         {"architectures": [f"{family}ForCausalLM"], **BUILTIN_ARCHS[name]}, source=name
-    )
+    )  # (Qwen3 shapes name their own architectures)
 
 
 def _builtin_named_like(path: str) -> str | None:
@@ -92,9 +114,18 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
     """The human-readable table: one line per component, GB per GPU, a note; then weight sync and the verdict."""
     a, s, c, sg = plan.arch, plan.stage, cfg.cluster, cfg.rollout.sglang
     e = "bf16" if cfg.model.dtype == "bf16" else "fp32"
+    par = cfg.parallel
     shards = (
         f"÷ DP {plan.dp} (distributed optimizer)" if cfg.optim.use_distributed_optimizer else "not sharded"
     )
+    if a.moe is not None and cfg.optim.use_distributed_optimizer:
+        shards += f", experts ÷ expert-DP {plan.tp * plan.dp // (par.ep * (par.etp or par.tp))}"
+    experts = ""
+    if a.moe is not None:
+        m = a.moe
+        experts = (
+            f"; {m.num_experts // par.ep} of {m.num_experts} experts (EP {par.ep}, ETP {par.etp or par.tp})"
+        )
     where = f"stage {s.stage + 1} of {plan.pp}"
     acts = f"{plan.in_flight} micro-batch(es) × {plan.layers_per_stage} layers × {plan.micro_batch_tokens} tokens"
     paths = {k: f"{v / GB:.2f}" for k, v in plan.logprob_paths.items()}
@@ -102,7 +133,11 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
         f"chunked: logits + grad [T, V/TP] + fp32 chunk (naive {paths['naive']}, fused head {paths['fused']})"
     )
     rows = [
-        ("actor parameters", s.params, f"{s.num_params / 1e9:.3g} B params on this GPU ({where}), {e}"),
+        (
+            "actor parameters",
+            s.params,
+            f"{s.num_params / 1e9:.3g} B params on this GPU ({where}), {e}{experts}",
+        ),
         ("actor gradients", s.grads, "fp32 grad buffer (grad_reduce_in_fp32)"),
         (
             "optimizer: fp32 main params",
@@ -153,10 +188,14 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [
         f"{PROG}: {a.architecture} h={a.hidden_size} L={a.num_layers} heads={a.num_attention_heads}/"
-        f"{a.num_kv_heads} V={a.vocab_size} ({source})",
+        f"{a.num_kv_heads} V={a.vocab_size}"
+        + (f" experts={a.moe.num_experts} top-{a.moe.top_k}" if a.moe is not None else "")
+        + f" ({source})",
         f"cluster: {c.nodes} node(s) × {c.gpus_per_node} GPUs × {c.gpu_memory_gb:g} GB, {c.placement}, "
         f"rollout engine {cfg.rollout.engine}",
-        f"layout: TP {plan.tp} × PP {plan.pp} × DP {plan.dp} = {plan.world_size} training GPUs; {e}; "
+        f"layout: TP {plan.tp} × PP {plan.pp} × DP {plan.dp} = {plan.world_size} training GPUs"
+        + (f" (experts: EP {par.ep} × ETP {par.etp or par.tp})" if a.moe is not None else "")
+        + f"; {e}; "
         f"{plan.num_microbatches} micro-batches of ≤ {plan.micro_batch_tokens} tokens per DP rank per step",
         "",
         f"{'component'.ljust(width)}  {'GB/GPU':>8}  note",
@@ -172,6 +211,11 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
             )
             + f" = {plan.sync_bytes_per_step / GB:.1f} GB/step, "
             f"{plan.sync_buckets} buckets of {cfg.rollout.sync_bucket_mb} MB per engine"
+        )
+    if plan.dispatch_bytes_per_step:
+        lines.append(
+            f"MoE token dispatch ({par.moe_token_dispatcher}): {plan.dispatch_bytes_per_step / GB:.1f} GB sent per "
+            "GPU per optimizer step (policy forward + backward, reference forward)"
         )
     lines += [f"note: {n}" for n in plan.notes]
     phase = max(plan.phases(), key=plan.phases().get)

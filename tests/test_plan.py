@@ -19,7 +19,7 @@ from safetensors import safe_open
 from spin_megatron.errors import ConfigError
 from spin_megatron.memory_fit import _with, check_fits, check_training_memory
 from spin_megatron.memory_model import GB, estimate, full_model_params, stage_params
-from spin_megatron.plan import builtin_arch, main
+from spin_megatron.plan import builtin_arch, main, resolve_arch, training_world_size
 from spin_megatron.train import load_config
 from tests.helpers import REPO
 
@@ -58,7 +58,7 @@ def _megatron_counts(model, arch, tp, pp):
     return per_stage
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama", "tiny_qwen3", "tiny_qwen3_moe_mixed"])
 def test_parameter_counts_equal_the_megatron_model(fixture, request):
     from spin_megatron.models import build_gpt_model, load_arch
     from spin_megatron.parallel import init_parallel
@@ -79,11 +79,33 @@ def test_parameter_counts_equal_the_megatron_model(fixture, request):
 def test_builtin_shapes_have_the_published_sizes():
     published = {"qwen2.5-0.5b": 0.494, "qwen2.5-3b": 3.086, "qwen2.5-7b": 7.616, "qwen2.5-32b": 32.76}
     published["llama3.1-8b"] = 8.030
+    published |= {"qwen3-8b": 8.19, "qwen3-30b-a3b": 30.53, "qwen3-235b-a22b": 235.09}  # Qwen3's model cards
     for name, billions in published.items():
         assert full_model_params(builtin_arch(name)) / 1e9 == pytest.approx(billions, rel=3e-3), name
 
 
 # ------------------------------------------------------------------------------------------ formulas
+def test_experts_are_divided_by_ep_and_their_optimizer_state_by_the_expert_data_parallel_ranks():
+    from spin_megatron.memory_model import active_params, stage_param_split
+
+    arch = builtin_arch("qwen3-30b-a3b")
+    assert active_params(arch) / 1e9 == pytest.approx(3.35, rel=1e-2)  # "A3B"
+    dense, experts = stage_param_split(arch, 1, 1, 0, arch.padded_vocab_size(1), ep=8, etp=1)
+    assert experts == 48 * 16 * 3 * 2048 * 768  # 16 of 128 experts in each of the 48 layers
+    moe = ["model.hf_path=Qwen/Qwen3-30B-A3B", "parallel.tp=1", "parallel.activation_recompute=true"]
+    ep8, _ = _plan("qwen3-30b-a3b", *moe, "parallel.ep=8", world_size=16)  # expert-DP 2
+    ep16, _ = _plan("qwen3-30b-a3b", *moe, "parallel.ep=16", world_size=16)  # expert-DP 1
+    assert ep8.stage.num_params - ep16.stage.num_params == experts // 2
+    dense_moments = 8 * dense // 16
+    assert ep8.stage.optimizer_moments == dense_moments + 8 * experts // 2
+    assert ep16.stage.optimizer_moments == dense_moments + 8 * (experts // 2)  # half the experts, unsharded
+    # the weight sync sends every expert; the dispatch sends a token's 8 copies (EP−1)/EP of the time, both ways
+    assert ep8.sync_bytes_per_engine == 2 * full_model_params(arch)
+    assert ep16.dispatch_bytes_per_step / ep8.dispatch_bytes_per_step == pytest.approx(
+        (15 / 16) / (7 / 8), rel=1e-3
+    )
+
+
 def test_distributed_optimizer_divides_the_optimizer_state_over_data_parallel_ranks():
     sharded, _ = _plan("qwen2.5-3b")  # TP2 × DP4
     full, _ = _plan("qwen2.5-3b", "optim.use_distributed_optimizer=false")
@@ -160,6 +182,13 @@ def test_preset_fits_one_node_of_80gb_gpus():
     plan, cfg = _plan("qwen2.5-3b")
     assert plan.fits and plan.peak <= plan.usable_bytes == int(72 * GB)
     check_fits(plan, cfg)
+
+
+@pytest.mark.parametrize("preset, gpus", [("qwen3_8b_gsm8k", 8), ("qwen3_30b_a3b_gsm8k", 16)])
+def test_qwen3_presets_fit_their_8_gpu_80gb_nodes(preset, gpus):
+    cfg = load_config([f"experiment={preset}"])
+    plan = estimate(cfg, resolve_arch(cfg)[0], world_size=training_world_size(cfg))
+    assert plan.world_size == gpus and plan.fits, plan.problems()
 
 
 @pytest.mark.parametrize(
@@ -306,6 +335,10 @@ PROBES = {
     "activations": dict(arch="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False,
                         budget=1024, pairs=4),
+    # experts (their parameters, optimizer state and top-k routed activations) dominate
+    "moe": dict(arch="qwen3_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=32, vocab_size=1024, tie_word_embeddings=False, num_experts=16,
+                num_experts_per_tok=4, moe_intermediate_size=384, budget=1024, pairs=4),
 }  # fmt: skip
 PROMPT_TOKENS, RESPONSE_TOKENS = 32, 96  # a pair = 256 tokens
 

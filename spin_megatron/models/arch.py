@@ -149,6 +149,15 @@ class ModelArch:
         return json.loads(json.dumps(sig))  # as stored in a checkpoint's JSON (tuples become lists)
 
 
+def check_expert_grid(tp: int, dp: int, ep: int, etp: int) -> None:
+    """Experts are laid out over the ranks of one pipeline stage (tp × dp of them): ep × etp must divide it."""
+    if (tp * dp) % (ep * etp):
+        raise ConfigError(
+            f"parallel.ep × etp = {ep}×{etp} = {ep * etp} does not divide the {tp * dp} ranks of a pipeline stage "
+            f"(tp×dp = {tp}×{dp}); launch more processes or lower parallel.ep / parallel.etp (etp defaults to tp)"
+        )
+
+
 def _rope_settings(cfg: dict) -> tuple[float, RopeScaling | None]:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or None

@@ -88,17 +88,10 @@ def validate_parallel_sizes(world_size: int, tp: int, pp: int, ep: int = 1, etp:
             f"{tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp / parallel.pp"
         )
     dp = world_size // (tp * pp)
+    from spin_megatron.models.arch import check_expert_grid  # (models imports this module)
+
     check_expert_grid(tp, dp, ep, tp if etp is None else etp)
     return dp
-
-
-def check_expert_grid(tp: int, dp: int, ep: int, etp: int) -> None:
-    """Experts are laid out over the ranks of one pipeline stage (tp × dp of them): ep × etp must divide it."""
-    if (tp * dp) % (ep * etp):
-        raise ConfigError(
-            f"parallel.ep × etp = {ep}×{etp} = {ep * etp} does not divide the {tp * dp} ranks of a pipeline stage "
-            f"(tp×dp = {tp}×{dp}); launch more processes or lower parallel.ep / parallel.etp (etp defaults to tp)"
-        )
 
 
 def launched_by_torchrun() -> bool:
