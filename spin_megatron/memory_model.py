@@ -36,6 +36,14 @@ output layer — also a copy of a tied embedding when p > 1 — and the log-prob
   Training peak = parameters + gradients + optimizer + reference + max(activations + log-prob buffers +
   transients, optimizer-step transients).
 
+Mixture of experts (Qwen3-MoE, EP = ``parallel.ep``, ETP = ``parallel.etp``, E experts of width I, top-k): a rank
+holds E/EP experts of each MoE layer, split ETP ways, and the replicated router ``E·h``; the distributed optimizer
+shards the experts' state over their own data-parallel group (``t·d / (EP·ETP)`` ranks), the rest over d. An MoE
+layer's MLP keeps, per token, ``k·(h + 6·I/ETP + 6) + 1.25·E`` elements (the k dispatched copies, each expert's
+SwiGLU, the router's scores: measured with saved-tensor hooks on CPU, alltoall dispatcher). The token dispatch
+sends, per MoE layer and micro-batch, ``2·k·T·h·e·(EP−1)/EP`` bytes (alltoall: out and back) or
+``2·T·h·e·(t·EP−1)`` (allgather), in the policy's forward and backward and the reference's forward.
+
 Rollout, colocated (SGLang on the training GPUs): SGLang keeps ``(1 − f)·GPU`` free when it starts (f =
 ``mem_fraction_static``), i.e. its weights (``2·N/s`` bytes: bf16, N parameters, s = its tp_size) plus KV cache use
 ``f·GPU − trainer memory at its start``; KV per token ``2·L·ceil(kv_heads/s)·head_dim·2``. While it generates the
