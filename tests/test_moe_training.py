@@ -1,6 +1,6 @@
 """Training a tiny Qwen3-MoE is one computation at every layout: two DPO optimizer steps (two mini-batches, the
 distributed optimizer chained over dense and expert parameters) give the same loss and grad norm at EP1, EP2 and
-PP2×EP2 with both token dispatchers; a checkpoint written at EP2 resumes bit-exactly; the MoE load-balancing loss
+PP2×EP2 with both token dispatchers; a checkpoint written at EP2 resumes bit-exactly (and at PP2×EP2); the MoE load-balancing loss
 is logged apart from the DPO loss; Qwen3's replicated QK-norm weights get the same gradient at TP2 as at TP1.
 
 One launch of four gloo processes runs every layout (tests/workers/moe_step.py). TP2 with MoE layers is refused
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.dist
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=100, initializer_range=0.2)
 EP1, EP2 = "1.1.1.0.alltoall.0", "1.1.2.0.alltoall.0"
-LAYOUTS = (EP1, EP2, "1.1.2.0.allgather.0", "1.2.2.0.allgather.0")
+PP2_EP2 = "1.2.2.0.allgather.0"
+LAYOUTS = (EP1, EP2, "1.1.2.0.allgather.0", PP2_EP2)
 AUX = ("1.1.1.0.alltoall.0.01", "1.1.2.0.allgather.0.01")  # moe_aux_loss_coeff 0.01, the same DP split
 DENSE = ("1.1.1.0.alltoall.0@dense", "2.1.1.0.alltoall.0@dense")  # Qwen3 TP1 vs TP2
 RTOL = 1e-5
@@ -43,7 +44,7 @@ def report(tmp_path_factory):
         "--vocab-size",
         TINY["vocab_size"],
     ]
-    args += ["--resume-layout", EP2, "--ckpt-dir", root / "ckpt", "--out", out]
+    args += ["--resume-layout", EP2, "--ckpt-dir", root / "ckpt", "--reshard-layout", PP2_EP2, "--out", out]
     for layout in LAYOUTS + AUX + DENSE:
         args += ["--layout", layout]
     assert run_ranks(4, "tests.workers.moe_step", *args, timeout_s=900) == 0
@@ -61,9 +62,12 @@ def test_two_dpo_steps_are_the_same_at_every_moe_layout(report, layout):
     )  # the first step changed weights
 
 
-def test_resume_at_ep2_is_bit_exact(report):
+def test_resume_at_ep2_is_bit_exact_and_at_pp2_ep2_the_same_step(report):
     resume = report["resume"]
     assert resume["resumed"] == resume["straight"] and resume["same_weights"]
+    # written at EP2 × DP4, read at PP2 × EP2 × DP2: experts and their optimizer state resharded
+    for key in ("loss", "grad_norm"):
+        assert report["reshard"][key] == pytest.approx(resume["straight"][key], rel=RTOL), key
 
 
 def test_aux_loss_is_logged_apart_and_enters_the_gradient_only(report):

@@ -7,7 +7,7 @@ Qwen3 model of ``--dense-dir`` instead, as its own reference) two optimizer step
 global pairs, split over the data-parallel ranks) record the loss, grad norm and MoE aux-loss sums of each, and
 the gradient of the replicated QK-norm weights before the first update. With
 ``--resume-layout`` one layout also checkpoints after the first step and resumes a fresh policy from it: the
-second step must repeat bit for bit. Rank 0 writes everything with ``torch.save``.
+second step must repeat bit for bit; ``--reshard-layout`` (listed after it) loads that checkpoint at its layout. Rank 0 writes everything with ``torch.save``.
 """
 
 from __future__ import annotations
@@ -134,6 +134,12 @@ def run_layout(args, layout, items, report):
     report[layout] = {"steps": steps, "norm_grads": _gather_norm_grads(norms, groups), "dp": groups.dp_size}
     if layout == args.resume_layout:
         report["resume"] = _resume(args, cfg, groups, items)
+    if layout == args.reshard_layout:  # the checkpoint written at --resume-layout, loaded at this layout
+        resumed = _Setup(cfg, args.ref_dir, groups)
+        sig = resumed.source.arch.signature()
+        load_checkpoint(args.ckpt_dir + "/checkpoints/step_0000001", resumed.policy, resumed.reference, groups,
+                        model_signature=sig)  # fmt: skip
+        report["reshard"] = resumed.step(items[PAIRS_PER_STEP:])
 
 
 def _resume(args, cfg, groups, items):
@@ -165,6 +171,7 @@ def main():
     parser.add_argument("--dense-dir", default=None, help="a Qwen3 model for the @dense layouts")
     parser.add_argument("--resume-layout", default=None)
     parser.add_argument("--ckpt-dir", default=None)
+    parser.add_argument("--reshard-layout", default=None, help="load --resume-layout's checkpoint here")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
