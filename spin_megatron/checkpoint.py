@@ -1,5 +1,5 @@
 """Trainer checkpoints: policy, optimizer, reference (Megatron dist-checkpointing), schedule, data position,
-RNG states, step. Written atomically; resumable at any TP/PP/DP layout for the model and optimizer.
+RNG states, step. Written atomically; resumable at any TP/PP/VPP/DP layout for the model and optimizer.
 
 Layout::
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from spin_megatron.errors import CheckpointError, MissingPathError
 from spin_megatron.faults import kill_point
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
 from spin_megatron.optim_state import inner_optimizers, materialize_fresh_state
 from spin_megatron.parallel.state import ParallelGroups
@@ -52,15 +53,36 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return max(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
 
 
-def _sharded_state(policy, reference, *, is_loading: bool) -> dict:
-    model_sd = unwrap(policy.model).sharded_state_dict(metadata=_OPTIM_META)
+def _chunk_keys(model, key: str) -> list[str]:
+    """Megatron's state-dict keys of model chunks: ``model`` for one, ``model0``, ``model1``, … for several. The
+    sharded tensors inside carry global names, so a checkpoint loads at any TP/PP/VPP layout."""
+    count = len(chunks_of(unwrap(model)))
+    return [key] if count == 1 else [f"{key}{i}" for i in range(count)]
+
+
+def _chunk_states(model, key: str, metadata: dict, prefix: str = "") -> dict:
+    chunks = chunks_of(unwrap(model))
     return {
-        "model": model_sd,
-        "optimizer": policy.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_OPTIM_META
-        ),
-        "reference": reference.sharded_state_dict(prefix=_REF_PREFIX, metadata=_OPTIM_META),
+        k: unwrap(chunk).sharded_state_dict(prefix=prefix, metadata=metadata)
+        for k, chunk in zip(_chunk_keys(model, key), chunks, strict=True)
     }
+
+
+def _load_chunk_states(model, loaded: dict, key: str, prefix: str = "") -> None:
+    for k, chunk in zip(_chunk_keys(model, key), chunks_of(unwrap(model)), strict=True):
+        unwrap(chunk).load_state_dict({n.removeprefix(prefix): v for n, v in loaded[k].items()}, strict=False)
+
+
+def _sharded_state(policy, reference, *, is_loading: bool) -> dict:
+    # a fresh dict each time: Megatron stores the data-parallel group in it (ensure_metadata_has_dp_cp_group),
+    # and a kept one would carry a destroyed layout's group into the next (the replicas' copies then clash)
+    metadata = dict(_OPTIM_META)
+    model_sd = _chunk_states(policy.model, "model", metadata)
+    optimizer_sd = policy.optimizer.sharded_state_dict(
+        model_sd if len(model_sd) > 1 else model_sd["model"], is_loading=is_loading, metadata=metadata
+    )
+    reference_sd = _chunk_states(reference, "reference", metadata, _REF_PREFIX)
+    return {**model_sd, "optimizer": optimizer_sd, **reference_sd}
 
 
 def _rng_state() -> dict:
@@ -115,7 +137,12 @@ def save_checkpoint(
             **trainer_state,
             "step": step,
             "world_size": groups.world_size,
-            "layout": {"tp": groups.tp_size, "pp": groups.pp_size, "dp": groups.dp_size},
+            "layout": {
+                "tp": groups.tp_size,
+                "pp": groups.pp_size,
+                "vpp": groups.vp_size,
+                "dp": groups.dp_size,
+            },
         }
         _write_synced(partial_dir / "trainer_state.json", json.dumps(state, indent=2, default=str))
         _write_synced(partial_dir / COMPLETE, "")
@@ -172,11 +199,9 @@ def load_checkpoint(
         )
     _prepare_optimizer_for_loading(policy.optimizer)
     loaded = dist_checkpointing.load(_sharded_state(policy, reference, is_loading=True), str(path / "dist"))
-    unwrap(policy.model).load_state_dict(loaded["model"], strict=False)
+    _load_chunk_states(policy.model, loaded, "model")
     _load_optimizer_state(policy.optimizer, loaded["optimizer"])
-    reference.load_state_dict(
-        {k.removeprefix(_REF_PREFIX): v for k, v in loaded["reference"].items()}, strict=False
-    )
+    _load_chunk_states(reference, loaded, "reference", _REF_PREFIX)
     policy.scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{groups.rank:05d}.pt"
     if state["world_size"] == groups.world_size and rng_file.is_file():

@@ -357,10 +357,19 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size (MoE): a layer's experts split over ep of a stage's tp×dp ranks
     etp: int | None = None  # expert tensor-parallel size (each expert split etp ways); null: = tp
     moe_token_dispatcher: str = "alltoall"  # routed tokens to their experts' ranks: alltoall | allgather
+    # virtual pipeline stages per pipeline rank (interleaved 1F1B): each rank holds vpp model chunks of
+    # layers/(pp·vpp) layers, which shrinks the pipeline bubble vpp-fold; 1: plain 1F1B
+    vpp: int = 1
 
     def __post_init__(self):
         _positive("parallel.tp", self.tp)
         _positive("parallel.pp", self.pp)
+        _positive("parallel.vpp", self.vpp)
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError(
+                f"parallel.vpp={self.vpp} interleaves pipeline stages, but parallel.pp=1: set parallel.pp > 1 "
+                "or parallel.vpp=1"
+            )
         _positive("parallel.ep", self.ep)
         if self.etp is not None:
             _positive("parallel.etp", self.etp)

@@ -20,6 +20,7 @@ from spin_megatron.config import Config, default_tokenizer
 from spin_megatron.errors import ConfigError
 from spin_megatron.models.arch import ModelArch, load_arch
 from spin_megatron.models.builder import build_gpt_model, expose_hidden_states, parse_dtype
+from spin_megatron.models.chunks import as_model, chunks_of
 from spin_megatron.models.hf_io import HFReader
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.mcore_io import (
@@ -181,7 +182,7 @@ def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype, fuse
 
 @dataclass
 class Policy:
-    model: torch.nn.Module  # Megatron DDP around the GPTModel (Float16Module in between for bf16)
+    model: torch.nn.Module  # DDP(Float16Module (bf16) (GPTModel)); with vpp a ModelChunks of them
     optimizer: object  # MegatronOptimizer
     scheduler: object  # OptimizerParamScheduler
 
@@ -201,17 +202,24 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
         source, groups, dtype, cfg.trainer.logprob_impl == "fused_head",
         fused_swiglu=cfg.model.fused_swiglu, **_recompute_settings(cfg), **moe_build_settings(cfg, source.arch),
     )  # fmt: skip
-    config = model.config
+    chunks = chunks_of(model)  # one, or the model chunks of an interleaved pipeline (vpp)
+    config = chunks[0].config
     if dtype != torch.float32:
-        model = Float16Module(config, model)
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
     )
-    model = DistributedDataParallel(config, ddp_config, model, pg_collection=groups.pgs)
-    config.no_sync_func = model.no_sync
+    # one DDP per model chunk, as Megatron's training: buckets for the first only (the later chunks' reductions
+    # overlap with the pipeline's remaining compute anyway)
+    chunks = [
+        DistributedDataParallel(config, ddp_config, chunk, pg_collection=groups.pgs, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
+    model = as_model(chunks)
     o = cfg.optim
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -227,7 +235,7 @@ def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Po
             params_dtype=dtype,
             use_distributed_optimizer=o.use_distributed_optimizer,
         ),
-        [model],
+        chunks,
         use_gloo_process_groups=False,
         pg_collection=groups.pgs,
     )
@@ -270,14 +278,16 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
 
 @torch.no_grad()
 def refresh_reference(reference: torch.nn.Module, policy: Policy, alpha: float = 1.0) -> None:
-    """reference ← α·policy + (1−α)·reference (identical sharding: parameter by parameter). α = 1: a copy (SPIN's
-    new iteration); α < 1: TR-DPO's soft update."""
-    source = dict(unwrap(policy.model).named_parameters())
-    target = dict(reference.named_parameters())
-    if source.keys() != target.keys():
-        raise ConfigError(f"reference and policy differ: {sorted(set(source) ^ set(target))[:5]}")
-    for name, param in target.items():
-        if alpha == 1.0:
-            param.copy_(source[name])
-        else:
-            param.lerp_(source[name].to(param.dtype), alpha)
+    """reference ← α·policy + (1−α)·reference (identical sharding: parameter by parameter, chunk by chunk). α = 1: a
+    copy (SPIN's new iteration); α < 1: TR-DPO's soft update."""
+    pairs = list(zip(chunks_of(unwrap(policy.model)), chunks_of(reference), strict=True))
+    for policy_chunk, reference_chunk in pairs:
+        source = dict(unwrap(policy_chunk).named_parameters())
+        target = dict(reference_chunk.named_parameters())
+        if source.keys() != target.keys():
+            raise ConfigError(f"reference and policy differ: {sorted(set(source) ^ set(target))[:5]}")
+        for name, param in target.items():
+            if alpha == 1.0:
+                param.copy_(source[name])
+            else:
+                param.lerp_(source[name].to(param.dtype), alpha)

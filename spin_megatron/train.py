@@ -61,7 +61,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     par = cfg.parallel
     dp = validate_parallel_sizes(world_size, par.tp, par.pp, par.ep, par.etp)
     arch = model_arch(cfg)
-    arch.check_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp)
+    arch.check_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp)
     check_moe_training_layout(cfg, arch)
     check_moe_engine(cfg, arch)
     if cfg.model.hf_path is not None and cfg.model.mcore_ckpt is None:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         par = cfg.parallel
-        groups = init_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp, seed=cfg.trainer.seed)
+        groups = init_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp, seed=cfg.trainer.seed)
         try:
             trainer = SPINTrainer(cfg, groups, data, preemption)
             outcome = trainer.fit()

@@ -13,12 +13,18 @@ pytestmark = pytest.mark.dist
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
-def test_parity_and_export(tp, pp, tiny_qwen2, tiny_llama, tiny_qwen3, tmp_path):
+def test_parity_and_export(tp, pp, tiny_qwen2, tiny_llama, tiny_qwen3, tiny_qwen3_moe_mixed, tmp_path):
     out = tmp_path / "report.json"
     models = [tiny_qwen2, tiny_llama] + ([tiny_qwen3] if (tp, pp) == (2, 2) else [])
-    assert run_ranks(tp * pp, "tests.workers.parity", "--tp", tp, "--pp", pp, "--out", out, *models) == 0
+    # PP2 also as PP2×VPP2 in the same processes: the 4-layer models (one layer per model chunk), the untied
+    # Qwen2 and the tied Qwen3-MoE with a dense layer (embedding in chunk 0 of stage 0, its tied copy in chunk 1
+    # of stage 1)
+    vpp, models = (2, [*models, tiny_qwen3_moe_mixed]) if (tp, pp) == (1, 2) else (1, models)
+    args = ("--tp", tp, "--pp", pp, "--vpp", vpp, "--out", out)
+    assert run_ranks(tp * pp, "tests.workers.parity", *args, *models) == 0
     report = json.loads(out.read_text())
-    assert len(report) == len(models)
+    assert len(report) == len(models) + (2 if vpp > 1 else 0)
+    assert all(f"vpp2:{m}" in report for m in (tiny_qwen2, tiny_qwen3_moe_mixed)) or vpp == 1
     _check_report(report, replicas=1)
 
 

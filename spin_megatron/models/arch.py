@@ -105,9 +105,12 @@ class ModelArch:
         etp: int | None = None,
         ep_key: str = "parallel.ep",
         etp_key: str = "parallel.etp",
+        vpp: int = 1,
+        vpp_key: str = "parallel.vpp",
     ) -> None:
-        """Raise ConfigError if this model cannot be split tp-ways across tensors, pp-ways across layers and
-        (MoE) ep-ways across experts with each expert split etp-ways (None: etp = tp, as Megatron)."""
+        """Raise ConfigError if this model cannot be split tp-ways across tensors, pp-ways across layers (each
+        stage into vpp chunks of equal layers) and (MoE) ep-ways across experts with each expert split etp-ways
+        (None: etp = tp, as Megatron)."""
         checks = [
             (self.num_attention_heads, tp, "attention heads", tp_key, self.valid_tp_sizes()),
             (self.num_kv_heads, tp, "key/value heads", tp_key, self.valid_tp_sizes()),
@@ -134,6 +137,12 @@ class ModelArch:
                     f"{key}={size} does not divide the model's {total} {what}; "
                     f"valid values for this model: {', '.join(map(str, valid))}"
                 )
+        if vpp > 1 and self.num_layers % (pp * vpp):
+            valid = [v for v in range(1, self.num_layers // pp + 1) if self.num_layers % (pp * v) == 0]
+            raise ConfigError(
+                f"{pp_key}×{vpp_key} = {pp}×{vpp} model chunks do not divide the model's {self.num_layers} layers; "
+                f"valid {vpp_key} values at {pp_key}={pp}: {', '.join(map(str, valid))}"
+            )
 
     def signature(self) -> dict:
         """The fields that make two checkpoints the same model (used to refuse mismatched resumes)."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from spin_megatron.errors import ConfigError
 from spin_megatron.models.arch import ModelArch
+from spin_megatron.models.chunks import as_model, chunks_of
 from spin_megatron.parallel.state import ParallelGroups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,10 +92,10 @@ def decoder_layer_specs(arch: ModelArch, use_te: bool) -> list:
     return [moe if arch.moe.is_moe_layer(i) else dense for i in range(arch.num_layers)]
 
 
-def block_spec(arch: ModelArch, config, groups: ParallelGroups, use_te: bool):
-    """This pipeline stage's block: its layers' specs and the final norm, given explicitly: left to Megatron,
-    the local spec's final norm is apex's ``FusedLayerNorm`` whenever apex is installed without TE, and that
-    rejects RMSNorm."""
+def block_spec(arch: ModelArch, config, groups: ParallelGroups, use_te: bool, vp_stage: int | None = None):
+    """This pipeline stage's (model chunk's) block: its layers' specs and the final norm, given explicitly: left
+    to Megatron, the local spec's final norm is apex's ``FusedLayerNorm`` whenever apex is installed without TE,
+    and that rejects RMSNorm."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import (
         TransformerBlock,
@@ -104,8 +105,9 @@ def block_spec(arch: ModelArch, config, groups: ParallelGroups, use_te: bool):
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     specs = decoder_layer_specs(arch, use_te)
-    offset = get_transformer_layer_offset(config, pp_rank=groups.pp_rank)
-    local = specs[offset : offset + get_num_layers_to_build(config, pp_rank=groups.pp_rank)]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=groups.pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=groups.pp_rank)
+    local = specs[offset : offset + count]
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -166,7 +168,9 @@ def transformer_config(
     | alltoall) and ``moe_aux_loss_coeff`` apply to MoE models only."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    arch.check_parallel(groups.tp_size, groups.pp_size, ep=groups.ep_size, etp=groups.etp_size)
+    arch.check_parallel(
+        groups.tp_size, groups.pp_size, ep=groups.ep_size, etp=groups.etp_size, vpp=groups.vp_size
+    )
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -187,6 +191,7 @@ def transformer_config(
         # Megatron must be told the split sizes, otherwise every PP stage silently builds all layers.
         tensor_model_parallel_size=groups.tp_size,
         pipeline_model_parallel_size=groups.pp_size,
+        **interleaving_config(groups),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -205,6 +210,22 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def interleaving_config(groups: ParallelGroups) -> dict:
+    """TransformerConfig fields of the interleaved schedule (none without it). ``batch_p2p_comm`` off: Megatron's
+    default batches each exchange's send-next/recv-prev/... into one ``batch_isend_irecv``, and at PP=2, where the
+    next and the previous stage are the same peer, the interleaved schedule then pairs the wrong tensors: silently
+    wrong losses and gradients (NVIDIA/Megatron-LM#750, #1450; verl turns it off too). Plain sends/receives are
+    what Megatron's own training uses with interleaving (its ``overlap_p2p_comm`` default)."""
+    if groups.vp_size == 1:
+        return {}
+    return dict(
+        virtual_pipeline_model_parallel_size=groups.vp_size,
+        microbatch_group_size_per_vp_stage=groups.pp_size,
+        batch_p2p_comm=False,
+        overlap_p2p_comm=True,
+    )
+
+
 def build_gpt_model(
     arch: ModelArch,
     groups: ParallelGroups,
@@ -214,9 +235,8 @@ def build_gpt_model(
     padded_vocab_size: int | None = None,
     **config_overrides,
 ):
-    """Build this rank's stage of the model (embedding on the first stage, output layer on the last)."""
-    from megatron.core.models.gpt import GPTModel
-
+    """Build this rank's stage of the model (embedding on the first stage, output layer on the last). With
+    interleaving (``groups.vp_size`` > 1): its model chunks, as one :class:`ModelChunks` sharing one config."""
     if use_te is None:
         use_te = default_use_te(dtype)
     config = transformer_config(arch, groups, dtype, **config_overrides)
@@ -225,14 +245,26 @@ def build_gpt_model(
         raise ConfigError(
             f"padded vocab size {vocab} must be ≥ {arch.vocab_size} and divisible by tp={groups.tp_size}"
         )
+    if groups.vp_size == 1:
+        return _build_chunk(arch, groups, config, use_te, vocab, dtype, None)
+    chunks = [_build_chunk(arch, groups, config, use_te, vocab, dtype, v) for v in range(groups.vp_size)]
+    return as_model(chunks)
+
+
+def _build_chunk(arch, groups, config, use_te, vocab, dtype, vp_stage):
+    """One GPTModel: the whole stage (``vp_stage`` None) or model chunk ``vp_stage`` of it."""
+    from megatron.core.models.gpt import GPTModel
+
+    first_chunk = vp_stage is None or vp_stage == 0
+    last_chunk = vp_stage is None or vp_stage == groups.vp_size - 1
     rope = arch.rope_scaling
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(arch, config, groups, use_te),
+        transformer_layer_spec=block_spec(arch, config, groups, use_te, vp_stage),
         vocab_size=vocab,
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage,
+        pre_process=groups.is_first_stage and first_chunk,
+        post_process=groups.is_last_stage and last_chunk,
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
@@ -242,6 +274,7 @@ def build_gpt_model(
         rope_scaling_factor=rope.factor if rope is not None and rope.kind == "llama3" else 8.0,
         seq_len_interpolation_factor=rope.factor if rope is not None and rope.kind == "linear" else None,
         pg_collection=groups.pgs,
+        vp_stage=vp_stage,
     )
     mark_tensor_parallel_params(model)
     if dtype != torch.float32:
@@ -285,8 +318,9 @@ def expose_hidden_states(model: torch.nn.Module) -> None:
 
     Used with :func:`spin_megatron.logprob.fused_head_logprobs`, which applies the output layer's weight
     (``output_layer.weight``, or the tied embedding) chunk by chunk, so the ``[T, V/TP]`` logits never exist. The
-    output layer keeps its parameter (tied or not): only its forward is bypassed.
+    output layer keeps its parameter (tied or not): only its forward is bypassed (in the chunk that holds it).
     """
-    head = getattr(model, "output_layer", None)
-    if head is not None:
-        head.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+    for chunk in chunks_of(model):
+        head = getattr(chunk, "output_layer", None)
+        if head is not None:
+            head.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)

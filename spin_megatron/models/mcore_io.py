@@ -19,6 +19,7 @@ import torch
 from spin_megatron.errors import CheckpointError, MissingPathError
 from spin_megatron.models.arch import ModelArch, arch_from_hf_config
 from spin_megatron.models.builder import DTYPES, build_gpt_model
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
 from spin_megatron.parallel.state import ParallelGroups
 
@@ -85,25 +86,38 @@ def save_model_shards(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
     target = Path(ckpt_dir) / "model"
     target.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(target))
+    dist_checkpointing.save(_chunk_states(model), str(target))
+
+
+def _chunk_states(model) -> dict:
+    """One chunk's sharded state dict, or Megatron's ``model0``, ``model1``, … nesting for model chunks
+    (interleaved pipeline). The sharded tensors carry global names: any TP/PP/VPP layout loads them."""
+    chunks = [unwrap(chunk) for chunk in chunks_of(unwrap(model))]
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def load_model_shards(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Collective: fill this rank's stage from ``<ckpt_dir>/model`` (any TP/PP it was saved at)."""
+    """Collective: fill this rank's stage from ``<ckpt_dir>/model`` (any TP/PP/VPP it was saved at)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    inner = unwrap(model)
+    expected = _chunk_states(model)
     try:
-        state = dist_checkpointing.load(inner.sharded_state_dict(), str(Path(ckpt_dir) / "model"))
+        state = dist_checkpointing.load(expected, str(Path(ckpt_dir) / "model"))
     except CheckpointingException as exc:
         raise CheckpointError(f"cannot load {ckpt_dir}: {str(exc).splitlines()[0]}") from exc
-    result = inner.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    chunks = chunks_of(unwrap(model))
+    states = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
+    for chunk, chunk_state in zip(chunks, states, strict=True):
+        result = unwrap(chunk).load_state_dict(chunk_state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"{ckpt_dir} does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
 
 
 def build_model_from_checkpoint(

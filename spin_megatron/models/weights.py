@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from spin_megatron.errors import CheckpointError
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.hf_io import HFReader
 from spin_megatron.models.mapping import WeightMapping, canonical_name
 from spin_megatron.parallel.state import ParallelGroups
@@ -29,9 +30,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def stage_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """``(global canonical name, parameter)`` of this stage, in module order: layers by their global index,
-    routed experts by their global expert index (Megatron's ``local_expert_indices`` of the MoE layer)."""
-    model = unwrap(model)
+    """``(global canonical name, parameter)`` of this stage, in module order (chunk by chunk: layer order): layers
+    by their global index, routed experts by their global expert index (Megatron's ``local_expert_indices``)."""
+    for chunk in chunks_of(unwrap(model)):
+        yield from _chunk_parameters(unwrap(chunk))
+
+
+def _chunk_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     layers = model.decoder.layers
     for name, param in model.named_parameters():
         match = _LOCAL_LAYER.match(name)

@@ -18,10 +18,16 @@ from spin_megatron.batching import IGNORE_INDEX
 from spin_megatron.faults import kill_point, poison_loss
 from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.loss import batch_terms, dpo_loss, needs_batch_terms
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
 from spin_megatron.parallel.moe_metrics import load_balancing_sums
-from spin_megatron.parallel.packing import PackedMicroBatch, align_micro_batches, sequence_sums
-from spin_megatron.parallel.schedule import run_schedule
+from spin_megatron.parallel.packing import (
+    PackedMicroBatch,
+    align_micro_batches,
+    pad_micro_batch_count,
+    sequence_sums,
+)
+from spin_megatron.parallel.schedule import interleaved_microbatch_multiple, run_schedule
 from spin_megatron.parallel.state import ParallelGroups
 
 METRIC_SUMS = (
@@ -303,6 +309,7 @@ def _head_weight(model):
 def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
     if groups.ep_size > 1:  # MoE token dispatch is a collective across the replicas: same micro-batch shapes
         align_micro_batches(batches, groups.dp)
+    pad_micro_batch_count(batches, interleaved_microbatch_multiple(groups))
 
     def forward_step(batch, step_model):
         fused = settings_fused(loss_for_batch)
@@ -426,9 +433,10 @@ def _policy_loss(
 def grads_finite(model, groups: ParallelGroups) -> bool:
     """Whether every gradient on every rank is finite (checked on Megatron DDP's grad buffers)."""
     finite = torch.ones(1, device=groups.device)
-    for buffer in getattr(model, "buffers", []) + getattr(model, "expert_parallel_buffers", []):
-        if not bool(torch.isfinite(buffer.grad_data).all()):
-            finite.zero_()
+    for chunk in chunks_of(model):
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+            if not bool(torch.isfinite(buffer.grad_data).all()):
+                finite.zero_()
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 

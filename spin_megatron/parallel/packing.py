@@ -188,6 +188,21 @@ def align_micro_batches(batches: list[PackedMicroBatch], group) -> None:
         _pad_to(batch, seq_length)
 
 
+def pad_micro_batch_count(batches: list[PackedMicroBatch], multiple: int) -> None:
+    """Append placeholder micro-batches (nothing scored, no loss, the others' length) until their number is a
+    multiple of ``multiple``, in place: the interleaved pipeline schedule runs micro-batches in groups of the
+    pipeline size. A placeholder costs one micro-batch of compute and changes no loss or gradient."""
+    missing = -len(batches) % multiple
+    if not missing:
+        return
+    device, seq_length = batches[0].input_ids.device, batches[0].input_ids.shape[1]
+    pad_token_id = int(batches[0].input_ids[0, -1])  # the last position is always padding
+    for _ in range(missing):
+        placeholder = pack_items([], token_budget=1, pad_token_id=pad_token_id)[0].to(device)
+        _pad_to(placeholder, seq_length)
+        batches.append(placeholder)
+
+
 def _pad_to(batch: PackedMicroBatch, seq_length: int) -> None:
     """Extend the padding segment (always last, ≥ 1 token) to ``seq_length`` positions."""
     extra = seq_length - batch.input_ids.shape[1]

@@ -38,6 +38,7 @@ class ParallelGroups:
     ep_size: int = 1
     etp_rank: int = 0  # expert tensor parallel: how each expert's weights are split
     etp_size: int = 1
+    vp_size: int = 1  # virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
 
     @property
     def ep(self) -> dist.ProcessGroup:
@@ -61,10 +62,12 @@ class ParallelGroups:
 
     @property
     def is_first_stage(self) -> bool:
+        """This rank holds the embedding (with interleaving: in its first model chunk)."""
         return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
+        """This rank holds the output layer and computes the losses (with interleaving: in its last chunk)."""
         return self.pp_rank == self.pp_size - 1
 
     @property
@@ -76,9 +79,11 @@ class ParallelGroups:
         )
 
 
-def validate_parallel_sizes(world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+def validate_parallel_sizes(
+    world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None, vpp: int = 1
+) -> int:
     """Check the TP/PP (and expert EP/ETP) sizes against the world size; return the data-parallel size."""
-    sizes = (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep))
+    sizes = (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("parallel.vpp", vpp))
     for key, value in sizes + ((("parallel.etp", etp),) if etp is not None else ()):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -86,6 +91,10 @@ def validate_parallel_sizes(world_size: int, tp: int, pp: int, ep: int = 1, etp:
         raise ConfigError(
             f"world size {world_size} is not divisible by tp×pp = {tp}×{pp} = {tp * pp}: launch a multiple of "
             f"{tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp / parallel.pp"
+        )
+    if vpp > 1 and pp == 1:
+        raise ConfigError(
+            f"parallel.vpp={vpp} interleaves pipeline stages, but parallel.pp=1: set pp > 1 or vpp=1"
         )
     dp = world_size // (tp * pp)
     from spin_megatron.models.arch import check_expert_grid  # (models imports this module)
@@ -118,10 +127,12 @@ def init_parallel(
     *,
     ep: int = 1,
     etp: int | None = None,
+    vpp: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> ParallelGroups:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP/PP/DP (and EP/ETP) groups.
+    ``vpp``: model chunks per pipeline rank (interleaved schedule); recorded in the groups, no group of its own.
 
     Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and in a plain single process.
     Calling it again with the same sizes returns the existing groups.
@@ -133,7 +144,7 @@ def init_parallel(
     world_size = (
         int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     )
-    validate_parallel_sizes(world_size, tp, pp, ep, etp)
+    validate_parallel_sizes(world_size, tp, pp, ep, etp, vpp)
     etp = tp if etp is None else etp
     if not dist.is_initialized():
         _init_process_group(timeout_minutes)
@@ -165,6 +176,7 @@ def init_parallel(
         ep_size=pgs.ep.size(),
         etp_rank=pgs.expt_tp.rank(),
         etp_size=pgs.expt_tp.size(),
+        vp_size=vpp,
     )
 
 

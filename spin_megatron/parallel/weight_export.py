@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.mapping import WeightMapping
-from spin_megatron.models.weights import stage_parameters
+from spin_megatron.models.weights import stage_parameters, unwrap
 from spin_megatron.parallel.state import ParallelGroups
 
 
@@ -47,14 +48,16 @@ def _export_expert(name: str, param, mapping: WeightMapping, groups: ParallelGro
 
 @torch.no_grad()
 def export_hf_weights(
-    model: torch.nn.Module, mapping: WeightMapping, groups: ParallelGroups
+    model: torch.nn.Module, mapping: WeightMapping, groups: ParallelGroups, *, chunk: int | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, full tensor)`` for every weight held by this rank's pipeline stage.
+    """Yield ``(hf_name, full tensor)`` for every weight held by this rank's pipeline stage (``chunk``: only
+    that model chunk's, with interleaving).
 
     Collective over the TP group (MoE: also the EP and expert-TP groups): all their ranks must iterate to the end.
     With tied embeddings the shared matrix is exported once, by the first stage.
     """
-    for name, param in stage_parameters(model):
+    source = model if chunk is None else chunks_of(unwrap(model))[chunk]
+    for name, param in stage_parameters(source):
         if name == "output_layer.weight" and mapping.arch.tie_word_embeddings:
             continue  # the last stage's copy of the tied embedding
         if mapping.is_expert(name):

@@ -1,7 +1,7 @@
 """Weight sync: Megatron TP/PP shards → HF-named full tensors → rollout engine, in buckets of bounded bytes.
 
 Per data-parallel replica, the engine lives on the model-parallel group's first rank (TP 0 of stage 0). Stages
-export one after another: inside a stage the TP ranks all-gather one parameter at a time
+(with interleaving: each stage's model chunks, in layer order) export one after another: inside a stage the TP ranks all-gather one parameter at a time
 (:func:`export_hf_weights`), TP rank 0 packs the HF tensors into buckets of at most ``bucket_bytes`` (one tensor
 larger than that travels alone) and either hands them to the engine (stage 0) or sends them point-to-point to
 the engine rank (later stages), which receives them in order. No rank holds more than one bucket beyond its own
@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.mapping import WeightMapping
+from spin_megatron.models.weights import unwrap
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_export import export_hf_weights
 
@@ -107,20 +109,24 @@ def sync_weights(
     is_engine_rank = groups.rank == target
     if is_engine_rank and engine is None:
         raise ValueError("sync_weights: this rank hosts the engine but no engine was given")
-    for stage in range(groups.pp_size):
-        if stage == groups.pp_rank:
-            _export_stage(model, mapping, groups, engine, target, bucket_bytes, stats)
-        elif is_engine_rank:
-            _receive_stage(engine, stats, src=dist.get_process_group_ranks(groups.pp)[stage])
+    chunks = len(chunks_of(unwrap(model)))
+    for chunk in range(chunks):  # layer order: model chunk c of stage s is virtual stage c·pp + s
+        for stage in range(groups.pp_size):
+            if stage == groups.pp_rank:
+                source = (model, None if chunks == 1 else chunk)
+                _export_stage(source, mapping, groups, engine, target, bucket_bytes, stats)
+            elif is_engine_rank:
+                _receive_stage(engine, stats, src=dist.get_process_group_ranks(groups.pp)[stage])
     if is_engine_rank:
         engine.finish_weight_update()
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _export_stage(model, mapping, groups, engine, target, bucket_bytes, stats) -> None:
+def _export_stage(source, mapping, groups, engine, target, bucket_bytes, stats) -> None:
+    model, chunk = source
     sender = groups.tp_rank == 0
-    for bucket in iter_buckets(export_hf_weights(model, mapping, groups), bucket_bytes):
+    for bucket in iter_buckets(export_hf_weights(model, mapping, groups, chunk=chunk), bucket_bytes):
         if not sender:
             continue  # the other TP ranks only take part in the gathers inside export_hf_weights
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)

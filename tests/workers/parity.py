@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from spin_megatron.models import build_gpt_model, load_arch
+from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.hf_io import HFReader
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.weights import load_hf_weights
@@ -57,7 +58,10 @@ def check_model(hf_dir, groups, **build_kwargs):
 
 def _local_experts(model) -> list[list[int]]:
     return [
-        list(layer.mlp.local_expert_indices) for layer in model.decoder.layers if hasattr(layer.mlp, "router")
+        list(layer.mlp.local_expert_indices)
+        for chunk in chunks_of(model)
+        for layer in chunk.decoder.layers
+        if hasattr(layer.mlp, "router")
     ]
 
 
@@ -68,12 +72,17 @@ def main():
     parser.add_argument(
         "--layout", action="append", help="tp.pp.ep.etp.dispatcher (etp 0: as tp); repeatable"
     )
+    parser.add_argument("--vpp", type=int, default=1, help="also check with this many model chunks per stage")
     parser.add_argument("--out", required=True)
     parser.add_argument("hf_dirs", nargs="+")
     args = parser.parse_args()
     if not args.layout:
         groups = init_parallel(args.tp, args.pp)
         report = {hf_dir: check_model(hf_dir, groups) for hf_dir in args.hf_dirs}
+        if args.vpp > 1:  # the same stages cut into model chunks (interleaved pipeline)
+            groups = init_parallel(args.tp, args.pp, vpp=args.vpp)
+            split = [d for d in args.hf_dirs if load_arch(d).num_layers % (args.pp * args.vpp) == 0]
+            report.update({f"vpp{args.vpp}:{d}": check_model(d, groups) for d in split})
     else:
         report = {}
         for layout in args.layout:
