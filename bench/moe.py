@@ -6,7 +6,8 @@ same global pairs split over the two replicas, timed with ``train_step`` as the 
 forward, policy forward + backward, distributed optimizer step; no generation). The model: hidden 256, 4 layers,
 16 experts of width 512, top-4, vocabulary 2048 (built randomly). On this 2-core machine the two ranks share the
 cores, so what shows is the dispatch's overhead and the smaller expert work per rank, not a parallel speed-up.
-Usage: ``python bench/moe.py [--steps 6 --pairs 16 --tokens-per-pair 256]``.
+The layouts run in turn ``--rounds`` times and the ratios are taken per round (the shared machine's load drifts).
+Usage: ``python bench/moe.py [--steps 4 --rounds 3 --pairs 16 --tokens-per-pair 256]``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_a
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per layout; the first is a warm-up")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per layout; the first is a warm-up")
     p.add_argument("--pairs", type=int, default=16, help="global pairs per step")
     p.add_argument("--tokens-per-pair", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3, help="the layouts in turn this many times (load drifts)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # rank mode: the model folder
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -80,8 +82,8 @@ def worker(args) -> None:
     from spin_megatron.policy import build_policy, build_reference, resolve_model_source
     from spin_megatron.trainer import dpo_settings
 
-    report = {}
-    for name, ep, dispatcher in LAYOUTS:
+    report = {name: [] for name, _, _ in LAYOUTS}
+    for name, ep, dispatcher in [layout for _ in range(args.rounds) for layout in LAYOUTS]:
         cfg = _config(args.worker, ep, dispatcher)
         groups = init_parallel(1, 1, ep=ep)
         source = resolve_model_source(cfg, groups, 1)
@@ -101,7 +103,7 @@ def worker(args) -> None:
                        global_pairs=len(items), global_chosen_tokens=chosen)  # fmt: skip
             dist.barrier()
             times.append(time.perf_counter() - start)
-        report[name] = statistics.median(times[1:])
+        report[name].append(statistics.median(times[1:]))
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report))
     destroy_parallel()
@@ -130,19 +132,20 @@ def main() -> int:
             "--pairs",
             str(args.pairs),
         ]
-        argv += ["--tokens-per-pair", str(args.tokens_per_pair)]
+        argv += ["--tokens-per-pair", str(args.tokens_per_pair), "--rounds", str(args.rounds)]
         code = spawn_local(2, "bench.moe", argv, cwd=str(REPO))
         if code:
             return code
         report = json.loads(out.read_text())
     tokens = args.pairs * args.tokens_per_pair
     print(f"Qwen3-MoE {MODEL['num_experts']} experts top-{MODEL['num_experts_per_tok']}, {tokens} tokens per step, "
-          f"2 gloo processes, median of {args.steps - 1} steps (reference forward + DPO step)")  # fmt: skip
-    base = report["EP1"]
-    for name, seconds in report.items():
-        print(
-            f"  {name:<14} {seconds:7.3f} s/step  {tokens / seconds:8.0f} tokens/s  ×{base / seconds:.2f} vs EP1"
-        )
+          f"2 gloo processes; per round the median of {args.steps - 1} steps (reference forward + DPO step), "
+          f"{args.rounds} rounds: median s/step, median of the per-round ratios to EP1 [min, max]")  # fmt: skip
+    for name, rounds in report.items():
+        ratios = sorted(base / own for base, own in zip(report["EP1"], rounds))
+        seconds = statistics.median(rounds)
+        print(f"  {name:<14} {seconds:7.3f} s/step  {tokens / seconds:8.0f} tokens/s  "
+              f"×{statistics.median(ratios):.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}] vs EP1")  # fmt: skip
     return 0
 
 

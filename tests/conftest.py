@@ -34,6 +34,8 @@ LONGEST_GROUPS = (
     "test_overlap",
     "test_convert_cli",
     "test_rendezvous",
+    "test_moe_training",  # ~2–3 min: four-process layouts + a two-process spin-train
+    "test_sglang_moe",  # ~1.5 min: a real SGLang server's start
 )
 
 
