@@ -142,6 +142,7 @@ def save_checkpoint(
                 "pp": groups.pp_size,
                 "vpp": groups.vp_size,
                 "dp": groups.dp_size,
+                "cp": groups.cp_size,
             },
         }
         _write_synced(partial_dir / "trainer_state.json", json.dumps(state, indent=2, default=str))

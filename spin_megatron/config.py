@@ -352,7 +352,7 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline-parallel size; data-parallel = world size / (tp·pp)
+    pp: int = 1  # pipeline-parallel size; data-parallel = world size / (tp·pp·cp)
     activation_recompute: bool = False  # recompute each layer in backward (full, uniform): activations ÷ ~L
     ep: int = 1  # expert-parallel size (MoE): a layer's experts split over ep of a stage's tp×dp ranks
     etp: int | None = None  # expert tensor-parallel size (each expert split etp ways); null: = tp
@@ -360,11 +360,15 @@ class ParallelConfig:
     # virtual pipeline stages per pipeline rank (interleaved 1F1B): each rank holds vpp model chunks of
     # layers/(pp·vpp) layers, which shrinks the pipeline bubble vpp-fold; 1: plain 1F1B
     vpp: int = 1
+    # context parallel: each packed sequence padded to a multiple of 2·cp and split over cp ranks (rank r holds
+    # chunks r and 2·cp−1−r, TE's load-balanced layout): activations ÷ cp, for long responses
+    cp: int = 1
 
     def __post_init__(self):
         _positive("parallel.tp", self.tp)
         _positive("parallel.pp", self.pp)
         _positive("parallel.vpp", self.vpp)
+        _positive("parallel.cp", self.cp)
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(
                 f"parallel.vpp={self.vpp} interleaves pipeline stages, but parallel.pp=1: set parallel.pp > 1 "

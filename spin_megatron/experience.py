@@ -157,7 +157,7 @@ def generate_scored(
             if groups.rank == engine_src
             else None
         )
-        status, payload = broadcast_object(outcome, engine_src, groups.pgs.mp)
+        status, payload = broadcast_object(outcome, engine_src, groups.replica)
         if status == "ok":
             return payload, None
         if status == "error":

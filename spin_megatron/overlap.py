@@ -56,7 +56,7 @@ class RolloutOverlap:
         self.pending: Prefetch | None = None
         # auto-placed SGLang servers on the trainer's own GPUs are colocated: known only once they run
         inner = getattr(trainer.engine, "engine", None)
-        mode = broadcast_object(getattr(inner, "sync_mode", None), trainer.engine_src, trainer.groups.pgs.mp)
+        mode = broadcast_object(getattr(inner, "sync_mode", None), trainer.engine_src, trainer.groups.replica)
         if mode == "colocated":
             raise ConfigError(
                 "rollout.max_staleness=1 overlaps generation with training, but these SGLang servers share the "
@@ -121,7 +121,7 @@ class RolloutOverlap:
         t = self.trainer
         outcome = prefetch.future.result() if prefetch.future is not None else None
         prefetch.future = None
-        status, payload = broadcast_object(outcome, t.engine_src, t.groups.pgs.mp)
+        status, payload = broadcast_object(outcome, t.engine_src, t.groups.replica)
         if status == "error":  # the reward function raised: as in a normal step, on every rank
             raise payload
         if status != "ok":

@@ -51,6 +51,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from spin_megatron.models.hf_io import HFReader
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import check_hf_checkpoint
+    from spin_megatron.parallel.context_parallel import check_context_parallel
     from spin_megatron.parallel.state import validate_parallel_sizes
     from spin_megatron.policy import check_moe_engine, check_moe_training_layout
     from spin_megatron.reward_model import preflight_reward_model
@@ -59,10 +60,11 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     check_device(cfg)
     par = cfg.parallel
-    dp = validate_parallel_sizes(world_size, par.tp, par.pp, par.ep, par.etp)
+    dp = validate_parallel_sizes(world_size, par.tp, par.pp, par.ep, par.etp, cp=par.cp)
     arch = model_arch(cfg)
     arch.check_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp)
     check_moe_training_layout(cfg, arch)
+    check_context_parallel(cfg, arch)
     check_moe_engine(cfg, arch)
     if cfg.model.hf_path is not None and cfg.model.mcore_ckpt is None:
         check_hf_checkpoint(
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         par = cfg.parallel
-        groups = init_parallel(par.tp, par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp, seed=cfg.trainer.seed)
+        groups = init_parallel(
+            par.tp, par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp, cp=par.cp, seed=cfg.trainer.seed
+        )
         try:
             trainer = SPINTrainer(cfg, groups, data, preemption)
             outcome = trainer.fit()

@@ -420,7 +420,7 @@ class SPINTrainer:
                 bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
             )
             error = self.engine.take_sync_error() if self.engine is not None else None
-            error = broadcast_object(error, self.engine_src, self.groups.pgs.mp)
+            error = broadcast_object(error, self.engine_src, self.groups.replica)
             if error is None:
                 self._engine_holds = source
                 if source == "policy":

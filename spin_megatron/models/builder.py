@@ -191,6 +191,9 @@ def transformer_config(
         # Megatron must be told the split sizes, otherwise every PP stage silently builds all layers.
         tensor_model_parallel_size=groups.tp_size,
         pipeline_model_parallel_size=groups.pp_size,
+        # context parallel: TE's attention splits over the CP group (Megatron's default cp_comm_type, p2p); the
+        # local spec's SDPACoreAttention all-gathers keys and values
+        context_parallel_size=groups.cp_size,
         **interleaving_config(groups),
         params_dtype=dtype,
         pipeline_dtype=dtype,

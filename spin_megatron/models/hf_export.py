@@ -62,7 +62,7 @@ def write_hf_checkpoint(
     staging = begin_output(out)
     prefix = f"model-pp{groups.pp_rank:02d}" if groups.pp_size > 1 else "model"
     writer = HFShardWriter(staging, prefix=prefix, max_shard_bytes=max_shard_bytes)
-    writes = groups.tp_rank == 0 and groups.dp_rank == 0
+    writes = groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
     for name, tensor in export_hf_weights(model, mapping, groups):
         if writes:
             writer.add(name, tensor.to(dtype))

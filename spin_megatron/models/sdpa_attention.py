@@ -7,6 +7,10 @@ the local layer spec at ``self_attention.submodules.core_attention``.
 Masks follow Megatron's convention: ``attention_mask`` is boolean with True = *masked out*, broadcastable to
 ``[b, heads, sq, sk]``; it is combined with the causal mask. Packed sequences (``packed_seq_params`` with
 ``qkv_format="thd"``) attend causally within each sequence given by ``cu_seqlens_q``.
+
+Context parallelism (``context_parallel_size`` > 1, packed sequences only): each CP rank holds chunks r and
+2·CP−1−r of every sequence (``parallel/context_parallel.py``); keys and values are all-gathered over the CP group
+(backward: their gradients reduce-scattered back) and each local chunk attends causally by its global position.
 """
 
 from __future__ import annotations
@@ -31,10 +35,7 @@ class SDPACoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "SDPACoreAttention does not implement context parallelism; use the TE layer spec"
-            )
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         tp_size = pg_collection.tp.size() if pg_collection is not None else 1
         self.num_heads = config.num_attention_heads // tp_size
         self.num_query_groups = config.num_query_groups // tp_size
@@ -55,7 +56,13 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if self.cp_group is not None:
+                return self._packed_cp(query, key, value, packed_seq_params.cu_seqlens_q)
             return self._packed(query, key, value, packed_seq_params.cu_seqlens_q)
+        if self.cp_group is not None:
+            raise ValueError(
+                "SDPACoreAttention splits only packed (THD) sequences over context-parallel ranks"
+            )
         # Megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d].
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         sq, sk = q.shape[2], k.shape[2]
@@ -91,6 +98,38 @@ class SDPACoreAttention(MegatronModule):
             q, k, v = (x[start:end].permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
             outs.append(self._sdpa(q, k, v, None).squeeze(0).permute(1, 0, 2))
         return torch.cat(outs).reshape(total, self.num_heads * self.head_dim)
+
+    def _packed_cp(self, query, key, value, cu_seqlens):
+        """This CP rank's chunks attending to the whole sequence: the padded global boundaries ``cu_seqlens``
+        (each a multiple of 2·CP) locate every local chunk; two SDPA calls per sequence, one per chunk, each over
+        the keys up to the chunk's end with the causal mask aligned to it."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        from spin_megatron.parallel.context_parallel import gathered_order
+
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        bounds = tuple(int(b) for b in cu_seqlens.tolist())
+        if bounds[-1] != query.shape[0] * cp_size or any(
+            (e - s) % (2 * cp_size) for s, e in zip(bounds, bounds[1:])
+        ):
+            raise ValueError(
+                f"context parallelism needs every packed sequence padded to a multiple of 2·CP: {bounds}"
+            )
+        order = gathered_order(bounds, cp_size).to(query.device)
+        key, value = (
+            gather_from_sequence_parallel_region(x, True, group=self.cp_group)[order] for x in (key, value)
+        )
+        outs, local = [], 0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            chunk = (end - start) // (2 * cp_size)
+            for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
+                stop = start + (index + 1) * chunk  # the chunk's last global position + 1
+                q = query[local : local + chunk].permute(1, 0, 2).unsqueeze(0)
+                k, v = (x[start:stop].permute(1, 0, 2).unsqueeze(0) for x in (key, value))
+                mask = _causal_mask(chunk, stop - start, q.device)
+                outs.append(self._sdpa(q, k, v, mask).squeeze(0).permute(1, 0, 2))
+                local += chunk
+        return torch.cat(outs).reshape(query.shape[0], self.num_heads * self.head_dim)
 
 
 def _causal_mask(sq: int, sk: int, device) -> torch.Tensor:

@@ -39,6 +39,9 @@ class ParallelGroups:
     etp_rank: int = 0  # expert tensor parallel: how each expert's weights are split
     etp_size: int = 1
     vp_size: int = 1  # virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
+    cp_rank: int = 0  # context parallel: each packed sequence split over cp_size ranks of a replica
+    cp_size: int = 1
+    replica_group: object = None  # every rank of this data-parallel replica (tp×cp×pp); None: pgs.mp (cp = 1)
 
     @property
     def ep(self) -> dist.ProcessGroup:
@@ -61,6 +64,16 @@ class ParallelGroups:
         return self.pgs.dp
 
     @property
+    def cp(self) -> dist.ProcessGroup:
+        return self.pgs.cp
+
+    @property
+    def replica(self) -> dist.ProcessGroup:
+        """The ranks that hold one copy of the model and train on the same data: TP × CP × PP. With context
+        parallelism that is more than Megatron's model-parallel group (TP × PP): CP ranks hold the same weights."""
+        return self.replica_group if self.replica_group is not None else self.pgs.mp
+
+    @property
     def is_first_stage(self) -> bool:
         """This rank holds the embedding (with interleaving: in its first model chunk)."""
         return self.pp_rank == 0
@@ -80,10 +93,11 @@ class ParallelGroups:
 
 
 def validate_parallel_sizes(
-    world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None, vpp: int = 1
+    world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None, vpp: int = 1, cp: int = 1
 ) -> int:
-    """Check the TP/PP (and expert EP/ETP) sizes against the world size; return the data-parallel size."""
+    """Check the TP/PP/CP (and expert EP/ETP) sizes against the world size; return the data-parallel size."""
     sizes = (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("parallel.vpp", vpp))
+    sizes += (("parallel.cp", cp),)
     for key, value in sizes + ((("parallel.etp", etp),) if etp is not None else ()):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -92,11 +106,16 @@ def validate_parallel_sizes(
             f"world size {world_size} is not divisible by tp×pp = {tp}×{pp} = {tp * pp}: launch a multiple of "
             f"{tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp / parallel.pp"
         )
+    if world_size % (tp * pp * cp) != 0:  # context parallel: cp ranks of each replica share a sequence
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp×pp×cp = {tp}×{pp}×{cp} = {tp * pp * cp}: launch a "
+            f"multiple of {tp * pp * cp} processes or change parallel.cp"
+        )
     if vpp > 1 and pp == 1:
         raise ConfigError(
             f"parallel.vpp={vpp} interleaves pipeline stages, but parallel.pp=1: set pp > 1 or vpp=1"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     from spin_megatron.models.arch import check_expert_grid  # (models imports this module)
 
     check_expert_grid(tp, dp, ep, tp if etp is None else etp)
@@ -128,11 +147,13 @@ def init_parallel(
     ep: int = 1,
     etp: int | None = None,
     vpp: int = 1,
+    cp: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> ParallelGroups:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP/PP/DP (and EP/ETP) groups.
     ``vpp``: model chunks per pipeline rank (interleaved schedule); recorded in the groups, no group of its own.
+    ``cp``: context-parallel size (each replica's sequences split over cp ranks; data-parallel = world/(tp·pp·cp)).
 
     Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and in a plain single process.
     Calling it again with the same sizes returns the existing groups.
@@ -144,11 +165,11 @@ def init_parallel(
     world_size = (
         int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     )
-    validate_parallel_sizes(world_size, tp, pp, ep, etp, vpp)
+    validate_parallel_sizes(world_size, tp, pp, ep, etp, vpp, cp=cp)
     etp = tp if etp is None else etp
     if not dist.is_initialized():
         _init_process_group(timeout_minutes)
-    if parallel_state.model_parallel_is_initialized() and _current_sizes() != (tp, pp, ep, etp):
+    if parallel_state.model_parallel_is_initialized() and _current_sizes() != (tp, pp, ep, etp, cp):
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -156,6 +177,7 @@ def init_parallel(
             pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=etp,
+            context_parallel_size=cp,
             distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)
@@ -177,10 +199,26 @@ def init_parallel(
         etp_rank=pgs.expt_tp.rank(),
         etp_size=pgs.expt_tp.size(),
         vp_size=vpp,
+        cp_rank=pgs.cp.rank(),
+        cp_size=pgs.cp.size(),
+        replica_group=_replica_group(pgs.dp.rank()) if cp > 1 else None,
     )
 
 
-def _current_sizes() -> tuple[int, int, int, int]:
+def _replica_group(dp_rank: int) -> dist.ProcessGroup:
+    """The group of the ranks sharing this data-parallel index (one model replica: TP × CP × PP). Collective:
+    every rank creates every replica's group, in the same order."""
+    owners = [None] * dist.get_world_size()
+    dist.all_gather_object(owners, dp_rank)
+    mine = None
+    for replica in sorted(set(owners)):
+        group = dist.new_group([r for r, owner in enumerate(owners) if owner == replica])
+        if replica == dp_rank:
+            mine = group
+    return mine
+
+
+def _current_sizes() -> tuple[int, int, int, int, int]:
     from megatron.core import parallel_state as ps
 
     return (
@@ -188,6 +226,7 @@ def _current_sizes() -> tuple[int, int, int, int]:
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_expert_model_parallel_world_size(),
         ps.get_expert_tensor_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
     )
 
 

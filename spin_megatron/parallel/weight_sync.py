@@ -86,7 +86,9 @@ class SyncStats:
 
 
 def engine_rank(groups: ParallelGroups) -> int:
-    """Global rank that hosts this replica's engine: TP rank 0 of pipeline stage 0."""
+    """Global rank that hosts this replica's engine: TP rank 0 of pipeline stage 0 (and CP rank 0)."""
+    if groups.cp_size > 1:  # the replica's lowest rank: Megatron orders ranks tp-cp-(ep)-dp-pp
+        return min(dist.get_process_group_ranks(groups.replica))
     # This rank's PP group holds TP rank `tp_rank` of every stage; TP ranks are adjacent in Megatron's order.
     return dist.get_process_group_ranks(groups.pp)[0] - groups.tp_rank
 
@@ -101,10 +103,13 @@ def sync_weights(
 ) -> SyncStats:
     """Stream this replica's weights into ``engine`` (given on the engine rank only, None elsewhere).
 
-    Collective over the model-parallel group: every rank of it must call this.
+    Collective over the model-parallel group: every rank of it must call this (context parallel: CP ranks > 0
+    return at once; their weights are CP rank 0's).
     """
     start = time.perf_counter()
     stats = SyncStats()
+    if groups.cp_rank > 0:  # context parallel: CP rank 0 of the replica holds the same weights and exports them
+        return stats
     target = engine_rank(groups)
     is_engine_rank = groups.rank == target
     if is_engine_rank and engine is None:
