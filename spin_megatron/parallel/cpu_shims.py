@@ -1,4 +1,4 @@
-"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA (four, one for recompute, three for
+"""The few patches Megatron-Core 0.16 needs to run on a machine without CUDA (four, one for recompute, four for
 mixture-of-experts layers).
 
 Applied once, only when ``torch.cuda.is_available()`` is false, by :func:`apply_cpu_shims`. Each shim names the
@@ -96,7 +96,41 @@ def _split_sizes_as_ints(all_to_all):
     return wrapped
 
 
+def _uneven_first_dim_collectives(mappings) -> None:
+    """Shim 9: with expert tensor parallelism (ETP > 1) and sequence parallelism, the alltoall dispatcher gathers
+    and reduce-scatters token blocks of different sizes over the expert-TP group
+    (``tensor_parallel/mappings.py``: ``_gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with split
+    sizes, a list ``all_gather`` / ``reduce_scatter``); gloo needs equal sizes and has no list reduce-scatter. The
+    same results through a padded all-gather, and an all-reduce of which each rank keeps its block."""
+    import torch.distributed as dist
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_blocks(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def scatter_blocks(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_blocks
+    mappings._reduce_scatter_along_first_dim = scatter_blocks
+
+
 def _apply_moe_shims() -> None:
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # Shim 6: without TE, moe_utils.py never defines te_general_gemm, yet the router GEMM (RouterGatingLinear,
@@ -107,6 +141,7 @@ def _apply_moe_shims() -> None:
     torch.cuda.current_stream = lambda device=None: _HOST_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     token_dispatcher.all_to_all = _split_sizes_as_ints(token_dispatcher.all_to_all)
+    _uneven_first_dim_collectives(mappings)
 
 
 def apply_cpu_shims() -> bool:
