@@ -2,7 +2,11 @@
 
     spin-convert hf-to-mcore --hf-dir HF --out OUT [--tp T --pp P --ep E] [--dtype auto|fp32|bf16|fp16] [--force]
     spin-convert mcore-to-hf --mcore-dir OUT --out HF2 [--hf-config-from HF] [--tp T --pp P --ep E] [--force]
-    spin-convert verify      --hf-dir HF --mcore-dir OUT [--tp T --pp P --ep E] [--tol 1e-5]
+    spin-convert verify      --hf-dir HF --mcore-dir OUT [--tp T --pp P --vpp V --ep E] [--tol 1e-5]
+
+A checkpoint is the same at every layout (its tensors carry global names): ``--vpp`` (model chunks per pipeline
+stage, as ``parallel.vpp``) only changes how the processes hold the model, e.g. to check that a checkpoint loads
+into the interleaved layout a run will use.
 
 With ``--tp``/``--pp``/``--ep`` > 1 the command starts the processes the layout needs (T×P, times the
 data-parallel ranks that the experts' EP × ETP grid needs) as local gloo/nccl processes itself, or runs under
@@ -53,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     def parallel_args(p):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size used for the conversion")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used for the conversion")
+        p.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline stage (interleaved)")
         p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
         p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
 
@@ -143,17 +148,22 @@ def _process_count_text(args, nprocs: int) -> str:
 
 
 def _check_layout(arch: ModelArch, args) -> None:
+    if args.vpp > 1 and args.pp == 1:
+        raise ConfigError(
+            f"--vpp {args.vpp} interleaves pipeline stages, but --pp is 1: set --pp > 1 or --vpp 1"
+        )
     arch.check_parallel(
-        args.tp, args.pp, "--tp", "--pp", ep=args.ep, etp=args.etp, ep_key="--ep", etp_key="--etp"
-    )
+        args.tp, args.pp, "--tp", "--pp", ep=args.ep, etp=args.etp, ep_key="--ep", etp_key="--etp",
+        vpp=args.vpp, vpp_key="--vpp",
+    )  # fmt: skip
 
 
 def preflight(args) -> None:
     """Validate arguments and inputs in the launching process, so errors print once and nothing starts."""
-    if min(args.tp, args.pp, args.ep, args.etp or 1) < 1:
+    if min(args.tp, args.pp, args.vpp, args.ep, args.etp or 1) < 1:
         raise ConfigError(
-            f"--tp and --pp must be ≥ 1, as must --ep and --etp (got --tp {args.tp} --pp {args.pp} "
-            f"--ep {args.ep} --etp {args.etp})"
+            f"--tp and --pp must be ≥ 1, as must --vpp, --ep and --etp (got --tp {args.tp} --pp {args.pp} "
+            f"--vpp {args.vpp} --ep {args.ep} --etp {args.etp})"
         )
     if args.command == "hf-to-mcore":
         arch = load_arch(args.hf_dir)
@@ -221,6 +231,7 @@ DTYPES_NAME = {v: k for k, v in DTYPES.items()}
 
 def _layout(groups) -> str:
     text = f"tp={groups.tp_size} pp={groups.pp_size}"
+    text += f" vpp={groups.vp_size}" if groups.vp_size > 1 else ""
     return text + (f" ep={groups.ep_size} etp={groups.etp_size}" if groups.ep_size > 1 else "")
 
 
@@ -278,7 +289,7 @@ COMMANDS = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf, "verify": ve
 
 
 def _run_rank(args) -> int:
-    groups = init_parallel(args.tp, args.pp, ep=args.ep, etp=args.etp)
+    groups = init_parallel(args.tp, args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
     try:
         return COMMANDS[args.command](args, groups)
     finally:

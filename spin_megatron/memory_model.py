@@ -21,7 +21,10 @@ output layer — also a copy of a tied embedding when p > 1 — and the log-prob
   al. disappears with flash attention. On CPU (local spec, torch RMSNorm, SDPA with a dense mask) add 2h and T
   (the float [T, T] mask each layer keeps). With full recomputation a layer keeps only its input ``h`` and one
   layer's activations are rebuilt at a time. A stage of L/p layers holds ``min(p − stage, M)`` micro-batches in
-  flight under 1F1B (M = micro-batches per step on a data-parallel rank);
+  flight under 1F1B (M = micro-batches per step on a data-parallel rank); interleaved (v = ``parallel.vpp`` model
+  chunks of L/(p·v) layers per stage, M padded to a multiple of p) ``min(2·(p − stage − 1) + (v − 1)·p + 1, v·M)``
+  chunk forwards: stage 0 holds ``1 + (p − 1)/(p·v)`` times 1F1B's activations, and the pipeline bubble
+  ``(p − 1)/(v·M + p − 1)`` of the step shrinks about v-fold;
 * log-prob buffers on the last stage, ``V/t`` columns: the trainer's chunked path keeps the logits ``[T, V/t]``
   (e) for backward and writes their gradient (e) next to them, plus three fp32 ``[chunk, V/t]`` buffers (the
   chunk, and the probabilities and surprisal of the per-token metrics: entropy, top-1, mean logit);
@@ -112,7 +115,7 @@ class MemoryPlan:
     usable_bytes: int
     micro_batch_tokens: int  # T: padded length of one packed micro-batch
     num_microbatches: int  # per data-parallel rank and step
-    in_flight: int  # micro-batches whose activations the worst stage holds
+    in_flight: int  # micro-batches whose activations the worst stage holds (interleaved: chunk forwards)
     layers_per_stage: int
     stage: StageMemory
     logprob_paths: dict[str, int]  # the same buffers for naive / chunked / fused log-probs
@@ -133,12 +136,23 @@ class MemoryPlan:
     sync_buckets: int = 0
     full_model_params: int = 0
     dispatch_bytes_per_step: int = 0  # MoE token dispatch sent by one GPU per optimizer step (EP > 1)
+    vpp: int = 1  # model chunks per pipeline stage (interleaved 1F1B)
     notes: list[str] = field(default_factory=list)
     arch: object = field(default=None, repr=False, compare=False)
 
     @property
     def training_peak(self) -> int:
         return self.stage.training_peak
+
+    @property
+    def layers_in_flight_unit(self) -> int:
+        """Layers one in-flight micro-batch's activations span on the worst stage: a stage, or a model chunk."""
+        return self.layers_per_stage // self.vpp
+
+    @property
+    def bubble(self) -> float:
+        """The pipeline's idle fraction of a training step (0 without pipeline parallelism)."""
+        return pipeline_bubble(self.pp, self.vpp, self.num_microbatches)
 
     @property
     def sync_bytes_per_step(self) -> float:
@@ -213,13 +227,20 @@ def layer_params(arch, tp: int, layer: int = 0, ep: int = 1, etp: int | None = N
     return sum(layer_param_split(arch, tp, layer, ep, etp))
 
 
+def stage_layer_indices(arch, pp: int, stage: int, vpp: int = 1) -> list[int]:
+    """The layers of pipeline stage ``stage``: one contiguous block, or with ``vpp`` model chunks (interleaving)
+    the blocks of virtual stages ``stage, stage + pp, …`` of ``L/(pp·vpp)`` layers each."""
+    per_chunk = arch.num_layers // (pp * vpp)
+    return [c * per_chunk + i for c in range(stage, pp * vpp, pp) for i in range(per_chunk)]
+
+
 def stage_param_split(
-    arch, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1, etp: int | None = None
+    arch, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1, etp: int | None = None, vpp: int = 1
 ) -> tuple[int, int]:
     """``(dense, expert)`` parameters of one rank of pipeline stage ``stage`` (as Megatron allocates them)."""
-    h, vocab_rows, per_stage = arch.hidden_size, padded_vocab // tp, arch.num_layers // pp
+    h, vocab_rows = arch.hidden_size, padded_vocab // tp
     dense = expert = 0
-    for layer in range(stage * per_stage, (stage + 1) * per_stage):
+    for layer in stage_layer_indices(arch, pp, stage, vpp):
         d, x = layer_param_split(arch, tp, layer, ep, etp)
         dense, expert = dense + d, expert + x
     if stage == 0:
@@ -232,10 +253,10 @@ def stage_param_split(
 
 
 def stage_params(
-    arch, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1, etp: int | None = None
+    arch, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1, etp: int | None = None, vpp: int = 1
 ) -> int:
     """Parameters of one rank of pipeline stage ``stage`` (as Megatron's GPTModel allocates them)."""
-    return sum(stage_param_split(arch, tp, pp, stage, padded_vocab, ep, etp))
+    return sum(stage_param_split(arch, tp, pp, stage, padded_vocab, ep, etp, vpp))
 
 
 def full_model_params(arch) -> int:
@@ -318,12 +339,32 @@ def layer_activation_elements(
     return tokens * per_token
 
 
-def stage_layers(arch, pp: int, stage: int) -> tuple[int, int]:
+def stage_layers(arch, pp: int, stage: int, vpp: int = 1) -> tuple[int, int]:
     """``(dense, MoE)`` layers of pipeline stage ``stage``."""
-    per_stage = arch.num_layers // pp
-    layers = range(stage * per_stage, (stage + 1) * per_stage)
+    layers = stage_layer_indices(arch, pp, stage, vpp)
     moe = sum(1 for i in layers if arch.moe is not None and arch.moe.is_moe_layer(i))
-    return per_stage - moe, moe
+    return len(layers) - moe, moe
+
+
+def in_flight_microbatches(pp: int, vpp: int, stage: int, microbatches: int) -> int:
+    """Micro-batches whose activations pipeline stage ``stage`` holds at once (Megatron's warm-up forwards plus
+    the one of the steady phase). 1F1B: ``min(pp − stage, M)``, each through the stage's L/pp layers.
+    Interleaved: ``min(2·(pp − stage − 1) + (vpp − 1)·pp + 1, vpp·M)`` forwards of a model chunk (L/(pp·vpp)
+    layers each; M padded to a multiple of pp) — stage 0 holds ``1 + (pp − 1)/(pp·vpp)`` times 1F1B's."""
+    if vpp == 1:
+        return min(pp - stage, microbatches)
+    return min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, vpp * padded_microbatches(microbatches, pp, vpp))
+
+
+def padded_microbatches(microbatches: int, pp: int, vpp: int) -> int:
+    """The interleaved schedule runs a multiple of pp micro-batches (placeholders fill up the last group)."""
+    return microbatches if vpp == 1 else -(-microbatches // pp) * pp
+
+
+def pipeline_bubble(pp: int, vpp: int, microbatches: int) -> float:
+    """The pipeline's idle fraction of a training step, ``(pp − 1) / (vpp·M + pp − 1)`` (Narayanan et al.:
+    bubble/compute = (p − 1)/(v·m)); interleaving divides it by about vpp."""
+    return (pp - 1) / (vpp * padded_microbatches(microbatches, pp, vpp) + pp - 1)
 
 
 def dispatch_bytes(cfg, arch, tokens: int, microbatches: int, dp: int) -> int:
@@ -333,7 +374,7 @@ def dispatch_bytes(cfg, arch, tokens: int, microbatches: int, dp: int) -> int:
     par, e = cfg.parallel, _DTYPE_BYTES[cfg.model.dtype]
     if arch.moe is None or par.ep == 1:
         return 0
-    moe_layers = max(stage_layers(arch, par.pp, s)[1] for s in range(par.pp))
+    moe_layers = max(stage_layers(arch, par.pp, s, par.vpp)[1] for s in range(par.pp))
     if par.moe_token_dispatcher == "alltoall":
         per_layer = 2 * arch.moe.top_k * tokens * arch.hidden_size * e * (par.ep - 1) // par.ep
     else:
@@ -387,19 +428,20 @@ def _stage(
     par, e = cfg.parallel, _DTYPE_BYTES[cfg.model.dtype]
     tp, pp, ep, etp = par.tp, par.pp, par.ep, par.etp or par.tp
     padded, h = arch.padded_vocab_size(tp), arch.hidden_size
-    n_dense, n_expert = stage_param_split(arch, tp, pp, stage, padded, ep, etp)
+    n_dense, n_expert = stage_param_split(arch, tp, pp, stage, padded, ep, etp, par.vpp)
     n = n_dense + n_expert
     distributed = cfg.optim.use_distributed_optimizer
     shards = dp if distributed else 1
     expert_shards = tp * dp // (ep * etp) if distributed else 1  # the experts' data-parallel group
     recompute = par.activation_recompute
-    dense_layers, moe_layers = stage_layers(arch, pp, stage)
+    dense_layers, moe_layers = stage_layers(arch, pp, stage, par.vpp)
     activations = dense_layers * layer_activation_elements(arch, tp, tokens, kernels, recompute)
     if moe_layers:
         activations += moe_layers * layer_activation_elements(
             arch, tp, tokens, kernels, recompute, moe=True, etp=etp
         )
-    activations *= in_flight
+    # in flight: micro-batches through the stage, or (interleaved) forwards of a chunk, 1/vpp of its layers
+    activations = activations * in_flight // par.vpp
     if recompute:  # the layer being recomputed holds its full activations
         activations += layer_activation_elements(
             arch, tp, tokens, kernels, False, moe=moe_layers > 0, etp=etp
@@ -456,7 +498,7 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
     from spin_megatron.models.arch import check_expert_grid
 
     tp, pp, r, e = cfg.parallel.tp, cfg.parallel.pp, cfg.rollout, _DTYPE_BYTES[cfg.model.dtype]
-    arch.check_parallel(tp, pp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
+    arch.check_parallel(tp, pp, ep=cfg.parallel.ep, etp=cfg.parallel.etp, vpp=cfg.parallel.vpp)
     if world_size % (tp * pp):
         raise ConfigError(f"{world_size} training GPUs do not split into parallel.tp × pp = {tp * pp}")
     dp = world_size // (tp * pp)
@@ -468,8 +510,10 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
     hf_engine = 0
     if engine == "hf":  # a full model and its KV cache on the replica's first GPU
         hf_engine = full * e + r.max_batch_size * seq * 2 * arch.num_layers * _kv(arch) * e
+    vpp = cfg.parallel.vpp
     stages = [
-        _stage(cfg, arch, kernels, dp, s, tokens, min(pp - s, microbatches), hf_engine) for s in range(pp)
+        _stage(cfg, arch, kernels, dp, s, tokens, in_flight_microbatches(pp, vpp, s, microbatches), hf_engine)
+        for s in range(pp)
     ]
     worst = max(stages, key=lambda s: s.training_peak)
     columns = arch.padded_vocab_size(tp) // tp
@@ -483,8 +527,9 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
         usable_bytes=int(gpu * (1 - cfg.cluster.memory_headroom)),
         micro_batch_tokens=tokens,
         num_microbatches=microbatches,
-        in_flight=min(pp - worst.stage, microbatches),
+        in_flight=in_flight_microbatches(pp, vpp, worst.stage, microbatches),
         layers_per_stage=arch.num_layers // pp,
+        vpp=vpp,
         stage=worst,
         logprob_paths=logprob_bytes(tokens, columns, arch.hidden_size, cfg.trainer.logprob_chunk_tokens, e),
         engine=engine,

@@ -21,7 +21,7 @@ from spin_megatron.compose import load_config, model_arch
 from spin_megatron.config import Config
 from spin_megatron.errors import ConfigError, UserError
 from spin_megatron.memory_fit import check_fits
-from spin_megatron.memory_model import GB, MemoryPlan, estimate
+from spin_megatron.memory_model import GB, MemoryPlan, estimate, pipeline_bubble
 from spin_megatron.models.arch import ModelArch, arch_from_hf_config
 
 PROG = "spin-plan"
@@ -110,6 +110,16 @@ def training_world_size(cfg: Config) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ printing
+def _pipeline_note(plan: MemoryPlan) -> str:
+    """The pipeline's bubble, and what interleaving buys (a smaller bubble) and costs (stage 0's activations)."""
+    note = f"; pipeline bubble {plan.bubble:.0%} of the step"
+    if plan.vpp > 1:
+        return note + f" with VPP {plan.vpp} (1F1B: {pipeline_bubble(plan.pp, 1, plan.num_microbatches):.0%})"
+    if plan.arch.num_layers % (2 * plan.pp):
+        return note
+    return note + f" (parallel.vpp=2: {pipeline_bubble(plan.pp, 2, plan.num_microbatches):.0%})"
+
+
 def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
     """The human-readable table: one line per component, GB per GPU, a note; then weight sync and the verdict."""
     a, s, c, sg = plan.arch, plan.stage, cfg.cluster, cfg.rollout.sglang
@@ -127,7 +137,10 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
             f"; {m.num_experts // par.ep} of {m.num_experts} experts (EP {par.ep}, ETP {par.etp or par.tp})"
         )
     where = f"stage {s.stage + 1} of {plan.pp}"
-    acts = f"{plan.in_flight} micro-batch(es) × {plan.layers_per_stage} layers × {plan.micro_batch_tokens} tokens"
+    unit = f"{plan.layers_in_flight_unit} layers" + (
+        f" (a model chunk, VPP {plan.vpp})" if plan.vpp > 1 else ""
+    )
+    acts = f"{plan.in_flight} micro-batch(es) × {unit} × {plan.micro_batch_tokens} tokens"
     paths = {k: f"{v / GB:.2f}" for k, v in plan.logprob_paths.items()}
     logprob = (
         f"chunked: logits + grad [T, V/TP] + fp32 chunk (naive {paths['naive']}, fused head {paths['fused']})"
@@ -195,6 +208,7 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
         f"rollout engine {cfg.rollout.engine}",
         f"layout: TP {plan.tp} × PP {plan.pp} × DP {plan.dp} = {plan.world_size} training GPUs"
         + (f" (experts: EP {par.ep} × ETP {par.etp or par.tp})" if a.moe is not None else "")
+        + (_pipeline_note(plan) if plan.pp > 1 else "")
         + f"; {e}; "
         f"{plan.num_microbatches} micro-batches of ≤ {plan.micro_batch_tokens} tokens per DP rank per step",
         "",

@@ -38,7 +38,8 @@ def qwen_tp2_ckpt(tiny_qwen2, tmp_path_factory):
     return out
 
 
-def test_saved_at_tp2_loads_at_tp1_pp2_under_torchrun(qwen_tp2_ckpt, tiny_qwen2):
+def test_saved_at_tp2_loads_at_pp2_vpp2_under_torchrun(qwen_tp2_ckpt, tiny_qwen2):
+    # the two stages as two model chunks each (interleaved pipeline): one layer per chunk
     cmd = [
         sys.executable,
         "-m",
@@ -58,6 +59,8 @@ def test_saved_at_tp2_loads_at_tp1_pp2_under_torchrun(qwen_tp2_ckpt, tiny_qwen2)
         "1",
         "--pp",
         "2",
+        "--vpp",
+        "2",
     ]
     result = subprocess.run(
         cmd,
@@ -68,7 +71,16 @@ def test_saved_at_tp2_loads_at_tp1_pp2_under_torchrun(qwen_tp2_ckpt, tiny_qwen2)
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(tp=1 pp=2)" in result.stdout and _rel_error(result.stdout) <= 1e-5
+    assert "(tp=1 pp=2 vpp=2)" in result.stdout and _rel_error(result.stdout) <= 1e-5
+
+
+def test_written_with_model_chunks_verifies_at_one_stage(tiny_qwen2, tmp_path):
+    # Megatron's model0/model1 nesting on the way out; global tensor names, so one stage reads it
+    mcore = tmp_path / "mcore"
+    result = run_cli("hf-to-mcore", "--hf-dir", tiny_qwen2, "--out", mcore, "--pp", 2, "--vpp", 2)
+    assert result.returncode == 0 and "written at tp=1 pp=2 vpp=2" in result.stdout, result.stderr
+    result = run_cli("verify", "--hf-dir", tiny_qwen2, "--mcore-dir", mcore)
+    assert result.returncode == 0 and _rel_error(result.stdout) <= 1e-5, result.stdout + result.stderr
 
 
 def test_saved_at_tp2_verifies_at_tp2(qwen_tp2_ckpt, tiny_qwen2):

@@ -110,6 +110,7 @@ def test_unsupported_architecture(capsys, hf_copy, tmp_path):
         ("--pp", 3, "--pp=3 does not divide the model's 4 layers; valid values for this model: 1, 2, 4"),
         ("--tp", 0, "--tp and --pp must be ≥ 1"),
         ("--ep", 2, "--ep=2 splits experts, but Qwen2ForCausalLM has none; use --ep=1"),
+        ("--vpp", 2, "--vpp 2 interleaves pipeline stages, but --pp is 1: set --pp > 1 or --vpp 1"),
     ],
 )
 def test_parallel_sizes_that_do_not_fit_the_model(capsys, tiny_qwen2, tmp_path, flag, value, fragment):

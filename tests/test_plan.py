@@ -136,6 +136,43 @@ def test_pipeline_stage_zero_holds_one_micro_batch_per_stage():
     assert plan.stage.activations == pytest.approx(single.stage.activations, rel=0.05)
 
 
+def test_interleaving_follows_megatrons_schedule_holds_more_on_stage_zero_and_shrinks_the_bubble():
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from spin_megatron.memory_model import in_flight_microbatches, stage_layer_indices
+
+    arch = builtin_arch("qwen2.5-3b")  # 36 layers
+    for pp, vpp, microbatches in ((4, 3, 64), (4, 3, 5), (2, 2, 3), (4, 1, 2)):
+        config = TransformerConfig(num_layers=36, hidden_size=64, num_attention_heads=4,
+                                   pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+                                   virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)  # fmt: skip
+        for stage in range(pp):
+            chunks = [None] if vpp == 1 else range(vpp)
+            megatron = [
+                get_transformer_layer_offset(config, vp_stage=v, pp_rank=stage) + i
+                for v in chunks
+                for i in range(get_num_layers_to_build(config, vp_stage=v, pp_rank=stage))
+            ]
+            assert stage_layer_indices(arch, pp, stage, vpp) == megatron, (pp, vpp, stage)
+            p2p = SimpleNamespace(pp_group=SimpleNamespace(size=lambda p=pp: p, rank=lambda s=stage: s),
+                                  virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)  # fmt: skip
+            padded = -(-microbatches // pp) * pp if vpp > 1 else microbatches  # placeholders fill a group
+            total, _, warmup, _ = get_pp_rank_microbatches(padded, vpp, pp, p2p_communicator=p2p)
+            assert in_flight_microbatches(pp, vpp, stage, microbatches) == min(warmup + 1, total)
+    plain, _ = _plan("qwen2.5-3b", "parallel.pp=4", "parallel.tp=2", world_size=8)
+    chunked, _ = _plan("qwen2.5-3b", "parallel.pp=4", "parallel.tp=2", "parallel.vpp=3", world_size=8)
+    assert chunked.stage.stage == 0 and chunked.in_flight == 15 and chunked.layers_in_flight_unit == 3
+    # stage 0 holds 1 + (pp − 1)/(pp·vpp) times 1F1B's activations (Narayanan et al.); the bubble shrinks ~vpp-fold
+    assert chunked.stage.activations == pytest.approx(plain.stage.activations * (1 + 3 / 12), rel=1e-6)
+    assert chunked.stage.num_params == plain.stage.num_params  # the same layers per stage, in other places
+    assert chunked.bubble == pytest.approx(3 / (3 * 64 + 3)) and plain.bubble == pytest.approx(3 / (64 + 3))
+
+
 def test_fused_log_probs_need_far_less_than_naive():
     plan, _ = _plan("qwen2.5-3b")
     paths = plan.logprob_paths

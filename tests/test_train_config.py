@@ -101,6 +101,12 @@ def test_parallel_sizes_are_checked_against_the_model(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     err = _error(capsys, "experiment=tiny_cpu", "parallel.pp=3")
     assert "parallel.pp=3 does not divide the model's 2 layers" in err
+    # interleaving: chunks of whole layers, and only with pipeline stages
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _error(capsys, "experiment=tiny_cpu", "parallel.pp=2", "parallel.vpp=2")
+    assert "parallel.pp×parallel.vpp = 2×2 model chunks do not divide the model's 2 layers; valid" in err
+    err = _error(capsys, "experiment=tiny_cpu", "parallel.vpp=2")
+    assert "parallel.vpp=2 interleaves pipeline stages, but parallel.pp=1: set parallel.pp > 1" in err
 
 
 def test_resume_never_refuses_an_existing_run(capsys, tmp_path):

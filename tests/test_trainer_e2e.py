@@ -1,5 +1,6 @@
 """spin-train end to end on the tiny CPU preset: learning signals, reference refresh, bit-exact resume, and the
-same first update at TP1, TP2, PP2 and DP2 (samples replayed from a dump so every layout sees the same pairs)."""
+same first update at TP1, TP2, PP2, DP2 and interleaved PP2×VPP2 / PP4×VPP2 (samples replayed from a dump so every
+layout sees the same pairs)."""
 
 import json
 import math
@@ -82,9 +83,10 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
     # a TP/DP reduction order into lr-sized ones. A larger eps keeps the update Lipschitz in g (≤ lr/eps = 1), so
     # equal weights really mean equal gradients.
     # two mini-batches × two epochs: each of the 4 updates is the exact mean over its mini-batch's pairs at any
-    # layout (at DP=2 a mini-batch holds one prompt of each replica)
+    # layout (at DP=2 a mini-batch holds two prompts of each replica). 8 layers: PP4×VPP2 has one per model chunk
     base = ["trainer.total_steps=1", "trainer.test_freq=0", "trainer.keep_last_n=1", "optim.adam_eps=1e-3",
-            "trainer.mini_batch_size=2", "trainer.update_epochs=2"]  # fmt: skip
+            "model.tiny.num_hidden_layers=8", "trainer.prompts_per_step=8", "trainer.mini_batch_size=4",
+            "trainer.update_epochs=2"]  # fmt: skip
     reference_run = tmp_path / "tp1"
     dump = reference_run / "rollouts.jsonl"
     _train(f"trainer.output_dir={reference_run}", f"rollout.dump_path={dump}", *base)
@@ -98,6 +100,11 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
         "dp2_unbalanced": (["trainer.balance_dp=false"], 2),
         "recompute": (["parallel.activation_recompute=true"], 1),
         "logits_tp2": (["trainer.logprob_impl=logits", "parallel.tp=2"], 2),
+        # interleaved pipelines, one pair per micro-batch (every pair exceeds the budget): 4 a mini-batch, so at
+        # PP2×VPP2 the schedule has a steady 1F1B phase, where Megatron's default batched p2p exchange pairs the
+        # wrong tensors (with it here: loss 0.356 vs 0.250, grad norm 1696 vs 0.84; test_interleaved_pipeline.py)
+        "pp2_vpp2": (["parallel.pp=2", "parallel.vpp=2", "trainer.micro_batch_tokens=1"], 2),
+        "pp4_vpp2": (["parallel.pp=4", "parallel.vpp=2", "trainer.micro_batch_tokens=1"], 4),
     }
     for name, (layout, nprocs) in layouts.items():
         run = tmp_path / name
