@@ -39,6 +39,11 @@ output layer — also a copy of a tied embedding when p > 1 — and the log-prob
   Training peak = parameters + gradients + optimizer + reference + max(activations + log-prob buffers +
   transients, optimizer-step transients).
 
+Context parallel (c = ``parallel.cp``; d = world/(t·p·c)): a GPU runs 2 of the 2·c chunks of every sequence of a
+micro-batch, ``T/c`` tokens (sequences padded to multiples of 2·c), through its layers and the log-prob buffers, and
+its attention keeps the other CP ranks' keys and values for backward, ``2·kv/t·T·(c − 1)/c`` elements per layer
+(our all-gather; TE's p2p ring keeps the chunks it received). The distributed optimizer shards over d·c ranks.
+
 Mixture of experts (Qwen3-MoE, EP = ``parallel.ep``, ETP = ``parallel.etp``, E experts of width I, top-k): a rank
 holds E/EP experts of each MoE layer, split ETP ways, and the replicated router ``E·h``; the distributed optimizer
 shards the experts' state over their own data-parallel group (``t·d / (EP·ETP)`` ranks), the rest over d. An MoE
@@ -137,6 +142,7 @@ class MemoryPlan:
     full_model_params: int = 0
     dispatch_bytes_per_step: int = 0  # MoE token dispatch sent by one GPU per optimizer step (EP > 1)
     vpp: int = 1  # model chunks per pipeline stage (interleaved 1F1B)
+    cp: int = 1  # context parallel: each micro-batch's row split over cp GPUs (activations ÷ cp)
     notes: list[str] = field(default_factory=list)
     arch: object = field(default=None, repr=False, compare=False)
 
@@ -339,6 +345,12 @@ def layer_activation_elements(
     return tokens * per_token
 
 
+def cp_rank_tokens(tokens: int, cp: int) -> int:
+    """Tokens of a ``tokens``-long packed row that one of ``cp`` context-parallel ranks runs through the model:
+    its 2 of the 2·cp chunks of every sequence (sequences padded to a multiple of 2·cp, ≤ 2·cp − 1 tokens each)."""
+    return -(-tokens // (2 * cp)) * 2
+
+
 def stage_layers(arch, pp: int, stage: int, vpp: int = 1) -> tuple[int, int]:
     """``(dense, MoE)`` layers of pipeline stage ``stage``."""
     layers = stage_layer_indices(arch, pp, stage, vpp)
@@ -431,7 +443,8 @@ def _stage(
     n_dense, n_expert = stage_param_split(arch, tp, pp, stage, padded, ep, etp, par.vpp)
     n = n_dense + n_expert
     distributed = cfg.optim.use_distributed_optimizer
-    shards = dp if distributed else 1
+    shards = dp * par.cp if distributed else 1  # Megatron's distributed optimizer shards over DP × CP
+    row, tokens = tokens, cp_rank_tokens(tokens, par.cp)  # context parallel: this GPU's share of the row
     expert_shards = tp * dp // (ep * etp) if distributed else 1  # the experts' data-parallel group
     recompute = par.activation_recompute
     dense_layers, moe_layers = stage_layers(arch, pp, stage, par.vpp)
@@ -440,6 +453,8 @@ def _stage(
         activations += moe_layers * layer_activation_elements(
             arch, tp, tokens, kernels, recompute, moe=True, etp=etp
         )
+    if par.cp > 1 and not recompute:  # attention keeps the other CP ranks' keys and values for backward
+        activations += (dense_layers + moe_layers) * 2 * _kv(arch) // tp * (row - tokens)
     # in flight: micro-batches through the stage, or (interleaved) forwards of a chunk, 1/vpp of its layers
     activations = activations * in_flight // par.vpp
     if recompute:  # the layer being recomputed holds its full activations
@@ -499,9 +514,12 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
 
     tp, pp, r, e = cfg.parallel.tp, cfg.parallel.pp, cfg.rollout, _DTYPE_BYTES[cfg.model.dtype]
     arch.check_parallel(tp, pp, ep=cfg.parallel.ep, etp=cfg.parallel.etp, vpp=cfg.parallel.vpp)
-    if world_size % (tp * pp):
-        raise ConfigError(f"{world_size} training GPUs do not split into parallel.tp × pp = {tp * pp}")
-    dp = world_size // (tp * pp)
+    cp = cfg.parallel.cp
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            f"{world_size} training GPUs do not split into parallel.tp × pp × cp = {tp * pp * cp}"
+        )
+    dp = world_size // (tp * pp * cp)
     check_expert_grid(tp, dp, cfg.parallel.ep, cfg.parallel.etp or tp)
     gpu = gpu_bytes if gpu_bytes is not None else int(cfg.cluster.gpu_memory_gb * GB)
     tokens, microbatches = micro_batch_tokens(cfg), num_microbatches(cfg, dp)
@@ -531,7 +549,10 @@ def estimate(cfg, arch, *, world_size: int, kernels: str = "gpu", gpu_bytes: int
         layers_per_stage=arch.num_layers // pp,
         vpp=vpp,
         stage=worst,
-        logprob_paths=logprob_bytes(tokens, columns, arch.hidden_size, cfg.trainer.logprob_chunk_tokens, e),
+        logprob_paths=logprob_bytes(
+            cp_rank_tokens(tokens, cp), columns, arch.hidden_size, cfg.trainer.logprob_chunk_tokens, e
+        ),
+        cp=cp,
         engine=engine,
         placement=cfg.cluster.placement,
         sync_every=_sync_interval(cfg),

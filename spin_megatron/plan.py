@@ -126,7 +126,9 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
     e = "bf16" if cfg.model.dtype == "bf16" else "fp32"
     par = cfg.parallel
     shards = (
-        f"÷ DP {plan.dp} (distributed optimizer)" if cfg.optim.use_distributed_optimizer else "not sharded"
+        f"÷ DP {plan.dp}" + (f" × CP {plan.cp}" if plan.cp > 1 else "") + " (distributed optimizer)"
+        if cfg.optim.use_distributed_optimizer
+        else "not sharded"
     )
     if a.moe is not None and cfg.optim.use_distributed_optimizer:
         shards += f", experts ÷ expert-DP {plan.tp * plan.dp // (par.ep * (par.etp or par.tp))}"
@@ -141,6 +143,8 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
         f" (a model chunk, VPP {plan.vpp})" if plan.vpp > 1 else ""
     )
     acts = f"{plan.in_flight} micro-batch(es) × {unit} × {plan.micro_batch_tokens} tokens"
+    if plan.cp > 1:  # context parallel: this GPU's chunks of every sequence, and the other ranks' keys/values
+        acts += f" ÷ CP {plan.cp} (+ the gathered keys/values)"
     paths = {k: f"{v / GB:.2f}" for k, v in plan.logprob_paths.items()}
     logprob = (
         f"chunked: logits + grad [T, V/TP] + fp32 chunk (naive {paths['naive']}, fused head {paths['fused']})"
@@ -206,7 +210,9 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
         + f" ({source})",
         f"cluster: {c.nodes} node(s) × {c.gpus_per_node} GPUs × {c.gpu_memory_gb:g} GB, {c.placement}, "
         f"rollout engine {cfg.rollout.engine}",
-        f"layout: TP {plan.tp} × PP {plan.pp} × DP {plan.dp} = {plan.world_size} training GPUs"
+        f"layout: TP {plan.tp} × PP {plan.pp}"
+        + (f" × CP {plan.cp}" if plan.cp > 1 else "")
+        + f" × DP {plan.dp} = {plan.world_size} training GPUs"
         + (f" (experts: EP {par.ep} × ETP {par.etp or par.tp})" if a.moe is not None else "")
         + (_pipeline_note(plan) if plan.pp > 1 else "")
         + f"; {e}; "

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from spin_megatron.errors import ConfigError
 from spin_megatron.memory_fit import _with, check_fits, check_training_memory
 from spin_megatron.memory_model import GB, estimate, full_model_params, stage_params
-from spin_megatron.plan import builtin_arch, main, resolve_arch, training_world_size
+from spin_megatron.plan import builtin_arch, format_plan, main, resolve_arch, training_world_size
 from spin_megatron.train import load_config
 from tests.helpers import REPO
 
@@ -118,6 +118,25 @@ def test_distributed_optimizer_divides_the_optimizer_state_over_data_parallel_ra
     )
     fp32, _ = _plan("qwen2.5-3b", "model.dtype=fp32")
     assert fp32.stage.optimizer_main == 0  # fp32 parameters are their own main copy
+
+
+def test_context_parallel_splits_a_gpus_tokens_and_shards_the_optimizer_over_dp_times_cp():
+    from spin_megatron.memory_model import cp_rank_tokens
+
+    plain, _ = _plan("qwen2.5-3b", "parallel.tp=2", world_size=2)  # TP2 × DP1
+    split, cfg = _plan("qwen2.5-3b", "parallel.tp=2", "parallel.cp=2", world_size=4)  # TP2 × CP2 × DP1
+    assert split.dp == plain.dp == 1 and split.cp == 2 and plain.cp == 1
+    tokens, arch, e = plain.micro_batch_tokens, plain.arch, 2  # bf16
+    assert cp_rank_tokens(tokens, 2) == tokens // 2 and cp_rank_tokens(7, 2) == 4  # 2 of 4 chunks, padded to 8
+    # every layer: half the tokens, plus the other rank's keys and values kept for attention's backward
+    kv = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim // 2 * (tokens // 2) * e
+    assert 0.45 * plain.stage.activations < split.stage.activations - kv < 0.55 * plain.stage.activations
+    assert split.logprob_paths["chunked"] < 0.55 * plain.logprob_paths["chunked"]  # the [T/CP, V/TP] logits
+    # the distributed optimizer shards over DP × CP; parameters and gradients are whole on every CP rank
+    assert split.stage.optimizer_moments == pytest.approx(plain.stage.optimizer_moments / 2, abs=8)
+    assert split.stage.params == plain.stage.params and split.stage.grads == plain.stage.grads
+    table = format_plan(split, cfg, "test")
+    assert "layout: TP 2 × PP 1 × CP 2 × DP 1 = 4 training GPUs" in table and "÷ DP 1 × CP 2" in table
 
 
 def test_recompute_keeps_only_the_layer_inputs():
