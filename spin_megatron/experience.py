@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from spin_megatron.config import AlgorithmConfig, RolloutConfig
 from spin_megatron.data import PromptExample
 from spin_megatron.pairs import build_online_pairs, build_spin_pairs
-from spin_megatron.parallel.collectives import broadcast_object
+from spin_megatron.parallel.collectives import broadcast_object, max_over_world
 from spin_megatron.parallel.packing import ScoredSequence
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.rewards import RewardFn, get_reward_fn, score_samples
@@ -59,10 +59,12 @@ _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", 
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the usual end-of-turn tokens it knows."""
+    """The tokenizer's EOS plus the usual end-of-turn tokens it holds as special tokens (in Qwen's vocabulary
+    ``</s>`` is ordinary text, id 128247: a sample that writes it must not end there)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    special = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
     vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
+    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab and t in special)
     return tuple(sorted(ids))
 
 
@@ -148,25 +150,28 @@ def generate_scored(
     text, into ``Sample.metric_rewards``: logged, never paired on.
 
     A failed generation (engine error, timeout, malformed samples) restarts the engine, re-syncs the weights
-    (``resync()``, collective over the model-parallel group) and retries, ``max_restarts`` times; then returns
-    ``(None, last error)``. An error of the reward function is raised on every rank.
+    (``resync()``) and retries, ``max_restarts`` times; then returns ``(None, last error)``. Every replica takes
+    part in each retry (a replica that succeeded keeps its samples and only joins the re-sync): a weight export
+    can be collective across replicas (MoE experts over EP), so the re-sync is the whole world's. An error of the
+    reward function is raised on every rank.
     """
+    samples, error = None, None
     for attempt in range(max_restarts + 1):
-        outcome = (
-            attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns, reward_model)
-            if groups.rank == engine_src
-            else None
-        )
-        status, payload = broadcast_object(outcome, engine_src, groups.replica)
-        if status == "ok":
-            return payload, None
-        if status == "error":
-            raise payload
-        if attempt == max_restarts:
-            return None, payload
-        if groups.rank == engine_src:
+        if samples is None:
+            outcome = (
+                attempt_scored(engine, examples, params, reward_fn, tokenizer, metric_fns, reward_model)
+                if groups.rank == engine_src
+                else None
+            )
+            status, payload = broadcast_object(outcome, engine_src, groups.replica)
+            if status == "error":
+                raise payload
+            samples, error = (payload, None) if status == "ok" else (None, payload)
+        if max_over_world(float(samples is None), groups) == 0.0 or attempt == max_restarts:
+            return samples, error
+        if samples is None and groups.rank == engine_src:
             print(
-                f"rollout: {payload}; restarting the engine ({attempt + 1}/{max_restarts})",
+                f"rollout: {error}; restarting the engine ({attempt + 1}/{max_restarts})",
                 file=sys.stderr,
                 flush=True,
             )

@@ -32,7 +32,7 @@ import torch
 from spin_megatron.errors import ConfigError
 from spin_megatron.experience import attempt_scored, sampling_params, sampling_seed
 from spin_megatron.minibatch import mini_batch_shares
-from spin_megatron.parallel.collectives import broadcast_object
+from spin_megatron.parallel.collectives import broadcast_object, max_over_world
 
 
 @dataclass
@@ -124,7 +124,11 @@ class RolloutOverlap:
         status, payload = broadcast_object(outcome, t.engine_src, t.groups.replica)
         if status == "error":  # the reward function raised: as in a normal step, on every rank
             raise payload
-        if status != "ok":
+        # agreed over the world: a replica whose prefetch failed generates at its step, and that generation's
+        # restarts and re-syncs involve every replica (experience.generate_scored), so all of them do
+        if max_over_world(float(status != "ok"), t.groups) > 0.0:
+            if status == "ok":
+                payload = "another replica's prefetch failed"
             if t.groups.rank == t.engine_src:
                 print(
                     f"rollout: the prefetched batch of step {prefetch.step} failed ({payload}); that step "

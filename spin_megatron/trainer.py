@@ -421,12 +421,14 @@ class SPINTrainer:
             )
             error = self.engine.take_sync_error() if self.engine is not None else None
             error = broadcast_object(error, self.engine_src, self.groups.replica)
-            if error is None:
+            # agreed over the world: an export can be collective across replicas (MoE experts over EP), so every
+            # replica syncs again when any failed, and a halt stops them all
+            if max_over_world(float(error is not None), self.groups) == 0.0:
                 self._engine_holds = source
                 if source == "policy":
                     self._engine_version = self.step
                 return
-            if attempt < max_restarts and self.engine is not None:
+            if attempt < max_restarts and error is not None and self.engine is not None:
                 print(f"rollout: weight sync failed ({error}); restarting the engine", file=sys.stderr)
                 self.engine.restart()
         saved = (
@@ -434,6 +436,7 @@ class SPINTrainer:
         )
         if save_on_failure:
             self._save()
+        error = error or "on another replica"
         raise TrainingHalted(
             f"weight sync into the rollout engine failed after {max_restarts} engine restart(s) ({error}); "
             f"{saved}; fix the engine and resume (trainer.resume=auto)"

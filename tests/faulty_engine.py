@@ -1,7 +1,7 @@
 """A rollout engine factory for fault tests: the real ``hf`` engine, made to die, hang or return garbage on
 chosen generate calls. Used as ``rollout.engine=tests.faulty_engine:make`` with
 ``SPIN_TEST_ENGINE_FAULTS="die@2,hang@3,malformed@4"`` (1-based generate calls, counted over all engine
-instances of the process, so restarts continue the count)."""
+instances of the process, so restarts continue the count); ``die@2@1``: only on global rank 1."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ _CALLS = {"n": 0}
 
 
 def _faults() -> dict[int, str]:
-    spec = os.environ.get("SPIN_TEST_ENGINE_FAULTS", "")
-    return {int(call): kind for kind, call in (part.split("@") for part in spec.split(",") if part)}
+    spec, rank = os.environ.get("SPIN_TEST_ENGINE_FAULTS", ""), os.environ.get("RANK", "0")
+    faults = {}
+    for kind, call, *only in (part.split("@") for part in spec.split(",") if part):
+        if not only or only[0] == rank:
+            faults[int(call)] = kind
+    return faults
 
 
 class FaultyEngine:

@@ -220,3 +220,20 @@ def test_validation_failing_past_its_restarts_logs_saves_and_stops(tmp_path):
     resumed = _run(out, "trainer.total_steps=3", "trainer.save_freq=0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["step"] for m in _metrics(out)] == [0, 1, 2, 3]
+
+
+@pytest.mark.dist
+def test_one_replicas_engine_failing_restarts_it_while_every_replica_joins_the_resync(tmp_path):
+    """Qwen3-MoE at EP2 over 2 data-parallel replicas (one rank each): the weight export gathers experts across
+    the replicas, so when replica 1's engine dies, the re-sync after its restart is everyone's — the retry is
+    agreed over the world (before: replica 0 went on while replica 1 waited in the export, and the run hung)."""
+    out = tmp_path / "moe"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "spin_megatron.train", *BASE, f"trainer.output_dir={out}", "model.tiny.architecture=qwen3_moe",
+           "parallel.ep=2", "trainer.total_steps=2", "trainer.save_freq=0", "trainer.export_hf=false",
+           "rollout.engine=tests.faulty_engine:make", "rollout.max_restarts=1"]  # fmt: skip
+    env = {**os.environ, "SPIN_TEST_ENGINE_FAULTS": "die@2@1", "OMP_NUM_THREADS": "1"}
+    result = run_in_session(cmd, tmp_path / "moe_run", env=env, timeout_s=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "injected engine death" in result.stderr
+    assert [m["rollout/restarts"] for m in _metrics(out)] == [0.0, 1.0]
