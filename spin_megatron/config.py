@@ -378,6 +378,73 @@ class ParallelConfig:
         if self.etp is not None:
             _positive("parallel.etp", self.etp)
         _choice("parallel.moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
+        _check_scaling_features(self)
+
+    # Megatron's scaling features (issue 24). Nulls are resolved by the properties below (or, for the overlaps, by
+    # parallel/ddp.py from the device), never written back: Hydra builds the schema's defaults from an instance.
+    # sequence parallelism: the residual stream between the tensor-parallel regions (norms, residual adds,
+    # dropout) split along the sequence over the TP ranks: those activations ÷ tp; null: on when tp > 1
+    sequence_parallel: bool | None = None
+    # activation recomputation in backward: none | full (each layer keeps only its input) | selective (only
+    # recompute_modules); parallel.activation_recompute=true is recompute=full
+    recompute: str = "none"
+    # recompute=selective: core_attn | mlp (dense MLPs) | moe (MoE layers) | moe_act, layernorm (both need TE);
+    # null: [core_attn] (Megatron's and verl's default)
+    recompute_modules: list[str] | None = None
+    # overlap the data-parallel gradient reduce-scatter with the backward / the distributed optimizer's parameter
+    # all-gather with the next forward (parallel/ddp.py); null: on with CUDA, off on the CPU
+    overlap_grad_reduce: bool | None = None
+    overlap_param_gather: bool | None = None
+    # parameters per DDP communication bucket (Megatron's --ddp-bucket-size); null: max(40M, 1M·DP) when
+    # overlapping (Megatron-LM's default), else one bucket
+    ddp_bucket_size: int | None = None
+
+    @property
+    def sequence_parallel_enabled(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def recompute_granularity(self) -> str | None:
+        """Megatron's ``recompute_granularity``: None, "full" or "selective"."""
+        if self.activation_recompute:
+            return "full"
+        return None if self.recompute == "none" else self.recompute
+
+    @property
+    def selective_modules(self) -> list[str]:
+        return list(self.recompute_modules or ["core_attn"]) if self.recompute == "selective" else []
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm")
+TE_RECOMPUTE_MODULES = ("moe_act", "layernorm")  # Megatron recomputes these through TE only
+
+
+def _check_scaling_features(par: ParallelConfig) -> None:
+    _choice("parallel.recompute", par.recompute, ("none", "full", "selective"))
+    if par.activation_recompute and par.recompute == "selective":
+        raise ConfigError(
+            "parallel.activation_recompute=true means parallel.recompute=full, but parallel.recompute=selective: "
+            "remove parallel.activation_recompute"
+        )
+    if par.recompute_modules is not None:
+        if par.recompute != "selective":
+            raise ConfigError(
+                f"parallel.recompute_modules applies to parallel.recompute=selective (got recompute={par.recompute}):"
+                " set parallel.recompute=selective or remove parallel.recompute_modules"
+            )
+        if not par.recompute_modules:
+            raise ConfigError(
+                "parallel.recompute_modules is empty: name at least one module, or recompute=none"
+            )
+        for module in par.recompute_modules:
+            _choice("parallel.recompute_modules", module, RECOMPUTE_MODULES)
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks, but parallel.tp=1:"
+            " set parallel.tp > 1 or remove parallel.sequence_parallel"
+        )
+    if par.ddp_bucket_size is not None:
+        _positive("parallel.ddp_bucket_size", par.ddp_bucket_size)
 
 
 @dataclass(kw_only=True)
@@ -558,6 +625,11 @@ class Config:
             )
         _check_reference_anchors(self)
         _check_overlap(self)
+        if self.parallel.overlap_param_gather and not self.optim.use_distributed_optimizer:
+            raise ConfigError(
+                "parallel.overlap_param_gather overlaps the distributed optimizer's parameter all-gather, but "
+                "optim.use_distributed_optimizer=false: set one of them the other way"
+            )
         _check_reward_model(self)
         if self.algorithm.sampler == "reference" and self.rollout.sync_every != 1:
             raise ConfigError(

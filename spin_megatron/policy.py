@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spin_megatron.config import Config, default_tokenizer
+from spin_megatron.config import TE_RECOMPUTE_MODULES, Config, default_tokenizer
 from spin_megatron.errors import ConfigError
 from spin_megatron.models.arch import ModelArch, load_arch
-from spin_megatron.models.builder import build_gpt_model, expose_hidden_states, parse_dtype
+from spin_megatron.models.builder import build_gpt_model, default_use_te, expose_hidden_states, parse_dtype
 from spin_megatron.models.chunks import as_model, chunks_of
 from spin_megatron.models.hf_io import HFReader
 from spin_megatron.models.mapping import mapping_for
@@ -31,6 +31,8 @@ from spin_megatron.models.mcore_io import (
 )
 from spin_megatron.models.tiny import make_tiny_hf_model
 from spin_megatron.models.weights import check_hf_checkpoint, load_hf_weights, unwrap
+from spin_megatron.parallel.ddp import attach_sync_hooks, ddp_config, finish_param_gather
+from spin_megatron.parallel.megatron_fixes import apply_megatron_fixes
 from spin_megatron.parallel.state import ParallelGroups
 
 
@@ -124,13 +126,13 @@ def moe_build_settings(cfg: Config, arch: ModelArch) -> dict:
 def check_moe_training_layout(cfg: Config, arch: ModelArch) -> None:
     """Megatron trains MoE layers at tensor-parallel size > 1 only with sequence parallelism (``moe_layer.py``
     raises otherwise: without it every TP rank would send the same tokens to the experts, which would count each
-    token's expert gradient TP times), and the trainer does not turn sequence parallelism on yet."""
+    token's expert gradient TP times); it is on by default at TP > 1."""
     par = cfg.parallel
-    if arch.moe is not None and par.tp > 1 and not getattr(par, "sequence_parallel", False):
+    if arch.moe is not None and par.tp > 1 and not par.sequence_parallel_enabled:
         raise ConfigError(
             f"parallel.tp={par.tp} with a mixture-of-experts model ({arch.architecture}) needs sequence "
-            "parallelism, which Megatron requires for MoE training at TP > 1 and this trainer does not enable yet: "
-            "use parallel.tp=1 and split the experts with parallel.ep (and the layers with parallel.pp)"
+            "parallelism, which Megatron requires for MoE training at TP > 1: remove "
+            "parallel.sequence_parallel=false (or use parallel.tp=1 and split the experts with parallel.ep)"
         )
 
 
@@ -158,10 +160,33 @@ def _load_initial_weights(model, source: ModelSource, groups: ParallelGroups) ->
 
 
 def _recompute_settings(cfg: Config) -> dict:
-    """Megatron's full activation recomputation: each layer keeps only its input and recomputes in backward."""
-    if not cfg.parallel.activation_recompute:
-        return {}
-    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    """Megatron's activation recomputation (``parallel.recompute``): full — each layer keeps only its input and
+    is recomputed in backward —, or selective — only ``parallel.recompute_modules`` are."""
+    granularity = cfg.parallel.recompute_granularity
+    if granularity == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": cfg.parallel.selective_modules}
+    return {}
+
+
+def parallel_build_settings(cfg: Config) -> dict:
+    """TransformerConfig fields of the parallel layout beyond the group sizes: sequence parallelism."""
+    return {"sequence_parallel": cfg.parallel.sequence_parallel_enabled}
+
+
+def check_recompute_modules(cfg: Config, use_te: bool | None = None) -> None:
+    """Megatron recomputes ``layernorm`` and ``moe_act`` through TransformerEngine only (``layernorm``: TE's
+    checkpoint and FP8 state in ``tensor_parallel/random.py``; ``moe_act``: grouped-GEMM experts). ``use_te``:
+    whether the policy is built with TE's layers (default: as build_policy will)."""
+    needs_te = [m for m in cfg.parallel.selective_modules if m in TE_RECOMPUTE_MODULES]
+    if use_te is None:
+        use_te = default_use_te(parse_dtype(cfg.model.dtype))
+    if needs_te and not use_te:
+        raise ConfigError(
+            f"parallel.recompute_modules={needs_te} needs TransformerEngine on CUDA (Megatron recomputes them "
+            "through TE), which this machine lacks: use core_attn, mlp or moe"
+        )
 
 
 def _build(source: ModelSource, groups: ParallelGroups, dtype: torch.dtype, fused_head: bool, **overrides):
@@ -188,36 +213,35 @@ class Policy:
 
 
 def build_policy(cfg: Config, source: ModelSource, groups: ParallelGroups) -> Policy:
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
 
+    apply_megatron_fixes()  # (the distributed optimizer's checkpoint with several DDP buckets)
     dtype = parse_dtype(cfg.model.dtype)
     model = _build(
         source, groups, dtype, cfg.trainer.logprob_impl == "fused_head",
         fused_swiglu=cfg.model.fused_swiglu, **_recompute_settings(cfg), **moe_build_settings(cfg, source.arch),
+        **parallel_build_settings(cfg),
     )  # fmt: skip
     chunks = chunks_of(model)  # one, or the model chunks of an interleaved pipeline (vpp)
     config = chunks[0].config
     if dtype != torch.float32:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+    ddp = ddp_config(
+        cfg.parallel,
+        distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        cuda=torch.cuda.is_available(),
+        dp_size=groups.dp_size,
     )
     # one DDP per model chunk, as Megatron's training: buckets for the first only (the later chunks' reductions
     # overlap with the pipeline's remaining compute anyway)
     chunks = [
-        DistributedDataParallel(config, ddp_config, chunk, pg_collection=groups.pgs, disable_bucketing=i > 0)
+        DistributedDataParallel(config, ddp, chunk, pg_collection=groups.pgs, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
-    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    attach_sync_hooks(config, chunks)  # no_sync, and with overlap the grad/param sync of each chunk
     config.finalize_model_grads_func = finalize_model_grads
     model = as_model(chunks)
     o = cfg.optim
@@ -267,6 +291,7 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
         perform_initialization=False,
         fused_swiglu=cfg.model.fused_swiglu,
         **moe_build_settings(cfg, source.arch),
+        **parallel_build_settings(cfg),
     )
     model.requires_grad_(False)
     model.eval()
@@ -280,6 +305,7 @@ def build_reference(cfg: Config, source: ModelSource, groups: ParallelGroups, po
 def refresh_reference(reference: torch.nn.Module, policy: Policy, alpha: float = 1.0) -> None:
     """reference ← α·policy + (1−α)·reference (identical sharding: parameter by parameter, chunk by chunk). α = 1: a
     copy (SPIN's new iteration); α < 1: TR-DPO's soft update."""
+    finish_param_gather(policy.model)  # overlap_param_gather: the last step's all-gather may be pending
     pairs = list(zip(chunks_of(unwrap(policy.model)), chunks_of(reference), strict=True))
     for policy_chunk, reference_chunk in pairs:
         source = dict(unwrap(policy_chunk).named_parameters())

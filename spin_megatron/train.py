@@ -75,6 +75,9 @@ def preflight(cfg: Config, world_size: int) -> None:
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than the "
             f"data-parallel size {dp}: every replica needs at least one prompt"
         )
+    from spin_megatron.policy import check_recompute_modules  # (parallel.recompute_modules that need TE)
+
+    check_recompute_modules(cfg)
     for key in ("train_files", "val_files"):
         for path in getattr(cfg.data, key):
             if not Path(path).is_file():

@@ -32,6 +32,7 @@ from spin_megatron.optim_state import reset_state, restart_schedule
 from spin_megatron.overlap import RolloutOverlap
 from spin_megatron.parallel.balance import balance_over_replicas
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
+from spin_megatron.parallel.ddp import finish_param_gather
 from spin_megatron.parallel.dpo_step import (
     METRIC_SUMS,
     DPOSettings,
@@ -347,6 +348,9 @@ class SPINTrainer:
         if counters["zero_pair"] == len(batches) * t.update_epochs:  # no pair anywhere: nothing trained
             agreement = self._agreement_without_pairs(experience.samples)
             sums[-3:-1], sums[-1] = agreement[:2], agreement[2]
+        # parallel.overlap_param_gather: the last update's all-gather waits for a next forward, and the weights are
+        # read before one (engine sync, reference refresh, checkpoint, export)
+        finish_param_gather(self.policy.model)
         return sums, grad_norm, counters
 
     def _agreement_without_pairs(self, samples) -> torch.Tensor:
@@ -485,6 +489,7 @@ class SPINTrainer:
         )
 
     def _save(self) -> None:
+        finish_param_gather(self.policy.model)  # (a halt inside _update saves before its end)
         state = {
             "scheduler": self.policy.scheduler.state_dict(),
             "sampler": self.overlap.sampler_state()

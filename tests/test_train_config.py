@@ -160,8 +160,8 @@ MOE = ["experiment=tiny_cpu", "model.tiny.architecture=qwen3_moe"]
         ),
         (
             2,
-            [*MOE, "parallel.tp=2"],
-            "parallel.tp=2 with a mixture-of-experts model (Qwen3MoeForCausalLM) needs",
+            [*MOE, "parallel.tp=2", "parallel.sequence_parallel=false"],
+            "parallel.tp=2 with a mixture-of-experts model (Qwen3MoeForCausalLM) needs sequence parallelism",
         ),
         (6, [*MOE, "parallel.tp=2", "parallel.ep=2", "parallel.etp=3"], "parallel.etp=3 does not divide"),
         (
@@ -175,6 +175,57 @@ MOE = ["experiment=tiny_cpu", "model.tiny.architecture=qwen3_moe"]
 def test_moe_layout_mistakes_are_one_line_errors(capsys, monkeypatch, world_size, overrides, fragment):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     assert fragment in _error(capsys, *overrides)
+
+
+@pytest.mark.parametrize(
+    "world_size, overrides, fragment",
+    [  # issue 24: sequence parallelism, recomputation, DDP overlap
+        (1, ["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true splits the sequence over the "
+         "tensor-parallel ranks, but parallel.tp=1: set parallel.tp > 1 or remove parallel.sequence_parallel"),
+        (1, ["parallel.recompute=partial"], "parallel.recompute='partial' is not allowed; choose one of none, full"),
+        (1, ["parallel.recompute_modules=[mlp]"], "parallel.recompute_modules applies to parallel.recompute="
+         "selective (got recompute=none)"),
+        (1, ["parallel.recompute=selective", "parallel.recompute_modules=[attention]"],
+         "parallel.recompute_modules='attention' is not allowed; choose one of core_attn, mlp, moe"),
+        (1, ["parallel.recompute=selective", "parallel.activation_recompute=true"],
+         "parallel.activation_recompute=true means parallel.recompute=full, but parallel.recompute=selective"),
+        (1, ["parallel.overlap_param_gather=true", "optim.use_distributed_optimizer=false"],
+         "parallel.overlap_param_gather overlaps the distributed optimizer's parameter all-gather, but "
+         "optim.use_distributed_optimizer=false"),
+        (1, ["parallel.ddp_bucket_size=0"], "parallel.ddp_bucket_size must be > 0, got 0"),
+    ],
+)  # fmt: skip
+def test_scaling_feature_mistakes_are_one_line_errors(capsys, monkeypatch, world_size, overrides, fragment):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    assert fragment in _error(capsys, "experiment=tiny_cpu", *overrides)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without TE and CUDA")
+def test_recompute_modules_that_need_te_are_refused_on_the_cpu(capsys):
+    for module in ("layernorm", "moe_act"):
+        err = _error(capsys, "experiment=tiny_cpu", "parallel.recompute=selective",
+                     f"parallel.recompute_modules=[core_attn,{module}]")  # fmt: skip
+        assert f"parallel.recompute_modules=['{module}'] needs TransformerEngine on CUDA" in err, err
+
+
+def test_scaling_defaults_resolve_without_being_written_back():
+    """Nulls are resolved by properties (sequence parallelism by tp; overlaps by the device in parallel/ddp.py):
+    the schema's defaults stay null whatever an instance resolved (Hydra builds them from an instance)."""
+    from spin_megatron.config import ParallelConfig
+    from spin_megatron.parallel.ddp import overlap_settings
+
+    assert ParallelConfig(tp=2).sequence_parallel_enabled and not ParallelConfig().sequence_parallel_enabled
+    assert not ParallelConfig(tp=2, sequence_parallel=False).sequence_parallel_enabled
+    assert ParallelConfig(tp=2).sequence_parallel is None and ParallelConfig().sequence_parallel is None
+    assert ParallelConfig(activation_recompute=True).recompute_granularity == "full"
+    assert ParallelConfig(recompute="selective").selective_modules == ["core_attn"]
+    cfg = load_config(["experiment=tiny_cpu", "parallel.tp=2"])
+    assert cfg.parallel.sequence_parallel is None and cfg.parallel.sequence_parallel_enabled
+    assert load_config(["experiment=tiny_cpu"]).parallel.sequence_parallel is None
+    par = ParallelConfig()
+    assert overlap_settings(par, distributed_optimizer=True, cuda=True) == (True, True)
+    assert overlap_settings(par, distributed_optimizer=True, cuda=False) == (False, False)
+    assert overlap_settings(par, distributed_optimizer=False, cuda=True) == (True, False)
 
 
 def test_sglang_is_refused_for_a_qwen3_moe_checkpoint_with_dense_layers(capsys, tiny_qwen3_moe_mixed):

@@ -77,6 +77,10 @@ def test_spin_run_learns_refreshes_the_reference_and_resumes_bit_exactly(tmp_pat
     assert AutoModelForCausalLM.from_pretrained(full / "hf").config.num_hidden_layers == 2
 
 
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+OVERLAP += ["parallel.ddp_bucket_size=1000000"]
+
+
 @pytest.mark.dist
 def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp_path):
     # Adam's first step is lr·g/(|g|+eps): for the odd element with |g| ~ eps it turns the last-bit differences of
@@ -94,11 +98,13 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
     expected = _weights(reference_run)
     replay = ["rollout.engine=replay", f"rollout.replay_path={dump}", *base]
     layouts = {
-        "tp2": (["parallel.tp=2"], 2),
+        "tp2": (["parallel.tp=2"], 2),  # sequence parallelism: on by default at tp > 1
         "pp2": (["parallel.pp=2"], 2),
         "dp2": ([], 2),  # trainer.balance_dp (the default): the pairs re-split over the replicas by tokens
-        "dp2_unbalanced": (["trainer.balance_dp=false"], 2),
-        "recompute": (["parallel.activation_recompute=true"], 1),
+        # with both DDP overlaps (~10 buckets: the tiny model's vocabulary is Qwen2.5's)
+        "dp2_unbalanced_overlap": (["trainer.balance_dp=false", *OVERLAP], 2),
+        "recompute": (["parallel.activation_recompute=true"], 1),  # = parallel.recompute=full
+        "selective": (["parallel.recompute=selective", "parallel.recompute_modules=[core_attn,mlp]"], 1),
         "logits_tp2": (["trainer.logprob_impl=logits", "parallel.tp=2"], 2),
         # interleaved pipelines, one pair per micro-batch (every pair exceeds the budget): 4 a mini-batch, so at
         # PP2×VPP2 the schedule has a steady 1F1B phase, where Megatron's default batched p2p exchange pairs the

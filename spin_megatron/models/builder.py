@@ -322,8 +322,26 @@ def expose_hidden_states(model: torch.nn.Module) -> None:
     Used with :func:`spin_megatron.logprob.fused_head_logprobs`, which applies the output layer's weight
     (``output_layer.weight``, or the tied embedding) chunk by chunk, so the ``[T, V/TP]`` logits never exist. The
     output layer keeps its parameter (tied or not): only its forward is bypassed (in the chunk that holds it).
+    With sequence parallelism the hidden states are gathered over TP first (all tokens, as the output layer would).
     """
     for chunk in chunks_of(model):
         head = getattr(chunk, "output_layer", None)
         if head is not None:
-            head.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+            head.forward = _hidden_states_out(head, chunk.config.sequence_parallel)
+
+
+def _hidden_states_out(head, sequence_parallel: bool):
+    """The bypassed head: its input as it is; with sequence parallelism, this rank's tokens gathered over the TP
+    group into all tokens (each rank's vocabulary shard scores every token). The gather's backward keeps this
+    rank's tokens' gradient: the fused head already sums the gradient over the vocabulary shards (TP)."""
+    if not sequence_parallel:
+        return lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        gathered = gather_from_sequence_parallel_region(
+            input_, tensor_parallel_output_grad=False, group=head.tp_group
+        )
+        return gathered, None
+
+    return forward

@@ -24,6 +24,7 @@ from spin_megatron.parallel.moe_metrics import load_balancing_sums
 from spin_megatron.parallel.packing import (
     PackedMicroBatch,
     align_micro_batches,
+    pad_lengths_to_multiple,
     pad_micro_batch_count,
     sequence_sums,
 )
@@ -82,10 +83,30 @@ def _forward(batch: PackedMicroBatch, model, *, keep_dtype: bool = False):
     upcast would only cost memory — a [T, V] fp32 copy of the logits and its gradient — and is exact either way."""
     kwargs = {"packed_seq_params": batch.packed_seq_params()}
     if _is_moe(model):  # padding stays out of the routers' load-balancing loss
-        kwargs["padding_mask"] = batch.padding_mask()
+        kwargs["padding_mask"] = _padding_mask(batch, model)
     if keep_dtype and _is_float16_wrapped(model):
         kwargs["fp32_output"] = False
     return model(batch.input_ids, batch.position_ids, None, **kwargs)
+
+
+def _padding_mask(batch: PackedMicroBatch, model) -> torch.Tensor:
+    """The MoE routers' padding mask ``[1, T]``. With sequence parallelism Megatron-Core 0.16.1 splits it over the
+    TP ranks on the first pipeline stage only (``GPTModel.forward``, in its embedding branch); a later stage's
+    routers would get the whole row against their share of the tokens, so it is split here for them, as the first
+    stage does."""
+    mask = batch.padding_mask()
+    gpt = unwrap(model)
+    if gpt.pre_process or not gpt.config.sequence_parallel:
+        return mask
+    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+    return scatter_to_sequence_parallel_region(mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+
+def _sequence_parallel(model) -> bool:
+    from megatron.core.utils import get_model_config
+
+    return bool(get_model_config(chunks_of(model)[0]).sequence_parallel)
 
 
 def _is_moe(model) -> bool:
@@ -310,6 +331,8 @@ def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
     if groups.ep_size > 1:  # MoE token dispatch is a collective across the replicas: same micro-batch shapes
         align_micro_batches(batches, groups.dp)
     pad_micro_batch_count(batches, interleaved_microbatch_multiple(groups))
+    if _sequence_parallel(model):  # rows are split along the sequence over the TP ranks
+        pad_lengths_to_multiple(batches, groups.tp_size)
 
     def forward_step(batch, step_model):
         fused = settings_fused(loss_for_batch)

@@ -38,6 +38,11 @@ def load_balancing_sums(model, groups: ParallelGroups, num_microbatches: int) ->
     )
     if entry is not None:
         entry["values"].zero_()
+        group = entry.get("reduce_group")
+        if group is not None and not entry.get("reduce_group_has_dp", False):
+            # sequence parallelism: each TP rank's routers saw its share of the tokens (the tracker's reduce
+            # group, Megatron's reduce_aux_losses_tracker_across_ranks sums over it too)
+            dist.all_reduce(values, group=group)
     if groups.pp_size > 1:
         dist.all_reduce(values, group=groups.pp)  # each stage holds its own layers' values
     moe_layers = sum(config.moe_layer_freq) if isinstance(config.moe_layer_freq, list) else config.num_layers

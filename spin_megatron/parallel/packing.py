@@ -203,6 +203,13 @@ def pad_micro_batch_count(batches: list[PackedMicroBatch], multiple: int) -> Non
         batches.append(placeholder)
 
 
+def pad_lengths_to_multiple(batches: list[PackedMicroBatch], multiple: int) -> None:
+    """Extend each row's padding segment to a multiple of ``multiple`` positions, in place: sequence parallelism
+    splits a row along the sequence over the TP ranks (``multiple`` = tp). Nothing scored changes."""
+    for batch in batches:
+        _pad_to(batch, -(-batch.input_ids.shape[1] // multiple) * multiple)
+
+
 def _pad_to(batch: PackedMicroBatch, seq_length: int) -> None:
     """Extend the padding segment (always last, ≥ 1 token) to ``seq_length`` positions."""
     extra = seq_length - batch.input_ids.shape[1]

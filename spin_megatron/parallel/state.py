@@ -181,8 +181,11 @@ def init_parallel(
             distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # The named RNG states of Megatron's tracker ("model-parallel-rng", expert-parallel): sequence parallelism draws
+    # the embedding dropout inside tracker.fork(), which raises without them. On the CPU the tracker swaps no
+    # state (shim 5 in cpu_shims: no CUDA generator), so forked draws come from torch's CPU generator; the models
+    # trained here have no dropout (hidden_dropout = attention_dropout = 0), so no draw is ever taken.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     return ParallelGroups(
         pgs=pgs,
