@@ -111,6 +111,10 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
         # wrong tensors (with it here: loss 0.356 vs 0.250, grad norm 1696 vs 0.84; test_interleaved_pipeline.py)
         "pp2_vpp2": (["parallel.pp=2", "parallel.vpp=2", "trainer.micro_batch_tokens=1"], 2),
         "pp4_vpp2": (["parallel.pp=4", "parallel.vpp=2", "trainer.micro_batch_tokens=1"], 4),
+        # context parallel: every sequence split over 2 ranks of one replica (the engine on CP rank 0); with TP2
+        # sequence parallelism too (each CP rank's row split over TP)
+        "cp2": (["parallel.cp=2"], 2),
+        "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 4),
     }
     for name, (layout, nprocs) in layouts.items():
         run = tmp_path / name

@@ -120,7 +120,7 @@ def split_micro_batch(batch: PackedMicroBatch, cp_size: int, cp_rank: int, lengt
         response_lengths=batch.response_lengths,
         engine_logprobs=take(batch.engine_logprobs, float("nan"))[None],
         num_items=batch.num_items,
-        extras={"cp_source": source[everyone.to(device)]},
+        extras={"cp_source": source[everyone.to(device)], "cp_shape": (length, batch.input_ids.shape[1])},
     )
 
 
@@ -129,8 +129,10 @@ def split_for_cp(batches: list[PackedMicroBatch], cp_size: int, cp_rank: int, ro
     stages exchange fixed shapes); returns that padded full length (what Megatron's schedule calls seq_length)."""
     length = max(row_length(b, cp_size, row_multiple) for b in batches)
     for batch in batches:
-        part = batch.extras.get(_LOCAL)
-        if part is None or int(part.cu_seqlens[-1]) != length:
+        part = batch.extras.get(
+            _LOCAL
+        )  # split once per micro-batch (reference pass, update epochs), unless resized
+        if part is None or part.extras["cp_shape"] != (length, batch.input_ids.shape[1]):
             batch.extras[_LOCAL] = split_micro_batch(batch, cp_size, cp_rank, length)
     return length
 

@@ -20,6 +20,7 @@ from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.loss import batch_terms, dpo_loss, needs_batch_terms
 from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
+from spin_megatron.parallel.context_parallel import gather_tokens, local_part, split_for_cp
 from spin_megatron.parallel.moe_metrics import load_balancing_sums
 from spin_megatron.parallel.packing import (
     PackedMicroBatch,
@@ -123,6 +124,19 @@ def _is_float16_wrapped(model) -> bool:
 
 
 def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None, stats=()):
+    """Per-token log-probs ``[1, T]`` of ``batch`` (and, with ``stats``, the detached per-token statistics) from
+    this rank's model output. Context parallel: computed on this CP rank's tokens, then gathered over CP into the
+    full micro-batch's layout, so the losses and metrics see what they see at CP=1."""
+    part = local_part(batch)
+    result = _local_token_logps(output, part, groups, settings, temperature, weight, stats)
+    if part is batch:
+        return result
+    logps, values = result if stats else (result, {})
+    gather = partial(gather_tokens, part=part, group=groups.cp, full_shape=batch.targets.shape)
+    return (gather(logps), {k: gather(v) for k, v in values.items()}) if stats else gather(logps)
+
+
+def _local_token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None, stats=()):
     """Per-token log-probs from vocab-parallel logits, or (fused head) from hidden states and the head weight.
     With ``stats`` (names of logprob.TOKEN_STATS): ``(log-probs, {name: detached per-token values})``."""
     if settings.fused_head:
@@ -226,7 +240,13 @@ def compute_reference_logps(
         partial(_reference_loss, groups=groups, settings=settings, agreement=agreement),
         forward_only=True,
     )
-    return _fold_agreement([o["agreement"] for o in outputs], groups.device)
+    return _reported(_fold_agreement([o["agreement"] for o in outputs], groups.device), groups)
+
+
+def _reported(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Metric sums as this rank reports them: CP ranks > 0 computed the same sums as CP rank 0 (the losses run on
+    the gathered micro-batch), so they report zeros and sums over the job count every pair once."""
+    return values if groups.cp_rank == 0 else torch.zeros_like(values)
 
 
 def _agreement_loss(batch, output, *, groups, settings, weight=None):
@@ -244,7 +264,7 @@ def sample_agreement(
     outputs = _run(
         model, groups, batches, partial(_agreement_loss, groups=groups, settings=settings), forward_only=True
     )
-    return _fold_agreement([o["agreement"] for o in outputs], groups.device)
+    return _reported(_fold_agreement([o["agreement"] for o in outputs], groups.device), groups)
 
 
 def _fold_agreement(parts, device) -> torch.Tensor:
@@ -333,11 +353,16 @@ def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
     pad_micro_batch_count(batches, interleaved_microbatch_multiple(groups))
     if _sequence_parallel(model):  # rows are split along the sequence over the TP ranks
         pad_lengths_to_multiple(batches, groups.tp_size)
+    seq_length = batches[0].input_ids.shape[1]
+    if groups.cp_size > 1:  # the model runs on this CP rank's part; the loss sees the whole micro-batch
+        row_multiple = groups.tp_size if _sequence_parallel(model) else 1
+        seq_length = split_for_cp(batches, groups.cp_size, groups.cp_rank, row_multiple)
 
     def forward_step(batch, step_model):
         fused = settings_fused(loss_for_batch)
         weight = _head_weight(step_model) if fused else None
-        return _forward(batch, step_model, keep_dtype=True), partial(loss_for_batch, batch, weight=weight)
+        output = _forward(local_part(batch), step_model, keep_dtype=True)
+        return output, partial(loss_for_batch, batch, weight=weight)
 
     return run_schedule(
         model,
@@ -345,7 +370,7 @@ def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
         forward_step,
         batches,
         num_microbatches=len(batches),
-        seq_length=batches[0].input_ids.shape[1],
+        seq_length=seq_length,
         micro_batch_size=1,
         forward_only=forward_only,
     )
@@ -450,7 +475,9 @@ def _policy_loss(
                 *measured,
             ]
         )
-    return loss, torch.tensor(batch.num_pairs, dtype=torch.int, device=output.device), {"sums": stats}
+    # the pair count Megatron divides the gradients by, summed over DP×CP: CP rank 0 counts a micro-batch's pairs
+    counted = batch.num_pairs if groups.cp_rank == 0 else 0
+    return loss, torch.tensor(counted, dtype=torch.int, device=output.device), {"sums": stats}
 
 
 def grads_finite(model, groups: ParallelGroups) -> bool:
@@ -479,7 +506,8 @@ def train_step(
 ) -> tuple[torch.Tensor, float | None, bool]:
     """One optimizer step on this rank's micro-batches (their ``ref_logps`` filled on the last stage).
 
-    Returns ``(metric sums of METRIC_SUMS — zeros off the last stage —, grad norm, whether it updated)``;
+    Returns ``(metric sums of METRIC_SUMS — zeros off the last stage and on CP ranks > 0 —, grad norm, whether it
+    updated)``;
     ``logp_diff/max`` is a max, the others are sums. ``agreement``: measure |policy − engine| log-probs (the
     engine sampled from these very weights). ``sample_stats``: add the ``objective/*`` sums (the policy or
     reference scoring the samples is the model that generated them). A NaN/Inf anywhere in the gradients skips the optimizer
@@ -502,6 +530,7 @@ def train_step(
         stats = reduced["sums"]
         sums[:-1] += stats[:-1]
         sums[-1] = torch.maximum(sums[-1], stats[-1])
+    sums = _reported(sums, groups)
     aux = load_balancing_sums(unwrap(model), groups, len(batches))
     if groups.is_last_stage:
         sums[METRIC_SUMS.index("moe/load_balancing_loss/sum")] = aux[0]
@@ -537,4 +566,4 @@ def gold_nll(
     total = torch.zeros(2, device=groups.device)
     for reduced in outputs:
         total += reduced["nll"]
-    return total
+    return _reported(total, groups)
