@@ -110,3 +110,19 @@ def test_cp2_equals_cp1_and_resumes_bit_exactly(tiny_qwen2, tmp_path):
     assert steps["dp2"][1]["loss"] != pytest.approx(steps["dp2"][0]["loss"], rel=1e-3)  # step 1 changed them
     resume = steps["resume"]
     assert resume["resumed"] == resume["straight"] and resume["same_weights"], resume
+
+
+def test_te_attention_in_fp32_is_refused_with_context_parallelism(monkeypatch):
+    """TE's unfused attention (its only fp32 backend for packed sequences) has no context parallelism."""
+    from spin_megatron.compose import load_config, model_arch
+    from spin_megatron.errors import ConfigError
+    from spin_megatron.models import builder
+    from spin_megatron.parallel.context_parallel import check_context_parallel
+
+    monkeypatch.setattr(builder, "default_use_te", lambda dtype: True)  # as on a GPU with TE ≥ 2.11
+    cfg = load_config(["experiment=tiny_cpu", "parallel.cp=2"])
+    with pytest.raises(ConfigError, match="parallel.cp=2 with model.dtype=fp32: TransformerEngine's"):
+        check_context_parallel(cfg, model_arch(cfg))
+    check_context_parallel(
+        load_config(["experiment=tiny_cpu", "parallel.cp=2", "model.dtype=bf16"]), model_arch(cfg)
+    )
