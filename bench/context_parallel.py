@@ -56,7 +56,7 @@ def worker(hf_dir: str, cp: int, out: str) -> None:
     from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
     from spin_megatron.policy import build_policy, build_reference, resolve_model_source
-    from spin_megatron.trainer import dpo_settings
+    from spin_megatron.updates import dpo_settings
 
     groups = init_parallel(1, 1, cp=cp)
     cfg = Config(

@@ -21,17 +21,20 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from spin_megatron.errors import CheckpointError, MissingPathError
+from spin_megatron.config import Config
+from spin_megatron.errors import CheckpointError, ConfigError, MissingPathError
 from spin_megatron.faults import kill_point
 from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
 from spin_megatron.optim_state import inner_optimizers, materialize_fresh_state
+from spin_megatron.parallel.ddp import finish_param_gather
 from spin_megatron.parallel.state import ParallelGroups
 
 COMPLETE = "COMPLETE"
@@ -253,3 +256,69 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     opt.load_parameter_state_from_fully_reshardable(param_state)
     for key, step in steps.items():
         opt.optimizer.state[key]["step"] = step.clone() if torch.is_tensor(step) else step
+
+
+# ----------------------------------------------------------------------------------- the trainer's state
+def save_trainer_checkpoint(trainer) -> Path:
+    """The trainer's checkpoint: its models and optimizer, LR schedule, data position, counters, config.
+    Collective."""
+    finish_param_gather(trainer.policy.model)  # (a halt inside the updates saves before their end)
+    state = {
+        "scheduler": trainer.policy.scheduler.state_dict(),
+        "sampler": trainer.overlap.sampler_state()
+        if trainer.overlap is not None
+        else trainer.sampler.state_dict(),
+        "model_signature": trainer.source.arch.signature(),
+        "skipped_steps": trainer.skipped_steps,
+        # the reference refreshes so far: a prefetched batch (overlap) records the version that sampled it
+        "ref_version": trainer.ref_version,
+        "config": asdict(trainer.cfg),
+    }
+    return save_checkpoint(
+        trainer.out,
+        trainer.step,
+        trainer.policy,
+        trainer.reference,
+        trainer.groups,
+        state,
+        keep_last_n=trainer.cfg.trainer.keep_last_n,
+        write_extra=trainer.overlap.save if trainer.overlap is not None else None,
+    )
+
+
+def load_trainer_checkpoint(trainer, path: Path) -> None:
+    """Restore what :func:`save_trainer_checkpoint` wrote into a freshly built trainer. Collective."""
+    state = load_checkpoint(
+        path,
+        trainer.policy,
+        trainer.reference,
+        trainer.groups,
+        model_signature=trainer.source.arch.signature(),
+    )
+    trainer.sampler.load_state_dict(state["sampler"])
+    trainer.step, trainer.skipped_steps = state["step"], state.get("skipped_steps", 0)
+    t = trainer.cfg.trainer  # (checkpoints before ref_version was saved: the count its schedule implies)
+    implied = trainer.step // t.ref_update_freq if t.ref_update_freq else 0
+    if t.ref_model_sync_steps:
+        implied = int(trainer.policy.scheduler.num_steps) // t.ref_model_sync_steps
+    trainer.ref_version = state.get("ref_version", implied)
+    if trainer.overlap is not None:
+        trainer.overlap.load(path)
+    # (consecutive NaN skips are not carried over: a resume after a halt starts a fresh count)
+    if trainer.groups.rank == 0:
+        print(f"resumed from {path} at step {trainer.step}", flush=True)
+
+
+def resume_path(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to start over an earlier run's checkpoints."""
+    mode, latest = cfg.trainer.resume, find_latest(cfg.trainer.output_dir)
+    if mode == "never":
+        if latest is not None:
+            raise ConfigError(
+                f"trainer.output_dir={cfg.trainer.output_dir} already holds checkpoints (latest "
+                f"{latest.name}); use trainer.resume=auto to continue it or choose a new output_dir"
+            )
+        return None
+    if mode == "auto":
+        return latest
+    return Path(mode)

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 import pyarrow
 
-from spin_megatron.config import DataConfig
+from spin_megatron.config import Config, DataConfig, default_tokenizer
 from spin_megatron.errors import ConfigError, MissingPathError
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -435,6 +435,18 @@ class PromptSampler:
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_dir(cfg: Config) -> str:
+    """The tokenizer to use: model.tokenizer_path, else the model's own (HF folder or checkpoint), else Qwen2.5's."""
+    m = cfg.model
+    if m.tokenizer_path:
+        return m.tokenizer_path
+    if m.hf_path:
+        return m.hf_path
+    if m.mcore_ckpt:
+        return str(Path(m.mcore_ckpt) / "tokenizer")
+    return default_tokenizer()
 
 
 def load_tokenizer(path: str):

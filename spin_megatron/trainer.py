@@ -1,5 +1,16 @@
-"""The SPIN / online-DPO loop (DESIGN.md): generate → score → pair → reference log-probs → DPO update →
-reference refresh every ``ref_update_freq`` steps → weight sync → metrics / validation / checkpoint."""
+"""The SPIN / online-DPO loop. ``train_one_step`` reads as the step:
+
+1. take the next ``prompts_per_step`` prompts (never one twice in a batch), split over the data-parallel replicas;
+2. generate ``rollout.n`` samples per prompt on each replica's engine and score them (``_generate``; with
+   ``rollout.max_staleness=1`` they were generated while the last step trained: ``overlap.py``);
+3. build the pairs (``experience.make_pairs``: best vs worst online, gold vs sample in SPIN mode);
+4. train on them: reference log-probs, then the mini-batches' DPO updates (``updates.train_on_batch``);
+5. refresh the reference every ``ref_update_freq`` steps (a new SPIN iteration);
+6. sync the engine with the weights it samples from (``_sync``), then metrics, validation, checkpoint (``fit``).
+
+Engine failures are retried with restarts, agreed over the world, and past them the run saves and stops in one
+line; a NaN gradient skips its update.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from spin_megatron.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from spin_megatron.config import Config, default_tokenizer
+from spin_megatron.checkpoint import load_trainer_checkpoint, resume_path, save_trainer_checkpoint
+from spin_megatron.config import Config
 from spin_megatron.data import PromptExample, PromptSampler, shard
-from spin_megatron.errors import ConfigError, TrainingHalted
+from spin_megatron.errors import TrainingHalted
 from spin_megatron.experience import (
     generate_scored,
     make_pairs,
@@ -25,32 +36,25 @@ from spin_megatron.experience import (
 from spin_megatron.faults import kill_point
 from spin_megatron.memory_fit import check_training_memory
 from spin_megatron.metrics import MetricsLogger, Timer
-from spin_megatron.minibatch import mini_batch_shares, mini_batches
+from spin_megatron.minibatch import mini_batch_shares
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.optim_state import reset_state, restart_schedule
 from spin_megatron.overlap import RolloutOverlap
-from spin_megatron.parallel.balance import balance_over_replicas
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
-from spin_megatron.parallel.ddp import finish_param_gather
 from spin_megatron.parallel.dpo_step import (
     METRIC_SUMS,
-    DPOSettings,
-    compute_reference_logps,
-    prepare_batch_terms,
-    sample_agreement,
-    train_step,
 )
-from spin_megatron.parallel.packing import ScoredSequence, pack_items
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
 from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.reward_model import build_reward_scoring
 from spin_megatron.rewards import get_reward_fn
-from spin_megatron.rollout import build_engine, maybe_dump, reported_logprob_temperature
+from spin_megatron.rollout import build_engine, maybe_dump
 from spin_megatron.rollout.supervisor import EngineSupervisor, RolloutError
 from spin_megatron.step_metrics import step_metrics
+from spin_megatron.updates import dpo_settings, train_on_batch
 from spin_megatron.validation import validate
 
 
@@ -109,7 +113,7 @@ class SPINTrainer:
         self._staleness = 0  # of the batch being trained (policy versions between sampler and trainee)
         self.overlap = RolloutOverlap(self) if cfg.rollout.max_staleness else None
         if resume_from is not None:
-            self._load(resume_from)
+            load_trainer_checkpoint(self, resume_from)
         self.logger = MetricsLogger(
             self.out,
             cfg.logging,
@@ -180,7 +184,7 @@ class SPINTrainer:
         if self.overlap is not None:
             self.overlap.start()  # the next batch, generated while this one trains
         ref_version = self.ref_version
-        dpo_sums, grad_norm, updates = self._update(experience, shares)
+        dpo_sums, grad_norm, updates = train_on_batch(self, experience, shares)
         counts.update(updates)
         if cfg.trainer.ref_update_freq and self.step % cfg.trainer.ref_update_freq == 0:
             self._refresh_reference()
@@ -258,115 +262,6 @@ class SPINTrainer:
         if self.cfg.trainer.reset_optimizer_on_refresh:  # a new SPIN iteration, as a new uclaml run
             reset_state(self.policy.optimizer)
             restart_schedule(self.policy.scheduler)
-
-    def _update(self, experience, shares):
-        """Reference log-probs, then the optimizer steps of this rollout batch: ``prompts_per_step /
-        mini_batch_size`` mini-batches (contiguous parts of the global batch, each sharded over the replicas: the
-        same prompts at any DP size), each one update whose loss is the exact mean over that mini-batch's pairs, ``update_epochs`` times.
-
-        A mini-batch without pairs anywhere takes no step; a NaN/Inf gradient skips its step (weights unchanged).
-        The LR schedule advances on applied updates only (Megatron's rule). Returns the metric sums over all
-        updates, the last grad norm and the update counters."""
-        t, groups = self.cfg.trainer, self.groups
-        chunks = mini_batches(experience.items, experience.item_prompts, shares)
-        counters = {"updates": 0.0, "nan_skipped": 0.0, "zero_pair": 0.0}
-        if t.balance_dp and groups.dp_size > 1:  # pairs re-split over the replicas by tokens
-            chunks, spread = balance_over_replicas(chunks, groups)
-            counters.update(
-                {"dp_token_spread/before": spread["before"], "dp_token_spread/after": spread["after"]}
-            )
-        local = [[len(c), sum(len(i[0].response_ids) for i in c)] for c in chunks]
-        flat = {f"{k}/{j}": float(v) for k, row in enumerate(local) for j, v in enumerate(row)}
-        totals = sum_over_world(flat, tuple(flat), groups, contribute=groups.rank == self.engine_src)
-        pad = self.tokenizer.pad_token_id or 0
-        batches = [
-            [b.to(groups.device) for b in pack_items(c, token_budget=t.micro_batch_tokens, pad_token_id=pad)]
-            for c in chunks
-        ]
-        sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
-        grad_norm = None
-        ref_of = [None] * len(
-            chunks
-        )  # the reference version each mini-batch's ref log-probs were computed with
-        sampled_by = self.ref_version  # the reference that sampled this batch (sample_from=reference)
-        first = True
-        for _epoch in range(t.update_epochs):
-            for k, mb in enumerate(batches):
-                pairs, chosen_tokens = int(totals[f"{k}/0"]), int(totals[f"{k}/1"])
-                if pairs == 0:
-                    counters["zero_pair"] += 1
-                    continue
-                if ref_of[k] != self.ref_version:
-                    # the engine sampled from this very reference: measure the agreement on it (once per step)
-                    measure = self._sample_source == "reference" and self.ref_version == sampled_by
-                    measure = measure and ref_of[k] is None
-                    with self.timer("ref"):
-                        agreement = compute_reference_logps(
-                            self.reference, groups, mb, self.settings, agreement=measure
-                        )
-                    ref_of[k] = self.ref_version
-                    sums[-3:-1] += agreement[:2]
-                    sums[-1] = torch.maximum(sums[-1], agreement[2])
-                with self.timer("update"):
-                    prepare_batch_terms(self.policy.model, groups, mb, self.settings)
-                    step_sums, norm, updated = train_step(
-                        self.policy.model,
-                        self.policy.optimizer,
-                        groups,
-                        mb,
-                        self.settings,
-                        global_pairs=pairs,
-                        global_chosen_tokens=chosen_tokens,
-                        step=self.step,
-                        # the engine sampled with the policy's current weights: the first update sees them
-                        agreement=first and self._sample_source == "policy" and self._staleness == 0,
-                        sample_stats=self._samples_from_scorer(first, sampled_by),
-                    )
-                first = False
-                sums[:-1] += step_sums[:-1]
-                sums[-1] = torch.maximum(sums[-1], step_sums[-1])
-                if not updated:
-                    counters["nan_skipped"] += 1
-                    self.skipped_steps += 1
-                    self.consecutive_skips += 1
-                    if self.consecutive_skips >= t.max_consecutive_skips:
-                        self._save()
-                        raise TrainingHalted(
-                            f"{self.consecutive_skips} consecutive optimizer steps had NaN/Inf gradients and were "
-                            f"skipped (weights unchanged by them); saved the state as step {self.step} (its remaining "
-                            f"optimizer steps and reference refresh not taken) in {self.out / 'checkpoints'}; lower "
-                            "optim.lr or check the data, then resume"
-                        )
-                    continue
-                self.consecutive_skips = 0
-                self._ref_is_policy = False
-                grad_norm = norm
-                counters["updates"] += 1
-                self.policy.scheduler.step(1)
-                if t.ref_model_sync_steps and self.policy.scheduler.num_steps % t.ref_model_sync_steps == 0:
-                    self._refresh_reference()
-        if counters["zero_pair"] == len(batches) * t.update_epochs:  # no pair anywhere: nothing trained
-            agreement = self._agreement_without_pairs(experience.samples)
-            sums[-3:-1], sums[-1] = agreement[:2], agreement[2]
-        # parallel.overlap_param_gather: the last update's all-gather waits for a next forward, and the weights are
-        # read before one (engine sync, reference refresh, checkpoint, export)
-        finish_param_gather(self.policy.model)
-        return sums, grad_norm, counters
-
-    def _agreement_without_pairs(self, samples) -> torch.Tensor:
-        """``rollout/logp_diff`` (the check of the last weight sync) needs samples, not pairs: on a step without
-        pairs, the model that sampled scores this replica's samples in a forward pass of their own."""
-        groups, zeros = self.groups, torch.zeros(3, device=self.groups.device)
-        if self._sample_source == "policy" and not self._samples_from_scorer(True, self.ref_version):
-            return zeros  # the engine sampled from an older policy (overlap, sync_every > 1)
-        scored = [[ScoredSequence(s.prompt_ids, s.response_ids, s.logprobs)] for s in samples if s.logprobs]
-        if not scored:
-            return zeros
-        budget, pad = self.cfg.trainer.micro_batch_tokens, self.tokenizer.pad_token_id or 0
-        batches = [b.to(groups.device) for b in pack_items(scored, token_budget=budget, pad_token_id=pad)]
-        model = self.reference if self._sample_source == "reference" else self.policy.model
-        with self.timer("ref"):
-            return sample_agreement(model, groups, batches, self.settings)
 
     def _halt_after_rollout_failure(self, error: str | None, sampler_state: dict) -> None:
         """Save the state before this step (its prompts are retried on resume), then stop every rank."""
@@ -489,45 +384,7 @@ class SPINTrainer:
         )
 
     def _save(self) -> None:
-        finish_param_gather(self.policy.model)  # (a halt inside _update saves before its end)
-        state = {
-            "scheduler": self.policy.scheduler.state_dict(),
-            "sampler": self.overlap.sampler_state()
-            if self.overlap is not None
-            else self.sampler.state_dict(),
-            "model_signature": self.source.arch.signature(),
-            "skipped_steps": self.skipped_steps,
-            # the reference refreshes so far: a prefetched batch (overlap) records the version that sampled it
-            "ref_version": self.ref_version,
-            "config": asdict(self.cfg),
-        }
-        save_checkpoint(
-            self.out,
-            self.step,
-            self.policy,
-            self.reference,
-            self.groups,
-            state,
-            keep_last_n=self.cfg.trainer.keep_last_n,
-            write_extra=self.overlap.save if self.overlap is not None else None,
-        )
-
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(
-            path, self.policy, self.reference, self.groups, model_signature=self.source.arch.signature()
-        )
-        self.sampler.load_state_dict(state["sampler"])
-        self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
-        t = self.cfg.trainer  # (checkpoints before ref_version was saved: the count its schedule implies)
-        implied = self.step // t.ref_update_freq if t.ref_update_freq else 0
-        if t.ref_model_sync_steps:
-            implied = int(self.policy.scheduler.num_steps) // t.ref_model_sync_steps
-        self.ref_version = state.get("ref_version", implied)
-        if self.overlap is not None:
-            self.overlap.load(path)
-        # (consecutive NaN skips are not carried over: a resume after a halt starts a fresh count)
-        if self.groups.rank == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+        save_trainer_checkpoint(self)
 
     def _finish(self) -> None:
         if self.cfg.trainer.export_hf:
@@ -547,50 +404,3 @@ class SPINTrainer:
             self.engine.shutdown()
         if self.reward_model is not None:
             self.reward_model.shutdown()
-
-
-def dpo_settings(cfg: Config, vocab_size: int) -> DPOSettings:
-    a = cfg.algorithm
-    return DPOSettings(
-        beta=a.beta,
-        loss_type=a.canonical_loss,
-        label_smoothing=a.label_smoothing,
-        reference_free=a.reference_free,
-        rpo_alpha=a.rpo_alpha,
-        length_normalize=a.length_normalized,
-        discopop_tau=a.discopop_tau,
-        ld_alpha=a.ld_alpha,
-        use_weighting=a.use_weighting,
-        chosen_is_gold=a.mode == "spin",
-        vocab_size=vocab_size,
-        chunk_tokens=cfg.trainer.logprob_chunk_tokens,
-        sample_temperature=reported_logprob_temperature(cfg.rollout),
-        fused_head=cfg.trainer.logprob_impl == "fused_head",
-    )
-
-
-def tokenizer_dir(cfg: Config) -> str:
-    """The tokenizer to use: model.tokenizer_path, else the model's own (HF folder or checkpoint), else Qwen2.5's."""
-    m = cfg.model
-    if m.tokenizer_path:
-        return m.tokenizer_path
-    if m.hf_path:
-        return m.hf_path
-    if m.mcore_ckpt:
-        return str(Path(m.mcore_ckpt) / "tokenizer")
-    return default_tokenizer()
-
-
-def resume_path(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to start over an earlier run's checkpoints."""
-    mode, latest = cfg.trainer.resume, find_latest(cfg.trainer.output_dir)
-    if mode == "never":
-        if latest is not None:
-            raise ConfigError(
-                f"trainer.output_dir={cfg.trainer.output_dir} already holds checkpoints (latest "
-                f"{latest.name}); use trainer.resume=auto to continue it or choose a new output_dir"
-            )
-        return None
-    if mode == "auto":
-        return latest
-    return Path(mode)

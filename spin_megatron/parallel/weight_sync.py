@@ -108,7 +108,8 @@ def sync_weights(
     """
     start = time.perf_counter()
     stats = SyncStats()
-    if groups.cp_rank > 0:  # context parallel: CP rank 0 of the replica holds the same weights and exports them
+    # context parallel: CP rank 0 of the replica holds the same weights and exports them
+    if groups.cp_rank > 0:
         return stats
     target = engine_rank(groups)
     is_engine_rank = groups.rank == target

@@ -29,7 +29,7 @@ from spin_megatron.parallel.collectives import sum_over_world
 from spin_megatron.parallel.dpo_step import METRIC_SUMS, compute_reference_logps, train_step
 from spin_megatron.parallel.packing import pack_items
 from spin_megatron.policy import build_policy, resolve_model_source
-from spin_megatron.trainer import dpo_settings
+from spin_megatron.updates import dpo_settings
 from tests.workers.loss_family import build_reference_model, loss_config, make_pairs
 
 PAIRS_PER_STEP = 7

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-import spin_megatron.trainer as trainer_module
+import spin_megatron.updates as updates_module
 from spin_megatron.parallel import init_parallel
 from spin_megatron.parallel.dpo_step import METRIC_SUMS
 from spin_megatron.parallel.weight_export import export_hf_weights
@@ -46,7 +46,7 @@ def engine_holds(trainer: SPINTrainer, model) -> bool:
 def hard(root: str) -> dict:
     trainer = build(root, "hard")
     updates, refreshes = [], []
-    real_train_step, real_refresh = trainer_module.train_step, trainer._refresh_reference
+    real_train_step, real_refresh = updates_module.train_step, trainer._refresh_reference
 
     def train_step(*args, **kwargs):
         sums, norm, updated = real_train_step(*args, **kwargs)
@@ -58,13 +58,13 @@ def hard(root: str) -> dict:
         refreshes.append(int(trainer.policy.scheduler.num_steps))
         real_refresh()
 
-    trainer_module.train_step, trainer._refresh_reference = train_step, refresh
+    updates_module.train_step, trainer._refresh_reference = train_step, refresh
     try:
         for _ in range(2):
             trainer.step += 1
             trainer.train_one_step()
     finally:
-        trainer_module.train_step = real_train_step
+        updates_module.train_step = real_train_step
     return {"refreshed_after": refreshes, "updates": updates, "log2": math.log(2)}
 
 

@@ -28,7 +28,7 @@ from spin_megatron.parallel.ddp import finish_param_gather
 from spin_megatron.parallel.dpo_step import METRIC_SUMS, compute_reference_logps, train_step
 from spin_megatron.parallel.packing import pack_items
 from spin_megatron.policy import build_policy, parallel_build_settings, resolve_model_source
-from spin_megatron.trainer import dpo_settings
+from spin_megatron.updates import dpo_settings
 from tests.workers.loss_family import TOKEN_BUDGET, loss_config, make_pairs
 
 PAIRS_PER_STEP = 6
