@@ -46,7 +46,7 @@ def check_device(cfg: Config) -> None:
 def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need no process group: layout vs model and world size, weights, files, resume state,
     reward function and engine plug-in."""
-    from spin_megatron.checkpoint import read_trainer_state
+    from spin_megatron.checkpoint import read_trainer_state, resume_path
     from spin_megatron.memory_fit import check_training_memory
     from spin_megatron.models.hf_io import HFReader
     from spin_megatron.models.mapping import mapping_for
@@ -56,7 +56,6 @@ def preflight(cfg: Config, world_size: int) -> None:
     from spin_megatron.policy import check_moe_engine, check_moe_training_layout
     from spin_megatron.reward_model import preflight_reward_model
     from spin_megatron.rewards import get_reward_fn
-    from spin_megatron.trainer import resume_path
 
     check_device(cfg)
     par = cfg.parallel
@@ -114,8 +113,8 @@ def preflight(cfg: Config, world_size: int) -> None:
 
 def prepare_data(cfg: Config):
     """Tokenizer, training and validation prompts — loaded before any process group, so bad data fails fast."""
-    from spin_megatron.data import load_prompt_split, load_tokenizer
-    from spin_megatron.trainer import TrainingData, tokenizer_dir
+    from spin_megatron.data import load_prompt_split, load_tokenizer, tokenizer_dir
+    from spin_megatron.trainer import TrainingData
 
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     train, stats = load_prompt_split(cfg.data, tokenizer, "train")
