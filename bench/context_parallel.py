@@ -55,8 +55,8 @@ def worker(hf_dir: str, cp: int, out: str) -> None:
     from spin_megatron.parallel.context_parallel import local_part
     from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
-    from spin_megatron.policy import build_policy, build_reference, resolve_model_source
-    from spin_megatron.updates import dpo_settings
+    from spin_megatron.training.policy import build_policy, build_reference, resolve_model_source
+    from spin_megatron.training.updates import dpo_settings
 
     groups = init_parallel(1, 1, cp=cp)
     cfg = Config(

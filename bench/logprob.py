@@ -4,8 +4,8 @@ Default shape: T=4096 tokens, hidden 896, vocab 151936 (Qwen2.5-0.5B's output la
 ``logp = log_softmax(hidden @ Wᵀ)[target]`` and the gradients of ``Σ g·logp`` w.r.t. ``hidden`` and ``W``:
 
 * naive    — full logits, ``torch.log_softmax``, ``gather`` (what most RL code does);
-* chunked  — full logits, then :func:`spin_megatron.logprob.vocab_parallel_logprobs` (chunked fp32);
-* fused    — :func:`spin_megatron.logprob.fused_head_logprobs`: logits never exist beyond one chunk.
+* chunked  — full logits, then :func:`spin_megatron.algorithm.logprob.vocab_parallel_logprobs` (chunked fp32);
+* fused    — :func:`spin_megatron.algorithm.logprob.fused_head_logprobs`: logits never exist beyond one chunk.
 
 Every variant runs in its own fresh process (peak RSS is a per-process high-water mark), all in this run, and is
 reported as a ratio to naive. Usage: ``python bench/logprob.py [--tokens 4096] [--chunk 512] [--repeats 2]``.
@@ -30,7 +30,7 @@ def _rss_high_water_bytes() -> int:
 def run_variant(args) -> dict:
     import torch
 
-    from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
+    from spin_megatron.algorithm.logprob import fused_head_logprobs, vocab_parallel_logprobs
 
     torch.manual_seed(0)
     hidden = (torch.randn(args.tokens, args.hidden) * 0.5).requires_grad_()

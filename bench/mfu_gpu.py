@@ -200,7 +200,7 @@ def time_steps(args, groups, policy, optimizer, reference, settings, batches) ->
 
 def what_runs(args, use_te: bool) -> dict:
     """What this run measures with: layer spec, versions, log-prob backend, dtype."""
-    from spin_megatron.logprob import te_cross_entropy_available, te_version
+    from spin_megatron.algorithm.logprob import te_cross_entropy_available, te_version
 
     te = te_version()
     backend = (

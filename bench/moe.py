@@ -79,8 +79,8 @@ def worker(args) -> None:
     from spin_megatron.parallel import destroy_parallel, init_parallel
     from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
     from spin_megatron.parallel.packing import pack_items
-    from spin_megatron.policy import build_policy, build_reference, resolve_model_source
-    from spin_megatron.updates import dpo_settings
+    from spin_megatron.training.policy import build_policy, build_reference, resolve_model_source
+    from spin_megatron.training.updates import dpo_settings
 
     report = {name: [] for name, _, _ in LAYOUTS}
     for name, ep, dispatcher in [layout for _ in range(args.rounds) for layout in LAYOUTS]:

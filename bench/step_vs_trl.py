@@ -185,10 +185,10 @@ def make_setup(args, tmp: Path) -> dict:
 def ours_worker(setup: dict, overlap: bool = False) -> None:
     import torch
 
-    import spin_megatron.trainer as trainer_module
+    import spin_megatron.training.trainer as trainer_module
     from spin_megatron.parallel.state import destroy_parallel, init_parallel
     from spin_megatron.train import load_config, preflight, prepare_data
-    from spin_megatron.trainer import SPINTrainer
+    from spin_megatron.training.trainer import SPINTrainer
 
     probe = {}
     pack_items = trainer_module.pack_items
@@ -236,7 +236,7 @@ def trl_worker(setup: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from spin_megatron.experience import stop_token_ids
+    from spin_megatron.algorithm.experience import stop_token_ids
     from spin_megatron.train import load_config, prepare_data
     from tests.synthetic_task import sevens
 

@@ -148,7 +148,7 @@ class DataConfig:
     seed: int = 1  # shuffling seed
     val_max_prompts: int | None = 128  # validate on the first N val prompts (None: all)
     # field holding a conversation, a list of {role, content} (UltraChat's messages, uclaml's real or chosen):
-    # prompt = every turn before the last assistant turn, gold = that turn (spin_megatron/chat_data.py);
+    # prompt = every turn before the last assistant turn, gold = that turn (spin_megatron/data/chat.py);
     # prompt_key, answer_key, instruction and strip_calculator_annotations are then not used
     messages_key: str | None = None
     # conversations that end with a user turn, have no assistant turn or unknown roles: drop (counted) | error
@@ -206,7 +206,7 @@ class RolloutConfig:
     timeout_s: float = 3600.0  # a generation call longer than this counts as a hung engine
     max_restarts: int = 2  # engine restarts (+ weight re-sync) per generation before the run saves and stops
     # 1: the next step's batch is generated while this step trains (one policy version old when sampling from the
-    # policy; exact, staleness 0, when sampling from the reference); 0: generate, then train (spin_megatron/overlap.py)
+    # policy; exact, staleness 0, when sampling from the reference); 0: generate, then train (spin_megatron/training/overlap.py)
     max_staleness: int = 0
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: servers, sync mode, ...
 
@@ -265,7 +265,12 @@ class AlgorithmConfig:
     pairs_per_prompt: Any = 1  # spin: pairs built per prompt: an integer ≤ rollout.n, or all (one per sample)
 
     def __post_init__(self):
-        from spin_megatron.loss import LOSS_ALIASES, LOSS_TYPES, SMOOTHED_LOSSES, canonical_loss_type
+        from spin_megatron.algorithm.loss import (
+            LOSS_ALIASES,
+            LOSS_TYPES,
+            SMOOTHED_LOSSES,
+            canonical_loss_type,
+        )
 
         _choice("algorithm.mode", self.mode, ("online", "spin"))
         # (None defaults are resolved by properties, never written back: Hydra takes the schema's defaults
@@ -318,7 +323,7 @@ class AlgorithmConfig:
 
     @property
     def canonical_loss(self) -> str:
-        from spin_megatron.loss import canonical_loss_type
+        from spin_megatron.algorithm.loss import canonical_loss_type
 
         return canonical_loss_type(self.loss_type)
 

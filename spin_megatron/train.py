@@ -46,16 +46,16 @@ def check_device(cfg: Config) -> None:
 def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need no process group: layout vs model and world size, weights, files, resume state,
     reward function and engine plug-in."""
-    from spin_megatron.checkpoint import read_trainer_state, resume_path
+    from spin_megatron.algorithm.rewards import get_reward_fn
     from spin_megatron.memory_fit import check_training_memory
     from spin_megatron.models.hf_io import HFReader
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import check_hf_checkpoint
     from spin_megatron.parallel.context_parallel import check_context_parallel
     from spin_megatron.parallel.state import validate_parallel_sizes
-    from spin_megatron.policy import check_moe_engine, check_moe_training_layout
     from spin_megatron.reward_model import preflight_reward_model
-    from spin_megatron.rewards import get_reward_fn
+    from spin_megatron.training.checkpoint import read_trainer_state, resume_path
+    from spin_megatron.training.policy import check_moe_engine, check_moe_training_layout
 
     check_device(cfg)
     par = cfg.parallel
@@ -74,7 +74,9 @@ def preflight(cfg: Config, world_size: int) -> None:
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than the "
             f"data-parallel size {dp}: every replica needs at least one prompt"
         )
-    from spin_megatron.policy import check_recompute_modules  # (parallel.recompute_modules that need TE)
+    from spin_megatron.training.policy import (
+        check_recompute_modules,  # (parallel.recompute_modules that need TE)
+    )
 
     check_recompute_modules(cfg)
     for key in ("train_files", "val_files"):
@@ -114,7 +116,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 def prepare_data(cfg: Config):
     """Tokenizer, training and validation prompts — loaded before any process group, so bad data fails fast."""
     from spin_megatron.data import load_prompt_split, load_tokenizer, tokenizer_dir
-    from spin_megatron.trainer import TrainingData
+    from spin_megatron.training.trainer import TrainingData
 
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     train, stats = load_prompt_split(cfg.data, tokenizer, "train")
@@ -151,7 +153,7 @@ def run_notes(cfg: Config, num_train: int) -> list[str]:
 
 def lost_peer_message(reason: str, output_dir: str) -> str:
     """What a surviving rank says when another rank of the run died or hung (see ``parallel/peers.py``)."""
-    from spin_megatron.checkpoint import find_latest
+    from spin_megatron.training.checkpoint import find_latest
 
     latest = find_latest(output_dir)
     saved = f"the last complete checkpoint is {latest}" if latest else f"no checkpoint in {output_dir} yet"
@@ -181,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: {note}", flush=True)
     from spin_megatron.parallel.peers import EXIT_LOST_PEER, lost_peer
     from spin_megatron.parallel.state import destroy_parallel, init_parallel
-    from spin_megatron.preemption import PreemptionFlag
-    from spin_megatron.trainer import SPINTrainer
+    from spin_megatron.training.preemption import PreemptionFlag
+    from spin_megatron.training.trainer import SPINTrainer
 
     preemption = PreemptionFlag().install()  # before the process group: a signal during set-up is kept
     where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

@@ -8,12 +8,11 @@ import pickle
 import datasets
 import pytest
 
-from spin_megatron import chat_dataset
-from spin_megatron.chat_data import prompt_conversation, shorter_prompts
+from spin_megatron.algorithm.experience import stop_token_ids
 from spin_megatron.config import DataConfig
-from spin_megatron.data import PromptExample, load_prompt_split, load_tokenizer
+from spin_megatron.data import PromptExample, chat_cache, load_prompt_split, load_tokenizer
+from spin_megatron.data.chat import prompt_conversation, shorter_prompts
 from spin_megatron.errors import ConfigError
-from spin_megatron.experience import stop_token_ids
 from tests.helpers import REPO
 
 TINY = REPO / "tests" / "data" / "ultrachat_tiny"
@@ -247,7 +246,7 @@ def test_hub_dataset_by_name_and_split_reads_like_local_files(qwen):
 
 def test_worker_processes_give_the_same_tokens_and_pass_errors_on(qwen, monkeypatch):
     one, _ = load_prompt_split(cfg(tokenize_workers=1), qwen, "train")
-    monkeypatch.setattr(chat_dataset, "_ROWS_PER_WORKER", 5)  # 26 rows: 2 worker processes
+    monkeypatch.setattr(chat_cache, "_ROWS_PER_WORKER", 5)  # 26 rows: 2 worker processes
     two, stats = load_prompt_split(cfg(tokenize_workers=2), qwen, "train")
     assert [(e.prompt_ids, e.gold_ids) for e in one] == [(e.prompt_ids, e.gold_ids) for e in two]
     assert stats.dropped_bad == 2
@@ -304,8 +303,8 @@ def test_spin_on_conversations_needs_no_rule_reward():
 def test_no_accuracy_is_reported_without_a_rule():
     from collections import defaultdict
 
-    from spin_megatron.step_metrics import step_metrics
-    from spin_megatron.validation import _val_metrics
+    from spin_megatron.algorithm.step_metrics import step_metrics
+    from spin_megatron.training.validation import _val_metrics
 
     gen = {"val/prompts": 4.0, "val/score_sum": 0.0, "val/correct": 0.0, "val/response_length_sum": 8.0,
            "val/eos": 4.0}  # fmt: skip
@@ -322,8 +321,8 @@ def test_no_accuracy_is_reported_without_a_rule():
 def test_an_sglang_request_carries_the_conversation_prompt_and_the_stop_token_the_gold_ends_with(qwen):
     """The engines see token ids only: a conversation's prompt goes to SGLang's /generate as its ids, with the stop
     token its gold ends with (the real-server e2e runs GSM8K prompts; this is the request-level check)."""
+    from spin_megatron.algorithm.experience import sampling_params
     from spin_megatron.config import RolloutConfig
-    from spin_megatron.experience import sampling_params
     from spin_megatron.rollout.sglang import protocol
 
     example = load_prompt_split(cfg(), qwen, "train")[0][13]  # three exchanges

@@ -15,9 +15,9 @@ from tests.helpers import REPO
 # weights must be equal bit for bit.
 SCRIPT = r"""
 import sys, torch
-from spin_megatron.checkpoint import load_checkpoint, save_checkpoint
+from spin_megatron.training.checkpoint import load_checkpoint, save_checkpoint
 from spin_megatron.parallel import init_parallel
-from spin_megatron.policy import build_policy, build_reference, resolve_model_source
+from spin_megatron.training.policy import build_policy, build_reference, resolve_model_source
 from spin_megatron.train import load_config
 
 def two_steps(policy, save_between=None):
@@ -89,7 +89,7 @@ def test_reset_state_makes_the_next_step_a_first_step():
 
     import torch
 
-    from spin_megatron.optim_state import reset_state
+    from spin_megatron.training.optim_state import reset_state
 
     def adam(params):
         return torch.optim.AdamW(params, lr=0.1, weight_decay=0.1)

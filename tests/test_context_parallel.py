@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from spin_megatron.batching import IGNORE_INDEX
 from spin_megatron.models.tiny import make_tiny_hf_model
+from spin_megatron.parallel.batching import IGNORE_INDEX
 from spin_megatron.parallel.context_parallel import (
     gathered_order,
     partition_indices,

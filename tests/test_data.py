@@ -350,6 +350,6 @@ def test_validation_split_keeps_the_first_val_max_prompts(tokenizer, gsm8k_dir):
 
 def test_stop_tokens_are_eos_and_special_end_of_turn_tokens_only(tokenizer):
     """Qwen2.5's vocabulary holds "</s>" as ordinary text (id 128247): a sample writing it must not stop."""
-    from spin_megatron.experience import stop_token_ids
+    from spin_megatron.algorithm.experience import stop_token_ids
 
     assert stop_token_ids(tokenizer) == (151643, 151645)  # <|endoftext|>, <|im_end|>

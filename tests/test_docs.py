@@ -239,9 +239,9 @@ def _logged_metric_names() -> set[str]:
     """The names a training step and a validation log, from the functions that make them, fed counters of 1."""
     from collections import defaultdict
 
-    from spin_megatron.experience import ROLLOUT_SUMS
-    from spin_megatron.step_metrics import step_metrics
-    from spin_megatron.validation import _GEN_KEYS, _NLL_KEYS, _val_metrics
+    from spin_megatron.algorithm.experience import ROLLOUT_SUMS
+    from spin_megatron.algorithm.step_metrics import step_metrics
+    from spin_megatron.training.validation import _GEN_KEYS, _NLL_KEYS, _val_metrics
 
     rollout = {key: 1.0 for key in ROLLOUT_SUMS} | {"reward/<name>/correct": 1.0}
     dpo = defaultdict(lambda: 1.0, {"moe/load_balancing_loss/terms": 1.0})

@@ -138,7 +138,7 @@ class _FakeTECrossEntropy(torch.autograd.Function):
 @pytest.fixture
 def fake_te(monkeypatch):
     """transformer_engine.pytorch.cross_entropy with TE's signature; its wrapper unpacks ``B, SQ, V``."""
-    from spin_megatron import logprob
+    from spin_megatron.algorithm import logprob
 
     seen = {"shapes": [], "defect": False}
 

@@ -29,7 +29,7 @@ def test_no_module_imports_an_entry_point():
     assert offenders == {}
 
 
-PURE_MATH = ("spin_megatron.pairs", "spin_megatron.rewards")
+PURE_MATH = ("spin_megatron.algorithm.pairs", "spin_megatron.algorithm.rewards")
 
 
 def _module_file(module: str) -> Path | None:
@@ -75,4 +75,42 @@ def test_pairs_and_rewards_import_no_engine_module():
 
 def test_the_import_walk_sees_an_engine_import():
     # The check above must be able to fail: the engine protocol reaches the rollout package.
-    assert "spin_megatron.rollout" in _reachable("spin_megatron.experience")
+    assert "spin_megatron.rollout" in _reachable("spin_megatron.algorithm.experience")
+
+
+def _modules_in(package: str) -> list[str]:
+    root = PACKAGE / package.removeprefix("spin_megatron.").replace(".", "/")
+    return [
+        "spin_megatron." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in root.rglob("*.py")
+    ]
+
+
+def test_the_package_tree_is_layered_as_the_readme_draws_it():
+    """data/ sits at the bottom (config and errors only); the training loop (training/) is used by the entry points
+    only; every top-level module is an entry point or a shared leaf (config, types, errors, ports, ...)."""
+    data_imports = {m for module in _modules_in("spin_megatron.data") for m in _project_imports(module)}
+    assert {m for m in data_imports if not m.startswith(("spin_megatron.data", "spin_megatron.config",
+            "spin_megatron.errors"))} == set()  # fmt: skip
+    outside = [p for p in PACKAGE.rglob("*.py") if "training" not in p.relative_to(PACKAGE).parts]
+    users = {
+        "spin_megatron." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+        for p in outside
+        if any(name.startswith("spin_megatron.training") for name in _imports(p))
+    }
+    assert users <= ENTRY_POINTS
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top <= {"__init__", "train", "plan", "convert", "plot", "compose", "config", "errors", "types", "ports",
+                   "quiet", "faults", "memory_fit", "memory_model", "plan_scaling"}, top  # fmt: skip
+
+
+def test_old_pickles_of_prompt_examples_still_load():
+    """Checkpoints pickle prompt examples (the overlap's prefetched batch) by their class path: the one of
+    checkpoints written before data/ was a package, ``spin_megatron.data.PromptExample``, still resolves."""
+    import pickle
+
+    from spin_megatron.data import PromptExample
+
+    new = pickle.dumps(PromptExample(prompt_id=3, prompt_ids=[1], gold_ids=[2], row={}), protocol=0)
+    assert b"spin_megatron.data.prompts\n" in new
+    old = new.replace(b"spin_megatron.data.prompts\n", b"spin_megatron.data\n")  # as the old module wrote it
+    assert pickle.loads(old).prompt_id == 3

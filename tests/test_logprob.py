@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from spin_megatron.logprob import TOKEN_STATS, fused_head_logprobs, vocab_parallel_logprobs
+from spin_megatron.algorithm.logprob import TOKEN_STATS, fused_head_logprobs, vocab_parallel_logprobs
 from tests.helpers import run_ranks
 from tests.workers.logprob import stats_case
 
@@ -134,7 +134,7 @@ def test_tensor_parallel_two_ranks(tmp_path):
 
 
 def test_te_version_rules():
-    from spin_megatron import logprob
+    from spin_megatron.algorithm import logprob
 
     assert logprob.parse_version("2.10.0+cu130") == (2, 10) and logprob.parse_version("2.9.0a0") == (2, 9)
     assert not logprob.te_cross_entropy_usable(None) and not logprob.te_cross_entropy_usable((2, 7))
@@ -143,7 +143,7 @@ def test_te_version_rules():
 
 
 def test_te_backend_without_a_usable_te_is_a_clear_error():
-    from spin_megatron import logprob
+    from spin_megatron.algorithm import logprob
 
     if logprob.te_cross_entropy_usable(logprob.te_version()):
         pytest.skip("a usable TransformerEngine is installed")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from spin_megatron.loss import (
+from spin_megatron.algorithm.loss import (
     BATCH_LOSSES,
     LOSS_ALIASES,
     LOSS_TYPES,
@@ -128,7 +128,7 @@ def _nls(x):  # −log σ(x), written without logsigmoid
 
 
 def _reference_pairwise(loss_type, c, r, beta, eps, tau=0.05):
-    """The per-pair formulas, written from the papers independently of spin_megatron.loss."""
+    """The per-pair formulas, written from the papers independently of spin_megatron.algorithm.loss."""
     d = c - r
     z = beta * d
     s = torch.sigmoid

@@ -3,7 +3,7 @@
 ``train_step`` over packed micro-batches (pairs back to back, several micro-batches per step) must hand the
 optimizer the gradient of the mean over all pairs of the step of TRL 1.16's loss, computed here with a plain HF
 model of the same weights, one unpacked sequence at a time with a full log_softmax, the formulas restated from
-TRL's ``DPOTrainer._compute_loss`` (not from ``spin_megatron.loss``). The reference model differs from the
+TRL's ``DPOTrainer._compute_loss`` (not from ``spin_megatron.algorithm.loss``). The reference model differs from the
 policy's start (another seed), so log-ratios — and the aot pairings — are not trivially zero.
 
 ``aot``/``aot_pair`` sort over the whole optimizer batch: at DP=1 across micro-batches, at DP=2 across the two

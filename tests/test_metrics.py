@@ -4,7 +4,13 @@ import math
 import pytest
 
 from spin_megatron.config import LoggingConfig, WandbConfig
-from spin_megatron.metrics import METRICS_FILE, WANDB_ID_FILE, MetricsLogger, Timer, format_console_line
+from spin_megatron.training.metrics import (
+    METRICS_FILE,
+    WANDB_ID_FILE,
+    MetricsLogger,
+    Timer,
+    format_console_line,
+)
 
 
 def quiet(**overrides) -> LoggingConfig:

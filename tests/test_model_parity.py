@@ -205,7 +205,7 @@ def test_auto_backend_keeps_16_bit_logits_at_a_temperature_off_te(monkeypatch):
     chunked path (fp32 scaling), not TE (16-bit logits / temperature)."""
     from unittest import mock
 
-    from spin_megatron import logprob
+    from spin_megatron.algorithm import logprob
 
     monkeypatch.setattr(logprob, "te_cross_entropy_available", lambda: True)
     with mock.patch.object(torch.Tensor, "is_cuda", new_callable=mock.PropertyMock, return_value=True):

@@ -1,4 +1,4 @@
-"""rollout.max_staleness=1: the next batch generated while this one trains (spin_megatron/overlap.py).
+"""rollout.max_staleness=1: the next batch generated while this one trains (spin_megatron/training/overlap.py).
 
 SPIN's opponent (samples from the reference) overlaps exactly: the same run as the synchronous loop. Sampling from
 the policy, the samples are one version old (rollout/staleness), never more, and a run killed while a prefetched

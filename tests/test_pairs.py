@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from spin_megatron.algorithm.pairs import PairStats, build_online_pairs, build_spin_pairs
 from spin_megatron.errors import ConfigError
-from spin_megatron.pairs import PairStats, build_online_pairs, build_spin_pairs
 from spin_megatron.types import Sample
 
 

@@ -127,7 +127,9 @@ def test_context_parallel_splits_a_gpus_tokens_and_shards_the_optimizer_over_dp_
     split, cfg = _plan("qwen2.5-3b", "parallel.tp=2", "parallel.cp=2", world_size=4)  # TP2 × CP2 × DP1
     assert split.dp == plain.dp == 1 and split.cp == 2 and plain.cp == 1
     tokens, arch, e = plain.micro_batch_tokens, plain.arch, 2  # bf16
-    assert cp_rank_tokens(tokens, 2) == tokens // 2 and cp_rank_tokens(7, 2) == 4  # 2 of 4 chunks, padded to 8
+    assert (
+        cp_rank_tokens(tokens, 2) == tokens // 2 and cp_rank_tokens(7, 2) == 4
+    )  # 2 of 4 chunks, padded to 8
     # every layer: half the tokens, plus the other rank's keys and values kept for attention's backward
     kv = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim // 2 * (tokens // 2) * e
     assert 0.45 * plain.stage.activations < split.stage.activations - kv < 0.55 * plain.stage.activations
@@ -418,8 +420,8 @@ def _probe_worker(spec_json):
     from spin_megatron.parallel import init_parallel
     from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
-    from spin_megatron.policy import build_policy, build_reference, resolve_model_source
-    from spin_megatron.trainer import dpo_settings
+    from spin_megatron.training.policy import build_policy, build_reference, resolve_model_source
+    from spin_megatron.training.trainer import dpo_settings
 
     groups = init_parallel(1, 1)
     name, hf_dir, budget, pairs = json.loads(spec_json)

@@ -4,19 +4,19 @@ from collections import defaultdict
 
 import pytest
 
-from spin_megatron.config import AlgorithmConfig
-from spin_megatron.data import PromptExample
-from spin_megatron.errors import ConfigError
-from spin_megatron.experience import (
+from spin_megatron.algorithm.experience import (
     ROLLOUT_SUMS,
     attempt_scored,
     make_pairs,
     metric_reward_fns,
     rollout_sum_keys,
 )
-from spin_megatron.rewards import get_reward_fn
+from spin_megatron.algorithm.rewards import get_reward_fn
+from spin_megatron.algorithm.step_metrics import step_metrics
+from spin_megatron.config import AlgorithmConfig
+from spin_megatron.data import PromptExample
+from spin_megatron.errors import ConfigError
 from spin_megatron.rollout.protocol import SamplingParams
-from spin_megatron.step_metrics import step_metrics
 from spin_megatron.types import Sample
 
 ROW = {"question": "q", "answer": "48+24=72\n#### 72"}

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from spin_megatron.algorithm.experience import make_pairs
+from spin_megatron.algorithm.pairs import build_online_pairs
 from spin_megatron.errors import ConfigError
-from spin_megatron.experience import make_pairs
-from spin_megatron.pairs import build_online_pairs
 from spin_megatron.reward_model import RewardModelConfig, RewardModelError, RewardModelScoring, load_judge
 from spin_megatron.reward_model.hf import HFRewardModel
 from spin_megatron.types import Sample
@@ -166,8 +166,8 @@ def test_rule_then_model_margin_applies_to_the_model_within_a_rule_tie():
 
 
 def test_logged_parts_and_their_agreement():
+    from spin_megatron.algorithm.step_metrics import _reward_model_metrics
     from spin_megatron.config import AlgorithmConfig
-    from spin_megatron.step_metrics import _reward_model_metrics
 
     scoring = RewardModelScoring(RewardModelConfig(path="unused"), _fixed({"a": 0.2, "b": 0.6, "c": 0.4}),
                                  lambda row: PROMPT, has_rule=True)  # fmt: skip

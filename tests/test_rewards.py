@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from spin_megatron import rewards
-from spin_megatron.errors import ConfigError
-from spin_megatron.rewards import (
+from spin_megatron.algorithm import rewards
+from spin_megatron.algorithm.rewards import (
     extract_answer,
     get_reward_fn,
     gold_answer,
@@ -20,6 +19,7 @@ from spin_megatron.rewards import (
     register_reward,
     score_samples,
 )
+from spin_megatron.errors import ConfigError
 from spin_megatron.types import Sample
 
 ROW = {

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from spin_megatron.batching import response_logps, scoring_batch
 from spin_megatron.errors import ConfigError
+from spin_megatron.parallel.batching import response_logps, scoring_batch
 from spin_megatron.rollout.agreement import logprob_agreement
 from spin_megatron.rollout.hf_engine import HFEngine, sample_next_token
 from spin_megatron.rollout.protocol import SamplingParams

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from spin_megatron.algorithm.experience import sampling_seed
 from spin_megatron.compose import CONF_DIR
 from spin_megatron.data import PromptExample
-from spin_megatron.experience import sampling_seed
-from spin_megatron.minibatch import mini_batch_shares, mini_batches
 from spin_megatron.train import load_config, main
+from spin_megatron.training.minibatch import mini_batch_shares, mini_batches
 from tests.helpers import REPO, assert_same_hf_export
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -176,7 +176,7 @@ def test_replicas_and_steps_sample_with_distinct_seeds():
 def test_soft_refresh_mixes_and_hard_refresh_copies():
     from types import SimpleNamespace
 
-    from spin_megatron.policy import refresh_reference
+    from spin_megatron.training.policy import refresh_reference
 
     torch.manual_seed(0)
     policy, reference = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -194,7 +194,7 @@ def test_weight_decay_spares_biases_and_norm_weights(tmp_path):
     code = f"""
 import json
 from spin_megatron.parallel import init_parallel
-from spin_megatron.policy import build_policy, resolve_model_source
+from spin_megatron.training.policy import build_policy, resolve_model_source
 from spin_megatron.train import load_config
 cfg = load_config(["experiment=tiny_cpu", "optim.weight_decay=0.01", "trainer.output_dir={tmp_path}",
                    "optim.use_distributed_optimizer=false"])  # (its groups hold flat shards, not parameters)
@@ -301,7 +301,9 @@ def test_opponent_samples_and_mid_iteration_resume_is_bit_exact(tmp_path):
     sample_from=policy really samples from other weights: the same at step 1 (reference == policy), not after."""
     from tests.test_epoch_boundaries import ROWS
 
-    five = tmp_path / "five.jsonl"  # 5 prompts, 4 per step: every step a new epoch (a batch never repeats one)
+    five = (
+        tmp_path / "five.jsonl"
+    )  # 5 prompts, 4 per step: every step a new epoch (a batch never repeats one)
     five.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     common = [
         "trainer.ref_update_freq=3",

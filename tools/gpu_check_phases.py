@@ -198,7 +198,7 @@ def phase_env(result: PhaseResult, out: Path, opts) -> str:
 
     import torch
 
-    from spin_megatron.logprob import te_cross_entropy_available
+    from spin_megatron.algorithm.logprob import te_cross_entropy_available
     from spin_megatron.models.builder import default_use_te
 
     modules = _module_origins()
@@ -319,7 +319,7 @@ def compare_to_reference(run, reference) -> tuple[float, float]:
 def _logprob_paths(hidden, weight, target, upstream):
     import torch
 
-    from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
+    from spin_megatron.algorithm.logprob import fused_head_logprobs, vocab_parallel_logprobs
 
     def backward(logps):
         (logps * upstream).sum().backward()  # a different gradient for every row

@@ -22,7 +22,7 @@ ROW_BOUND = 5e-2
 
 
 def _te_cross_entropy_usable() -> tuple[bool, str]:
-    from spin_megatron.logprob import te_cross_entropy_usable, te_version
+    from spin_megatron.algorithm.logprob import te_cross_entropy_usable, te_version
 
     try:
         from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy  # noqa: F401
@@ -61,7 +61,7 @@ def _xent_inputs(opts):
 def _te_vs_chunked(result: PhaseResult, opts) -> bool:
     import torch
 
-    from spin_megatron.logprob import vocab_parallel_logprobs
+    from spin_megatron.algorithm.logprob import vocab_parallel_logprobs
 
     logits, target, upstream, vocab = _xent_inputs(opts)
     kept = logits.clone()
@@ -84,7 +84,7 @@ def _fused_vs_te(result: PhaseResult, opts) -> bool:
     """The fused head against TE's cross-entropy on ``hidden @ weightᵀ`` (3-D), both gradients, time, memory."""
     import torch
 
-    from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
+    from spin_megatron.algorithm.logprob import fused_head_logprobs, vocab_parallel_logprobs
 
     dev = device(opts)
     batch, seq, hidden_size, vocab, padded = (
@@ -144,7 +144,7 @@ def phase_te_xent(result: PhaseResult, out: Path, opts) -> str:
 def phase_te_spec(result: PhaseResult, out: Path, opts) -> str:
     import torch
 
-    from spin_megatron.logprob import te_version
+    from spin_megatron.algorithm.logprob import te_version
     from spin_megatron.models.builder import te_available, te_spec_usable
 
     if not te_available():
@@ -182,7 +182,7 @@ def phase_moe(result: PhaseResult, out: Path, opts) -> str:
     except ValueError as exc:  # models/tiny.py does not build it yet: say so, do not guess
         result.put(detail=f"waits for issue 23: {exc}")
         return "skipped"
-    from spin_megatron.logprob import te_version
+    from spin_megatron.algorithm.logprob import te_version
     from spin_megatron.models.builder import te_spec_usable
 
     both = (torch.float32, torch.bfloat16)

@@ -45,7 +45,7 @@ def te_spec_usable(dtype: torch.dtype, version: tuple[int, int] | None) -> bool:
 
 def default_use_te(dtype: torch.dtype) -> bool:
     """The TE spec when TE + CUDA are there and TE can attend over packed sequences in ``dtype``."""
-    from spin_megatron.logprob import te_version
+    from spin_megatron.algorithm.logprob import te_version
 
     return te_available() and te_spec_usable(dtype, te_version())
 
@@ -319,7 +319,7 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
 def expose_hidden_states(model: torch.nn.Module) -> None:
     """Make the last stage return its final hidden states ``[b, s, h]`` instead of logits.
 
-    Used with :func:`spin_megatron.logprob.fused_head_logprobs`, which applies the output layer's weight
+    Used with :func:`spin_megatron.algorithm.logprob.fused_head_logprobs`, which applies the output layer's weight
     (``output_layer.weight``, or the tied embedding) chunk by chunk, so the ``[T, V/TP]`` logits never exist. The
     output layer keeps its parameter (tied or not): only its forward is bypassed (in the chunk that holds it).
     With sequence parallelism the hidden states are gathered over TP first (all tokens, as the output layer would).

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from spin_megatron.batching import IGNORE_INDEX
 from spin_megatron.errors import ConfigError
+from spin_megatron.parallel.batching import IGNORE_INDEX
 from spin_megatron.parallel.packing import PackedMicroBatch
 
 _LOCAL = "cp_local"  # a full micro-batch's extras key: this CP rank's part of it

@@ -14,12 +14,12 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from spin_megatron.batching import IGNORE_INDEX
+from spin_megatron.algorithm.logprob import fused_head_logprobs, vocab_parallel_logprobs
+from spin_megatron.algorithm.loss import batch_terms, dpo_loss, needs_batch_terms
 from spin_megatron.faults import kill_point, poison_loss
-from spin_megatron.logprob import fused_head_logprobs, vocab_parallel_logprobs
-from spin_megatron.loss import batch_terms, dpo_loss, needs_batch_terms
 from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
+from spin_megatron.parallel.batching import IGNORE_INDEX
 from spin_megatron.parallel.context_parallel import gather_tokens, local_part, split_for_cp
 from spin_megatron.parallel.moe_metrics import load_balancing_sums
 from spin_megatron.parallel.packing import (

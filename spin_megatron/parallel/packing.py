@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spin_megatron.batching import IGNORE_INDEX
+from spin_megatron.parallel.batching import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spin_megatron.logprob import te_cross_entropy_available, vocab_parallel_logprobs
+from spin_megatron.algorithm.logprob import te_cross_entropy_available, vocab_parallel_logprobs
 from tests.helpers import missing
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +33,7 @@ def test_fused_head_matches_te_cross_entropy_on_3d_logits():
     fused head vs TE's cross-entropy on the full 3-D logits, values and both gradients under a per-row upstream."""
     if not te_cross_entropy_available():
         missing("te", "TransformerEngine is not installed")
-    from spin_megatron.logprob import fused_head_logprobs
+    from spin_megatron.algorithm.logprob import fused_head_logprobs
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     hidden = (torch.randn(2, 256, 128, device="cuda", generator=gen) * 0.5).bfloat16().requires_grad_()

@@ -21,15 +21,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from spin_megatron.checkpoint import load_checkpoint, save_checkpoint
 from spin_megatron.config import OptimConfig, ParallelConfig
 from spin_megatron.models.weights import stage_parameters
 from spin_megatron.parallel import destroy_parallel, init_parallel
 from spin_megatron.parallel.collectives import sum_over_world
 from spin_megatron.parallel.dpo_step import METRIC_SUMS, compute_reference_logps, train_step
 from spin_megatron.parallel.packing import pack_items
-from spin_megatron.policy import build_policy, resolve_model_source
-from spin_megatron.updates import dpo_settings
+from spin_megatron.training.checkpoint import load_checkpoint, save_checkpoint
+from spin_megatron.training.policy import build_policy, resolve_model_source
+from spin_megatron.training.updates import dpo_settings
 from tests.workers.loss_family import build_reference_model, loss_config, make_pairs
 
 PAIRS_PER_STEP = 7

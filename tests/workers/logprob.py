@@ -9,8 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from spin_megatron import logprob
-from spin_megatron.logprob import TOKEN_STATS, fused_head_logprobs, vocab_parallel_logprobs
+from spin_megatron.algorithm import logprob
+from spin_megatron.algorithm.logprob import TOKEN_STATS, fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.parallel import destroy_parallel, init_parallel
 
 B, S, H, VOCAB, PADDED = 3, 15, 16, 101, 128

@@ -28,8 +28,8 @@ from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.weights import load_hf_weights, stage_parameters
 from spin_megatron.parallel.dpo_step import compute_reference_logps, prepare_batch_terms, train_step
 from spin_megatron.parallel.packing import ScoredSequence, pack_items
-from spin_megatron.policy import build_policy, resolve_model_source
-from spin_megatron.updates import dpo_settings
+from spin_megatron.training.policy import build_policy, resolve_model_source
+from spin_megatron.training.updates import dpo_settings
 
 TOKEN_BUDGET = 64  # a pair is 10–36 tokens: every step spreads over several micro-batches
 

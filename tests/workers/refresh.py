@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-import spin_megatron.updates as updates_module
+import spin_megatron.training.updates as updates_module
 from spin_megatron.parallel import init_parallel
 from spin_megatron.parallel.dpo_step import METRIC_SUMS
 from spin_megatron.parallel.weight_export import export_hf_weights
 from spin_megatron.train import load_config, prepare_data
-from spin_megatron.trainer import SPINTrainer
+from spin_megatron.training.trainer import SPINTrainer
 
 COMMON = [
     "experiment=tiny_cpu", "logging.progress_bar=false", "trainer.ref_update_freq=0",

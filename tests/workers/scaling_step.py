@@ -16,7 +16,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from spin_megatron.checkpoint import load_checkpoint, save_checkpoint
 from spin_megatron.config import OptimConfig, ParallelConfig
 from spin_megatron.models.builder import build_gpt_model, expose_hidden_states
 from spin_megatron.models.hf_io import HFReader
@@ -27,8 +26,9 @@ from spin_megatron.parallel.collectives import sum_over_world
 from spin_megatron.parallel.ddp import finish_param_gather
 from spin_megatron.parallel.dpo_step import METRIC_SUMS, compute_reference_logps, train_step
 from spin_megatron.parallel.packing import pack_items
-from spin_megatron.policy import build_policy, parallel_build_settings, resolve_model_source
-from spin_megatron.updates import dpo_settings
+from spin_megatron.training.checkpoint import load_checkpoint, save_checkpoint
+from spin_megatron.training.policy import build_policy, parallel_build_settings, resolve_model_source
+from spin_megatron.training.updates import dpo_settings
 from tests.workers.loss_family import TOKEN_BUDGET, loss_config, make_pairs
 
 PAIRS_PER_STEP = 6

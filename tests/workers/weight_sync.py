@@ -9,13 +9,13 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from spin_megatron.batching import response_logps, scoring_batch
-from spin_megatron.logprob import vocab_parallel_logprobs
+from spin_megatron.algorithm.logprob import vocab_parallel_logprobs
 from spin_megatron.models import build_gpt_model, load_arch
 from spin_megatron.models.hf_io import HFReader
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.weights import load_hf_weights, stage_parameters
 from spin_megatron.parallel import destroy_parallel, init_parallel
+from spin_megatron.parallel.batching import response_logps, scoring_batch
 from spin_megatron.parallel.schedule import forward_logits, run_schedule
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
 from spin_megatron.rollout.agreement import logprob_agreement

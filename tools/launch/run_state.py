@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from spin_megatron.checkpoint import find_latest, read_trainer_state
 from spin_megatron.errors import UserError
 from spin_megatron.train import load_config
+from spin_megatron.training.checkpoint import find_latest, read_trainer_state
 
 
 def run_state(overrides: list[str]) -> tuple[bool, int, int, str]:

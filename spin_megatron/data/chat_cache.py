@@ -23,7 +23,9 @@ import numpy as np
 import pyarrow
 import pyarrow.compute as pc
 
-from spin_megatron.chat_data import (
+from spin_megatron.config import DataConfig
+from spin_megatron.data import DataStats, PromptExample, gold_terminator, load_rows
+from spin_megatron.data.chat import (
     ADDED_COLUMNS,
     CUT_TURNS,
     DROPPED,
@@ -33,8 +35,6 @@ from spin_megatron.chat_data import (
     PROMPT_IDS,
     ConversationEncoder,
 )
-from spin_megatron.config import DataConfig
-from spin_megatron.data import DataStats, PromptExample, gold_terminator, load_rows
 from spin_megatron.errors import ConfigError
 
 CACHE_FORMAT = 1  # bump when the encoding or the columns change: older caches are then not used

@@ -20,11 +20,7 @@ from pathlib import Path
 
 import torch
 
-from spin_megatron.checkpoint import load_trainer_checkpoint, resume_path, save_trainer_checkpoint
-from spin_megatron.config import Config
-from spin_megatron.data import PromptExample, PromptSampler, shard
-from spin_megatron.errors import TrainingHalted
-from spin_megatron.experience import (
+from spin_megatron.algorithm.experience import (
     generate_scored,
     make_pairs,
     metric_reward_fns,
@@ -33,29 +29,38 @@ from spin_megatron.experience import (
     sampling_seed,
     stop_token_ids,
 )
+from spin_megatron.algorithm.rewards import get_reward_fn
+from spin_megatron.algorithm.step_metrics import step_metrics
+from spin_megatron.config import Config
+from spin_megatron.data import PromptExample, PromptSampler, shard
+from spin_megatron.errors import TrainingHalted
 from spin_megatron.faults import kill_point
 from spin_megatron.memory_fit import check_training_memory
-from spin_megatron.metrics import MetricsLogger, Timer
-from spin_megatron.minibatch import mini_batch_shares
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
-from spin_megatron.optim_state import reset_state, restart_schedule
-from spin_megatron.overlap import RolloutOverlap
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
 from spin_megatron.parallel.dpo_step import (
     METRIC_SUMS,
 )
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
-from spin_megatron.policy import build_policy, build_reference, refresh_reference, resolve_model_source
-from spin_megatron.preemption import PreemptionFlag
 from spin_megatron.reward_model import build_reward_scoring
-from spin_megatron.rewards import get_reward_fn
 from spin_megatron.rollout import build_engine, maybe_dump
 from spin_megatron.rollout.supervisor import EngineSupervisor, RolloutError
-from spin_megatron.step_metrics import step_metrics
-from spin_megatron.updates import dpo_settings, train_on_batch
-from spin_megatron.validation import validate
+from spin_megatron.training.checkpoint import load_trainer_checkpoint, resume_path, save_trainer_checkpoint
+from spin_megatron.training.metrics import MetricsLogger, Timer
+from spin_megatron.training.minibatch import mini_batch_shares
+from spin_megatron.training.optim_state import reset_state, restart_schedule
+from spin_megatron.training.overlap import RolloutOverlap
+from spin_megatron.training.policy import (
+    build_policy,
+    build_reference,
+    refresh_reference,
+    resolve_model_source,
+)
+from spin_megatron.training.preemption import PreemptionFlag
+from spin_megatron.training.updates import dpo_settings, train_on_batch
+from spin_megatron.training.validation import validate
 
 
 @dataclass

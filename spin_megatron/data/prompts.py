@@ -1,5 +1,5 @@
-"""Prompt datasets: rows from local .jsonl/.json/.parquet files (or a hub dataset), tokenized into
-:class:`PromptExample` s, and a resumable :class:`PromptSampler` that hands out global batches of prompts.
+"""Prompt datasets: rows tokenized into :class:`PromptExample` s (GSM8K's shape: a question column and an answer
+column; conversations, ``data.messages_key``, go through :mod:`spin_megatron.data.chat_cache`).
 
 Every prompt keeps ``prompt_id`` = its row index in the source dataset, so samples, pairs and metrics can be traced
 back to the row, and ``row`` = the raw row the reward function scores against (GSM8K: ``row["answer"]``).
@@ -7,130 +7,18 @@ back to the row, and ``row`` = the raw row the reward function scores against (G
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import datasets
-import numpy as np
-import pyarrow
 
-from spin_megatron.config import Config, DataConfig, default_tokenizer
-from spin_megatron.errors import ConfigError, MissingPathError
+from spin_megatron.config import DataConfig
+from spin_megatron.data.rows import _first_line, load_rows
+from spin_megatron.errors import ConfigError
 
-JSON_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
 # GSM8K's calculator annotations, e.g. "48/2 = <<48/2=24>>24": the model should not learn to emit them.
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
-
-
-# ---------------------------------------------------------------------------------------------------- rows
-
-
-def _read_json_rows(path: Path) -> list[dict]:
-    """Rows of a JSON Lines file (or of a .json file holding one list of objects), checked line by line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
-        numbered = [(i + 1, row) for i, row in enumerate(rows)]
-        where = "item"
-    else:
-        numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ConfigError(
-                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"
-                ) from err
-        where = "line"
-    for number, row in numbered:
-        if not isinstance(row, dict):
-            raise ConfigError(
-                f"{path}:{where} {number}: expected a JSON object per row, got {type(row).__name__}"
-            )
-    return [row for _, row in numbered]
-
-
-def _load_file(path: Path) -> datasets.Dataset:
-    if path.suffix in JSON_SUFFIXES:
-        rows = _read_json_rows(path)
-        if not rows:
-            raise ConfigError(f"{path}: no rows; point the data files at a non-empty dataset")
-        try:
-            return datasets.Dataset.from_list(rows)
-        except (ValueError, TypeError) as err:  # pyarrow's ArrowInvalid/ArrowTypeError derive from these
-            raise ConfigError(f"{path}: rows do not share one schema ({_first_line(err)})") from err
-        except OverflowError as err:  # an integer beyond 64 bits
-            raise ConfigError(f"{path}: a number does not fit in 64 bits ({_first_line(err)})") from err
-    try:
-        return datasets.load_dataset("parquet", data_files=[str(path)], split="train")
-    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:
-        raise ConfigError(
-            f"{path}: not a readable parquet file ({_first_line(err.__cause__ or err)})"
-        ) from err
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def load_rows(
-    files: Sequence[str],
-    *,
-    hub_dataset: str,
-    hub_config: str | None,
-    split: str,
-    setting: str = "data.train_files",
-) -> datasets.Dataset:
-    """The raw rows of ``files`` (concatenated in order) or, when ``files`` is empty, of the hub dataset.
-
-    ``setting`` is the config key the files came from; error messages name it.
-    """
-    if not files:
-        try:
-            return datasets.load_dataset(hub_dataset, hub_config, split=split)
-        except Exception as err:  # offline, unknown name, gated, ...: all mean "give local files"
-            raise ConfigError(
-                f"no local files were given ({setting} is empty) and hub dataset {hub_dataset!r} "
-                f"({hub_config}, split {split}) could not be loaded ({type(err).__name__}: {_first_line(err)}); "
-                f"set {setting} to local .jsonl/.parquet files"
-            ) from err
-    parts = []
-    for name in files:
-        path = Path(name).expanduser()
-        if path.suffix not in JSON_SUFFIXES + PARQUET_SUFFIXES:
-            raise ConfigError(
-                f"{setting}: {name} has an unsupported extension; use .jsonl, .json or .parquet"
-            )
-        if not path.is_file():
-            raise MissingPathError(f"data file {name} does not exist; fix {setting}")
-        parts.append(_load_file(path))
-    if len(parts) == 1:
-        return parts[0]
-    try:
-        return datasets.concatenate_datasets(parts)
-    except ValueError as err:
-        raise ConfigError(
-            f"{setting}: the files do not share one set of columns ({_first_line(err)})"
-        ) from err
-
-
-# ---------------------------------------------------------------------------------------------------- examples
 
 
 @dataclass
@@ -202,7 +90,7 @@ def prompt_conversation(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
     reward model is shown before the response. Conversations (``data.messages_key``): the turns before the last
     assistant turn."""
     if cfg.messages_key is not None:
-        from spin_megatron.chat_data import prompt_conversation as conversation_prompt
+        from spin_megatron.data.chat import prompt_conversation as conversation_prompt
 
         return conversation_prompt(row, cfg)
     return [
@@ -334,11 +222,11 @@ def load_prompt_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[Prom
     """``split`` = "train" | "val": load_rows + build_examples with the matching config keys.
 
     Validation keeps the first ``cfg.val_max_prompts`` examples (after overlong prompts were handled).
-    Conversations (``data.messages_key``) are loaded by :func:`spin_megatron.chat_dataset.load_chat_split`.
+    Conversations (``data.messages_key``) are loaded by :func:`spin_megatron.data.chat_cache.load_chat_split`.
     """
     assert split in ("train", "val"), split
     if cfg.messages_key is not None:
-        from spin_megatron.chat_dataset import load_chat_split
+        from spin_megatron.data.chat_cache import load_chat_split
 
         return load_chat_split(cfg, tokenizer, split)
     files = cfg.train_files if split == "train" else cfg.val_files
@@ -352,127 +240,3 @@ def load_prompt_split(cfg: DataConfig, tokenizer, split: str) -> tuple[list[Prom
     if split == "val" and cfg.val_max_prompts is not None:
         examples = examples[: cfg.val_max_prompts]
     return examples, stats
-
-
-# ---------------------------------------------------------------------------------------------------- sampling
-
-
-def shard(batch: Sequence[Any], dp_rank: int, dp_size: int) -> list[Any]:
-    """This data-parallel rank's contiguous slice of a global batch.
-
-    Sizes differ by at most one: the first ``len(batch) % dp_size`` ranks get one item more (as
-    ``numpy.array_split``), so every item lands on exactly one rank, in order.
-    """
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
-    base, extra = divmod(len(batch), dp_size)
-    start = dp_rank * base + min(dp_rank, extra)
-    return list(batch[start : start + base + (dp_rank < extra)])
-
-
-class PromptSampler:
-    """An endless, deterministic stream of prompts: epoch ``e`` is a permutation drawn with seed ``seed + e``
-    (dataset order when ``shuffle`` is false), and ``state_dict()`` = (epoch, index) lets a resumed run continue
-    with exactly the same prompts.
-
-    A batch never holds a prompt twice: it is taken from one epoch only, and an epoch's last ``len % batch``
-    prompts, too few for a batch, are skipped (verl's ``drop_last``; other prompts each epoch when shuffled). A
-    batch that crossed into the next epoch would meet the same prompt twice whenever the two permutations
-    overlap, and the engine check, pairing and the per-prompt metrics all key samples by prompt.
-    """
-
-    shard = staticmethod(shard)
-
-    def __init__(self, examples: Sequence[PromptExample], *, shuffle: bool = True, seed: int = 1):
-        if not examples:
-            raise ValueError("PromptSampler needs at least one example")
-        self.examples = list(examples)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        self.index = 0  # position inside the current epoch's order
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.examples))
-        return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
-
-    def next_batch(self, num_prompts: int) -> list[PromptExample]:
-        if not 0 < num_prompts <= len(self.examples):
-            raise ValueError(
-                f"num_prompts must be in [1, {len(self.examples)}] (the prompts), got {num_prompts}"
-            )
-        if self.index + num_prompts > len(self._order):  # the epoch's rest is too short: the next epoch
-            self.epoch += 1
-            self.index = 0
-            self._order = self._epoch_order(self.epoch)
-        batch = [self.examples[i] for i in self._order[self.index : self.index + num_prompts]]
-        self.index += num_prompts
-        return batch
-
-    def state_dict(self) -> dict[str, int | bool]:
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "num_examples": len(self.examples),
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("num_examples", "shuffle", "seed"):
-            if state[key] != mine[key]:
-                raise ConfigError(
-                    f"the checkpoint's prompt sampler has {key}={state[key]!r} but this run has {mine[key]!r}; "
-                    "resume with the same data.* settings (files, max_prompt_tokens, shuffle, seed)"
-                )
-        if not 0 <= state["index"] <= len(self.examples) or state["epoch"] < 0:
-            raise ValueError(f"invalid sampler position {state['epoch']=}, {state['index']=}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._epoch_order(self.epoch)
-
-
-# ---------------------------------------------------------------------------------------------------- tokenizer
-
-
-def tokenizer_dir(cfg: Config) -> str:
-    """The tokenizer to use: model.tokenizer_path, else the model's own (HF folder or checkpoint), else Qwen2.5's."""
-    m = cfg.model
-    if m.tokenizer_path:
-        return m.tokenizer_path
-    if m.hf_path:
-        return m.hf_path
-    if m.mcore_ckpt:
-        return str(Path(m.mcore_ckpt) / "tokenizer")
-    return default_tokenizer()
-
-
-def load_tokenizer(path: str):
-    """An ``AutoTokenizer`` from a local folder (or, with network, a hub name); pad token = EOS when missing."""
-    from transformers import AutoTokenizer
-
-    local = Path(path).expanduser()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if local.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
-    elif local.exists():
-        raise MissingPathError(f"tokenizer path {path} is a file; point model.tokenizer_path at its folder")
-    elif looks_local or offline:
-        raise MissingPathError(
-            f"tokenizer folder {path} does not exist{' (HF_HUB_OFFLINE=1, hub not tried)' if offline else ''}; "
-            "set model.tokenizer_path (or model.hf_path) to a local tokenizer folder"
-        )
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as err:
-            raise MissingPathError(
-                f"tokenizer {path!r} is not a local folder and could not be fetched from the hub; "
-                "set model.tokenizer_path to a local tokenizer folder"
-            ) from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

@@ -12,7 +12,6 @@ import torch
 
 from spin_megatron.config import Config
 from spin_megatron.errors import TrainingHalted
-from spin_megatron.minibatch import mini_batches
 from spin_megatron.parallel.balance import balance_over_replicas
 from spin_megatron.parallel.collectives import sum_over_world
 from spin_megatron.parallel.ddp import finish_param_gather
@@ -26,6 +25,7 @@ from spin_megatron.parallel.dpo_step import (
 )
 from spin_megatron.parallel.packing import ScoredSequence, pack_items
 from spin_megatron.rollout import reported_logprob_temperature
+from spin_megatron.training.minibatch import mini_batches
 
 
 def train_on_batch(trainer, experience, shares):

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from spin_megatron.algorithm.experience import attempt_scored, sampling_params, sampling_seed
 from spin_megatron.errors import ConfigError
-from spin_megatron.experience import attempt_scored, sampling_params, sampling_seed
-from spin_megatron.minibatch import mini_batch_shares
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world
+from spin_megatron.training.minibatch import mini_batch_shares
 
 
 @dataclass

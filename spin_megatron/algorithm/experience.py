@@ -9,13 +9,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from spin_megatron.algorithm.pairs import build_online_pairs, build_spin_pairs
+from spin_megatron.algorithm.rewards import RewardFn, get_reward_fn, score_samples
 from spin_megatron.config import AlgorithmConfig, RolloutConfig
 from spin_megatron.data import PromptExample
-from spin_megatron.pairs import build_online_pairs, build_spin_pairs
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world
 from spin_megatron.parallel.packing import ScoredSequence
 from spin_megatron.parallel.state import ParallelGroups
-from spin_megatron.rewards import RewardFn, get_reward_fn, score_samples
 from spin_megatron.rollout.protocol import SamplingParams
 from spin_megatron.types import Sample
 

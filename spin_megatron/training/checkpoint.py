@@ -33,9 +33,9 @@ from spin_megatron.errors import CheckpointError, ConfigError, MissingPathError
 from spin_megatron.faults import kill_point
 from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
-from spin_megatron.optim_state import inner_optimizers, materialize_fresh_state
 from spin_megatron.parallel.ddp import finish_param_gather
 from spin_megatron.parallel.state import ParallelGroups
+from spin_megatron.training.optim_state import inner_optimizers, materialize_fresh_state
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")

@@ -12,7 +12,7 @@ with their row number (``data.bad_rows=error``) or dropped and counted (``drop``
 (``data.max_prompt_tokens``) are dropped, or with ``data.overlong_prompts=left_truncate`` lose whole earliest
 exchanges (a user turn and what follows it up to the next user turn), keeping the leading system turns and the
 last user turn; a prompt still too long then is dropped. The loading and caching of whole datasets is in
-:mod:`spin_megatron.chat_dataset`.
+:mod:`spin_megatron.data.chat_cache`.
 """
 
 from __future__ import annotations

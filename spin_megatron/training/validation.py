@@ -4,8 +4,8 @@ assistant turn), on this data-parallel rank's share of the validation prompts.""
 
 from __future__ import annotations
 
+from spin_megatron.algorithm.experience import generate_scored, sampling_params
 from spin_megatron.data import PromptExample
-from spin_megatron.experience import generate_scored, sampling_params
 from spin_megatron.parallel.collectives import sum_over_world
 from spin_megatron.parallel.dpo_step import DPOSettings, gold_nll
 from spin_megatron.parallel.packing import ScoredSequence, pack_items
