@@ -34,7 +34,7 @@ def _describe_hydra_error(exc: Exception) -> str:
     full_key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if "not in struct" in str(cause) or "Key '" in first and "not in" in first:
-        return f"unknown config key {full_key or first!s}: check the spelling (see spin_megatron/config.py)"
+        return f"unknown config key {full_key or first!s}: check the spelling (see spin_megatron/config/)"
     if full_key:
         return f"invalid value for {full_key}: {first}"
     return f"invalid configuration: {first}"

@@ -3,7 +3,7 @@
     spin-train experiment=tiny_cpu trainer.total_steps=4
     torchrun --nproc_per_node 8 -m spin_megatron.train experiment=qwen2.5_3b_gsm8k parallel.tp=2
 
-The configuration is composed with Hydra's compose API from ``conf/`` (schema: ``spin_megatron/config.py``) and
+The configuration is composed with Hydra's compose API from ``conf/`` (schema: ``spin_megatron/config/``) and
 validated completely — unknown keys, wrong types, invalid values, parallel sizes that do not fit the model or the
 world size, missing files — before any process group starts. Every such mistake is one line on stderr and exit
 code 2.

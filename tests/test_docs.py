@@ -1,6 +1,6 @@
 """The documentation points at things that exist: every relative link (and its #anchor), every `make` target,
 console script, `experiment=` preset and repository path named in README.md and docs/*.md, and the configuration
-reference in docs/training.md against the schema in spin_megatron/config.py (every key, its default).
+reference in docs/training.md against the schema in spin_megatron/config/ (every key, its default).
 
 docs/_front_page_draft.md is the next README.md: its links are resolved from the repository root, where it will
 live. Pure file reading: no subprocess, well under a second.
@@ -232,7 +232,7 @@ def test_the_configuration_reference_lists_every_key_with_its_default():
                    if not _same(documented[key], schema[key]))  # fmt: skip
     assert not missing, f"add to docs/training.md's configuration reference: {missing}"
     assert not unknown, f"docs/training.md documents keys the schema lacks: {unknown}"
-    assert not wrong, f"docs/training.md gives other defaults than spin_megatron/config.py: {wrong}"
+    assert not wrong, f"docs/training.md gives other defaults than spin_megatron/config/: {wrong}"
 
 
 def _logged_metric_names() -> set[str]:
