@@ -128,7 +128,8 @@ def test_bf16_policy_skips_the_fp32_upcast_for_the_fused_head_without_changing_a
     from megatron.core.transformer.module import Float16Module
 
     from spin_megatron.models.builder import expose_hidden_states
-    from spin_megatron.parallel.dpo_step import DPOSettings, _forward, _head_weight, _token_logps
+    from spin_megatron.parallel.dpo_step import DPOSettings
+    from spin_megatron.parallel.forward import forward_batch, head_weight, token_logprobs
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
 
     arch = load_arch(tiny_qwen2)
@@ -143,9 +144,9 @@ def test_bf16_policy_skips_the_fp32_upcast_for_the_fused_head_without_changing_a
     results = []
     for keep in (False, True):
         wrapped.zero_grad(set_to_none=True)
-        output = _forward(batch, wrapped, keep_dtype=keep)
+        output = forward_batch(batch, wrapped, keep_dtype=keep)
         assert output.dtype == (torch.bfloat16 if keep else torch.float32)
-        logps = _token_logps(output, batch, groups, settings, weight=_head_weight(wrapped))
+        logps = token_logprobs(output, batch, groups, settings, weight=head_weight(wrapped))
         logps.sum().backward()
         grads = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
         results.append((logps.detach(), grads))
@@ -161,14 +162,8 @@ def test_the_trainer_keeps_a_bf16_policy_output_in_bf16_on_both_log_prob_paths(t
     from megatron.core.transformer.module import Float16Module
 
     from spin_megatron.models.builder import expose_hidden_states
-    from spin_megatron.parallel.dpo_step import (
-        DPOSettings,
-        _forward,
-        _head_weight,
-        _no_loss,
-        _run,
-        _token_logps,
-    )
+    from spin_megatron.parallel.dpo_step import DPOSettings, _no_loss
+    from spin_megatron.parallel.forward import forward_batch, head_weight, run_packed, token_logprobs
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
 
     arch = load_arch(tiny_qwen2)
@@ -186,14 +181,14 @@ def test_the_trainer_keeps_a_bf16_policy_output_in_bf16_on_both_log_prob_paths(t
         seen.append(output.dtype)
         return _no_loss(output)
 
-    _run(wrapped, groups, [batch], partial(capture, settings=settings), forward_only=True)
+    run_packed(wrapped, groups, [batch], partial(capture, settings=settings), forward_only=True)
     assert seen == [torch.bfloat16]
     results = []
     for keep in (False, True):
         wrapped.zero_grad(set_to_none=True)
-        output = _forward(batch, wrapped, keep_dtype=keep)
-        weight = _head_weight(wrapped) if fused else None
-        logps = _token_logps(output, batch, groups, settings, weight=weight)
+        output = forward_batch(batch, wrapped, keep_dtype=keep)
+        weight = head_weight(wrapped) if fused else None
+        logps = token_logprobs(output, batch, groups, settings, weight=weight)
         (logps * torch.linspace(-1, 2, logps.numel()).view(logps.shape)).sum().backward()
         results.append((logps.detach(), [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]))
     assert torch.equal(results[0][0], results[1][0])
@@ -220,7 +215,8 @@ def test_fused_head_uses_the_output_layer_of_an_untied_model(fixture, groups, re
     """The fused head's weight is the output layer's: for an untied model, Megatron's
     shared_embedding_or_output_weight() on a stage with the embedding returns the input embedding instead."""
     from spin_megatron.models.builder import expose_hidden_states
-    from spin_megatron.parallel.dpo_step import DPOSettings, _forward, _head_weight, _token_logps
+    from spin_megatron.parallel.dpo_step import DPOSettings
+    from spin_megatron.parallel.forward import forward_batch, head_weight, token_logprobs
     from spin_megatron.parallel.packing import IGNORE_INDEX, ScoredSequence, pack_items
 
     hf_dir = request.getfixturevalue(fixture)
@@ -239,6 +235,8 @@ def test_fused_head_uses_the_output_layer_of_an_untied_model(fixture, groups, re
     (batch,) = pack_items([[ScoredSequence(prompt.tolist(), response.tolist())]], token_budget=64)
     settings = DPOSettings(beta=0.1, vocab_size=arch.vocab_size, fused_head=True)
     with torch.no_grad():
-        logps = _token_logps(_forward(batch, model), batch, groups, settings, weight=_head_weight(model))
+        logps = token_logprobs(
+            forward_batch(batch, model), batch, groups, settings, weight=head_weight(model)
+        )
     got = logps.reshape(-1)[batch.targets.reshape(-1) != IGNORE_INDEX]
     assert (got - expected).abs().max().item() < 1e-4

@@ -250,7 +250,8 @@ def spec_parity(result: PhaseResult, hf_dir: Path, opts, *, use_te: bool, dtypes
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import load_hf_weights
     from spin_megatron.parallel import init_parallel
-    from spin_megatron.parallel.dpo_step import DPOSettings, _forward, _head_weight, _token_logps
+    from spin_megatron.parallel.dpo_step import DPOSettings
+    from spin_megatron.parallel.forward import forward_batch, head_weight, token_logprobs
     from spin_megatron.parallel.packing import IGNORE_INDEX, ScoredSequence, pack_items
     from spin_megatron.parallel.schedule import forward_logits
 
@@ -284,8 +285,8 @@ def spec_parity(result: PhaseResult, hf_dir: Path, opts, *, use_te: bool, dtypes
     batch = batch.to(groups.device)
     settings = DPOSettings(beta=0.1, vocab_size=arch.vocab_size, fused_head=True)
     with torch.no_grad():
-        packed = _token_logps(
-            _forward(batch, model, keep_dtype=True), batch, groups, settings, weight=_head_weight(model)
+        packed = token_logprobs(
+            forward_batch(batch, model, keep_dtype=True), batch, groups, settings, weight=head_weight(model)
         )
         expected = []
         for s in seqs:

@@ -1,10 +1,10 @@
 """The DPO update, the reference pass and gold-NLL scoring as Megatron ``forward_step`` / ``loss_func`` pairs.
 
-All run through :func:`run_schedule` (Megatron's pipeline schedules) over packed micro-batches. The loss of a
-micro-batch is the *sum* of its pairs' DPO losses and it reports its number of pairs as Megatron's
-``num_tokens`` (``calculate_per_token_loss``), so Megatron divides the summed gradients by the global number of
-pairs: the update is the mean over all pairs of the step, independent of micro-batching and data parallelism.
-"""
+All run through :func:`~spin_megatron.parallel.forward.run_packed` (Megatron's pipeline schedules) over packed
+micro-batches. The loss of a micro-batch is the *sum* of its pairs' DPO losses and it reports its number of pairs
+as Megatron's ``num_tokens`` (``calculate_per_token_loss``), so Megatron divides the summed gradients by the global
+number of pairs: the update is the mean over all pairs of the step, independent of micro-batching and data
+parallelism."""
 
 from __future__ import annotations
 
@@ -14,22 +14,16 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from spin_megatron.algorithm.logprob import fused_head_logprobs, vocab_parallel_logprobs
 from spin_megatron.algorithm.loss import batch_terms, dpo_loss, needs_batch_terms
 from spin_megatron.faults import kill_point, poison_loss
 from spin_megatron.models.chunks import chunks_of
 from spin_megatron.models.weights import unwrap
-from spin_megatron.parallel.batching import IGNORE_INDEX
-from spin_megatron.parallel.context_parallel import gather_tokens, local_part, split_for_cp
+from spin_megatron.parallel.forward import run_packed, token_logprobs
 from spin_megatron.parallel.moe_metrics import load_balancing_sums
 from spin_megatron.parallel.packing import (
     PackedMicroBatch,
-    align_micro_batches,
-    pad_lengths_to_multiple,
-    pad_micro_batch_count,
     sequence_sums,
 )
-from spin_megatron.parallel.schedule import interleaved_microbatch_multiple, run_schedule
 from spin_megatron.parallel.state import ParallelGroups
 
 METRIC_SUMS = (
@@ -77,102 +71,6 @@ class DPOSettings:
     fused_head: bool = False  # models return hidden states; log-probs come from fused_head_logprobs
 
 
-def _forward(batch: PackedMicroBatch, model, *, keep_dtype: bool = False):
-    """The model's output for one micro-batch. ``keep_dtype``: a bf16 policy (Float16Module) returns its output
-    in bf16 instead of upcasting it to fp32. Both log-prob paths ask for it: the fused head casts hidden states
-    back to the head's dtype, and the logits path upcasts chunk by chunk (chunked) or inside its kernel (TE), so the
-    upcast would only cost memory — a [T, V] fp32 copy of the logits and its gradient — and is exact either way."""
-    kwargs = {"packed_seq_params": batch.packed_seq_params()}
-    if _is_moe(model):  # padding stays out of the routers' load-balancing loss
-        kwargs["padding_mask"] = _padding_mask(batch, model)
-    if keep_dtype and _is_float16_wrapped(model):
-        kwargs["fp32_output"] = False
-    return model(batch.input_ids, batch.position_ids, None, **kwargs)
-
-
-def _padding_mask(batch: PackedMicroBatch, model) -> torch.Tensor:
-    """The MoE routers' padding mask ``[1, T]``. With sequence parallelism Megatron-Core 0.16.1 splits it over the
-    TP ranks on the first pipeline stage only (``GPTModel.forward``, in its embedding branch); a later stage's
-    routers would get the whole row against their share of the tokens, so it is split here for them, as the first
-    stage does."""
-    mask = batch.padding_mask()
-    gpt = unwrap(model)
-    if gpt.pre_process or not gpt.config.sequence_parallel:
-        return mask
-    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-
-    return scatter_to_sequence_parallel_region(mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
-
-
-def _sequence_parallel(model) -> bool:
-    from megatron.core.utils import get_model_config
-
-    return bool(get_model_config(chunks_of(model)[0]).sequence_parallel)
-
-
-def _is_moe(model) -> bool:
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "num_moe_experts", None))
-
-
-def _is_float16_wrapped(model) -> bool:
-    from megatron.core.transformer.module import Float16Module
-
-    while not isinstance(model, Float16Module) and hasattr(model, "module"):
-        model = model.module
-    return isinstance(model, Float16Module)
-
-
-def _token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None, stats=()):
-    """Per-token log-probs ``[1, T]`` of ``batch`` (and, with ``stats``, the detached per-token statistics) from
-    this rank's model output. Context parallel: computed on this CP rank's tokens, then gathered over CP into the
-    full micro-batch's layout, so the losses and metrics see what they see at CP=1."""
-    part = local_part(batch)
-    result = _local_token_logps(output, part, groups, settings, temperature, weight, stats)
-    if part is batch:
-        return result
-    logps, values = result if stats else (result, {})
-    gather = partial(gather_tokens, part=part, group=groups.cp, full_shape=batch.targets.shape)
-    return (gather(logps), {k: gather(v) for k, v in values.items()}) if stats else gather(logps)
-
-
-def _local_token_logps(output, batch, groups, settings, temperature: float = 1.0, weight=None, stats=()):
-    """Per-token log-probs from vocab-parallel logits, or (fused head) from hidden states and the head weight.
-    With ``stats`` (names of logprob.TOKEN_STATS): ``(log-probs, {name: detached per-token values})``."""
-    if settings.fused_head:
-        # Only the scored (response) positions go through the output layer: prompts and padding cost nothing.
-        targets = batch.targets.reshape(-1)
-        scored = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
-        hidden = output.reshape(-1, output.shape[-1]).index_select(0, scored)
-        picked = fused_head_logprobs(
-            hidden,
-            weight,
-            targets.index_select(0, scored),
-            tp_group=groups.tp,
-            temperature=temperature,
-            vocab_size=settings.vocab_size,
-            chunk_tokens=settings.chunk_tokens,
-            stats=stats,
-        )
-        picked, values = picked if stats else (picked, {})
-
-        def spread(x):
-            full = torch.zeros(targets.shape, dtype=x.dtype, device=x.device)
-            return full.index_copy(0, scored, x).view(batch.targets.shape)
-
-        logps = spread(picked)
-        return (logps, {k: spread(v) for k, v in values.items()}) if stats else logps
-    return vocab_parallel_logprobs(
-        output,
-        batch.targets,
-        tp_group=groups.tp,
-        vocab_size=settings.vocab_size,
-        chunk_tokens=settings.chunk_tokens,
-        temperature=temperature,
-        stats=stats,
-    )
-
-
 def _ld_weights(batch) -> torch.Tensor | None:
     """LD-DPO: per-position flag ``[T]``: 1 where the response token lies within the shorter response of its
     pair (the shared part), 0 past it (the verbose tail), 0 where nothing is scored."""
@@ -205,7 +103,7 @@ def _no_loss(output, stats=None):
 
 
 def _reference_loss(batch, output, *, groups, settings, agreement=False, weight=None):
-    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    token_logps = token_logprobs(output, batch, groups, settings, weight=weight)
     weighted = _weighted_sums(token_logps, batch, settings).detach()
     batch.ref_logps = _as_used(weighted, batch, settings)
     batch.extras["ref_weighted"] = weighted
@@ -233,7 +131,7 @@ def compute_reference_logps(
     """Fill ``batch.ref_logps`` on the last pipeline stage, with the frozen reference model. ``agreement``: also
     measure |reference − engine| log-probs (the engine sampled from the reference); returns ``[Σ, count, max]``
     (zeros off the last stage)."""
-    outputs = _run(
+    outputs = run_packed(
         reference,
         groups,
         batches,
@@ -250,7 +148,7 @@ def _reported(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
 
 
 def _agreement_loss(batch, output, *, groups, settings, weight=None):
-    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    token_logps = token_logprobs(output, batch, groups, settings, weight=weight)
     measured = _agreement(output, token_logps, batch, groups, settings, weight)
     return _no_loss(output, {"agreement": torch.stack(measured)})
 
@@ -261,7 +159,7 @@ def sample_agreement(
 ) -> torch.Tensor:
     """``[Σ, count, max]`` of |model − engine| log-probs over the sampled tokens of ``batches`` (one sequence an
     item), on the last stage: ``rollout/logp_diff`` of a step whose samples gave no pair to train on."""
-    outputs = _run(
+    outputs = run_packed(
         model, groups, batches, partial(_agreement_loss, groups=groups, settings=settings), forward_only=True
     )
     return _reported(_fold_agreement([o["agreement"] for o in outputs], groups.device), groups)
@@ -276,7 +174,7 @@ def _fold_agreement(parts, device) -> torch.Tensor:
 
 
 def _policy_used_loss(batch, output, *, groups, settings, weight=None):
-    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    token_logps = token_logprobs(output, batch, groups, settings, weight=weight)
     batch.extras["policy_used"] = _as_used(
         _weighted_sums(token_logps, batch, settings), batch, settings
     ).detach()
@@ -293,7 +191,7 @@ def prepare_batch_terms(model, groups: ParallelGroups, batches: list[PackedMicro
     was_training = model.training
     model.eval()
     try:
-        _run(model, groups, batches, partial(_policy_used_loss, groups=groups, settings=settings),
+        run_packed(model, groups, batches, partial(_policy_used_loss, groups=groups, settings=settings),
              forward_only=True)  # fmt: skip
     finally:
         model.train(was_training)
@@ -329,53 +227,6 @@ def prepare_batch_terms(model, groups: ParallelGroups, batches: list[PackedMicro
         offset += b.num_pairs
 
 
-def settings_fused(loss_for_batch) -> bool:
-    settings = getattr(loss_for_batch, "keywords", {}).get("settings")
-    return bool(settings is not None and settings.fused_head)
-
-
-def _head_weight(model):
-    """The (vocab-parallel) output-layer weight of this stage, tied or not."""
-    from spin_megatron.models.weights import unwrap
-
-    # Not shared_embedding_or_output_weight() alone: on a stage that holds the embedding it returns the INPUT
-    # embedding even when the head is untied (Qwen2.5-7B, Llama), and the log-probs would be computed with it.
-    model = unwrap(model)
-    head = getattr(model, "output_layer", None)
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight  # untied, or the last stage's copy of a tied head
-    return model.shared_embedding_or_output_weight()
-
-
-def _run(model, groups, batches, loss_for_batch, *, forward_only: bool):
-    if groups.ep_size > 1:  # MoE token dispatch is a collective across the replicas: same micro-batch shapes
-        align_micro_batches(batches, groups.dp)
-    pad_micro_batch_count(batches, interleaved_microbatch_multiple(groups))
-    if _sequence_parallel(model):  # rows are split along the sequence over the TP ranks
-        pad_lengths_to_multiple(batches, groups.tp_size)
-    seq_length = batches[0].input_ids.shape[1]
-    if groups.cp_size > 1:  # the model runs on this CP rank's part; the loss sees the whole micro-batch
-        row_multiple = groups.tp_size if _sequence_parallel(model) else 1
-        seq_length = split_for_cp(batches, groups.cp_size, groups.cp_rank, row_multiple)
-
-    def forward_step(batch, step_model):
-        fused = settings_fused(loss_for_batch)
-        weight = _head_weight(step_model) if fused else None
-        output = _forward(local_part(batch), step_model, keep_dtype=True)
-        return output, partial(loss_for_batch, batch, weight=weight)
-
-    return run_schedule(
-        model,
-        groups,
-        forward_step,
-        batches,
-        num_microbatches=len(batches),
-        seq_length=seq_length,
-        micro_batch_size=1,
-        forward_only=forward_only,
-    )
-
-
 @torch.no_grad()
 def _agreement(
     output, token_logps, batch, groups, settings, weight=None
@@ -389,7 +240,7 @@ def _agreement(
     ours = (
         token_logps
         if settings.sample_temperature == 1.0
-        else _token_logps(
+        else token_logprobs(
             output.detach(),
             batch,
             groups,
@@ -406,7 +257,7 @@ def _policy_loss(
     batch, output, *, groups, settings, pair_scale, step, agreement=False, sample_stats=True, weight=None
 ):
     stats = POLICY_STATS + (("log_sum_sq_probs",) if settings.use_weighting else ())
-    token_logps, per_token = _token_logps(output, batch, groups, settings, weight=weight, stats=stats)
+    token_logps, per_token = token_logprobs(output, batch, groups, settings, weight=weight, stats=stats)
     if batch.num_pairs == 0:  # a placeholder micro-batch of a rank without pairs: contributes nothing
         return _no_loss(output, {"sums": torch.zeros(len(METRIC_SUMS), device=output.device)})
     sums = sequence_sums(token_logps, batch)
@@ -524,7 +375,7 @@ def train_step(
     )
     optimizer.zero_grad()
     model.zero_grad_buffer()
-    outputs = _run(model, groups, batches, loss_fn, forward_only=False)
+    outputs = run_packed(model, groups, batches, loss_fn, forward_only=False)
     sums = torch.zeros(len(METRIC_SUMS), device=groups.device)
     for reduced in outputs:
         stats = reduced["sums"]
@@ -545,7 +396,7 @@ def train_step(
 
 
 def _nll_loss(batch, output, *, groups, settings, weight=None):
-    token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+    token_logps = token_logprobs(output, batch, groups, settings, weight=weight)
     nll = -sequence_sums(token_logps, batch).sum()
     return _no_loss(output, {"nll": torch.stack([nll, batch.response_lengths.sum()])})
 
@@ -558,7 +409,7 @@ def gold_nll(
     was_training = model.training
     model.eval()
     try:
-        outputs = _run(
+        outputs = run_packed(
             model, groups, batches, partial(_nll_loss, groups=groups, settings=settings), forward_only=True
         )
     finally:

@@ -24,7 +24,8 @@ from spin_megatron.models.mapping import mapping_for
 from spin_megatron.models.weights import load_hf_weights
 from spin_megatron.parallel import destroy_parallel, init_parallel
 from spin_megatron.parallel.context_parallel import local_part, split_for_cp
-from spin_megatron.parallel.dpo_step import DPOSettings, _forward, _head_weight, _token_logps
+from spin_megatron.parallel.dpo_step import DPOSettings
+from spin_megatron.parallel.forward import forward_batch, head_weight, token_logprobs
 from spin_megatron.parallel.packing import ScoredSequence, pack_items, sequence_sums
 
 # (prompt, response) lengths: none a multiple of 4 (= 2·CP), a 1-token response, a long one
@@ -48,9 +49,9 @@ def run(model, groups, batches, settings):
     """Per-token log-probs of every micro-batch, and the loss; gradients accumulate in the model."""
     logps, loss = [], 0.0
     for batch in batches:
-        output = _forward(local_part(batch), model)
-        weight = _head_weight(model) if settings.fused_head else None
-        token_logps = _token_logps(output, batch, groups, settings, weight=weight)
+        output = forward_batch(local_part(batch), model)
+        weight = head_weight(model) if settings.fused_head else None
+        token_logps = token_logprobs(output, batch, groups, settings, weight=weight)
         sums = sequence_sums(token_logps, batch)
         batch_loss = -F.logsigmoid(0.5 * (sums[0::2] - sums[1::2])).sum() + 0.01 * token_logps.pow(2).sum()
         batch_loss.backward()
