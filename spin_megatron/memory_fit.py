@@ -104,16 +104,20 @@ def _options(plan: MemoryPlan, cfg: Config) -> list[list[tuple]]:
     if arch.moe is not None:  # more expert parallelism: the experts' weights and optimizer state ÷ EP
         ep = cfg.parallel.ep
         groups.append([(("parallel.ep", x),) for x in arch.valid_ep_sizes() if x > ep and x <= world])
-    if not cfg.parallel.activation_recompute:
-        groups.append([(("parallel.activation_recompute", True),)])
+    par = cfg.parallel
+    if tp > 1 and not par.sequence_parallel_enabled:  # free: the same TP traffic, activations ÷ TP
+        groups.append([(("parallel.sequence_parallel", True),)])
+    if par.recompute_granularity != "full":  # the MLP's activations only (its forward again), then all
+        mlp = (("parallel.recompute", "selective"), ("parallel.recompute_modules", ["mlp"]))
+        selective = [] if "mlp" in par.selective_modules else [mlp]
+        unset = (("parallel.recompute_modules", None),) if par.recompute_modules is not None else ()
+        groups.append(selective + [(*unset, ("parallel.recompute", "full"))])
     budgets, budget = [], cfg.trainer.micro_batch_tokens // 2
     while budget >= pair_tokens(cfg) // 2 and budget > 0:  # below one pair a smaller budget changes nothing
         budgets.append((("trainer.micro_batch_tokens", budget),))
         budget //= 2
     groups.append(budgets)
     tps = [t for t in arch.valid_tp_sizes() if t > tp and world % (t * pp) == 0 and t <= c.gpus_per_node]
-    if arch.moe is not None:  # MoE at TP > 1 needs sequence parallelism, not enabled yet (policy.py)
-        tps = []
     groups.append([(("parallel.tp", t),) for t in tps])
     groups.append([(("parallel.pp", q),) for q in arch.valid_pp_sizes() if q > pp and world % (tp * q) == 0])
     groups.append([(("cluster.nodes", c.nodes + extra),) for extra in range(1, 4 * c.nodes + 1)])
@@ -121,7 +125,14 @@ def _options(plan: MemoryPlan, cfg: Config) -> list[list[tuple]]:
 
 
 def _text(changes) -> str:
-    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes)
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if v is None:
+            return "null"
+        return f"[{','.join(map(str, v))}]" if isinstance(v, list) else str(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in changes)
 
 
 def _evaluate(plan: MemoryPlan, cfg: Config, changes) -> tuple[Config, MemoryPlan] | None:

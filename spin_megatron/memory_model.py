@@ -18,9 +18,14 @@ output layer — also a copy of a tied embedding when p > 1 — and the log-prob
   ``4h + (3q + 3kv + 5f)/t + 4·head_dim`` on GPU (TE spec: two LayerNormLinear keep input and normalised input
   (4h); rotated q and k, the QKV output kept alive by v, flash attention's output (3q+3kv); fc1's 2f output, SiLU,
   the gate term and their product (5f); RoPE cos/sin) — the ``5·a·s/h`` attention-score term of Korthikanti et
-  al. disappears with flash attention. On CPU (local spec, torch RMSNorm, SDPA with a dense mask) add 2h and T
-  (the float [T, T] mask each layer keeps). With full recomputation a layer keeps only its input ``h`` and one
-  layer's activations are rebuilt at a time. A stage of L/p layers holds ``min(p − stage, M)`` micro-batches in
+  al. disappears with flash attention. On CPU (local spec, torch RMSNorm, SDPA per packed sequence) add 2h and
+  T/t (SDPA's CPU kernels; measured ÷ t). With full recomputation a layer keeps only its input ``h`` and one
+  layer's activations are rebuilt at a time. Selective recomputation (``parallel.recompute_modules``): ``mlp``
+  drops 5f/t, ``moe`` an MoE layer's MLP term, ``core_attn`` the softmax statistics and (our SDPA module, whose
+  output is a reshaped copy) q/t (measured on CPU: −(q + heads)/t). Sequence parallelism (default at t > 1)
+  divides the residual-stream terms — 4h, the local spec's 2h, the final norm's — by t (measured on CPU at TP2,
+  h = 256: −769 of 4564 elements per token = (4h + 2h)·(1 − 1/t)); backward gathers a layer's input again
+  (a ``T·h·e`` transient). A stage of L/p layers holds ``min(p − stage, M)`` micro-batches in
   flight under 1F1B (M = micro-batches per step on a data-parallel rank); interleaved (v = ``parallel.vpp`` model
   chunks of L/(p·v) layers per stage, M padded to a multiple of p) ``min(2·(p − stage − 1) + (v − 1)·p + 1, v·M)``
   chunk forwards: stage 0 holds ``1 + (p − 1)/(p·v)`` times 1F1B's activations, and the pipeline bubble
@@ -35,9 +40,15 @@ output layer — also a copy of a tied embedding when p > 1 — and the log-prob
 * transients: the output layer's weight gradient ``e·V/t·h`` and its input gradient while the logits gradient is
   alive (last stage), one layer's backward working set ``(2f/t + h)·T·e``; without a fused Adam (CPU), the
   per-tensor torch AdamW step allocates two fp32 copies of the largest parameter, and gloo's all-gather of the
-  distributed optimizer's parameter bucket a flat input and output copy (2·e·P; NCCL gathers in place).
+  distributed optimizer's parameter bucket a flat input and output copy (2·e·P, or 2·e·``ddp_bucket_size`` when
+  the DP communication is overlapped bucket by bucket; NCCL gathers in place).
   Training peak = parameters + gradients + optimizer + reference + max(activations + log-prob buffers +
   transients, optimizer-step transients).
+
+Data-parallel traffic per GPU and optimizer step: the gradient reduce-scatter ``4·P·(d − 1)/d`` bytes (fp32;
+an all-reduce, twice that, without the distributed optimizer) and the parameter all-gather ``e·P·(d − 1)/d``;
+``parallel.overlap_grad_reduce`` / ``overlap_param_gather`` (default on GPU) hide them behind the backward and the
+next forward, bucket by bucket, in place in the grad/param buffers (no extra GPU memory).
 
 Context parallel (c = ``parallel.cp``; d = world/(t·p·c)): a GPU runs 2 of the 2·c chunks of every sequence of a
 micro-batch, ``T/c`` tokens (sequences padded to multiples of 2·c), through its layers and the log-prob buffers, and
@@ -324,25 +335,50 @@ def _kv(arch) -> int:
 
 
 def layer_activation_elements(
-    arch, tp: int, tokens: int, kernels: str, recompute: bool, *, moe: bool = False, etp: int | None = None
+    arch,
+    tp: int,
+    tokens: int,
+    kernels: str,
+    recompute: bool,
+    *,
+    moe: bool = False,
+    etp: int | None = None,
+    sequence_parallel: bool = False,
+    selective: tuple[str, ...] = (),
 ) -> int:
     """Elements (of the parameter dtype) one layer keeps for backward for ``tokens`` tokens (module docstring).
     ``moe``: an MoE layer, whose MLP keeps, per token, its k routed copies (the dispatched input ``h`` and the
-    expert's SwiGLU ``6·I/etp``) and the router's scores (measured on CPU: ``k·(h + 6·I + 6) + 1.25·E``)."""
+    expert's SwiGLU ``6·I/etp``) and the router's scores (measured on CPU: ``k·(h + 6·I + 6) + 1.25·E``).
+    ``sequence_parallel``: the residual-stream terms (norm inputs and outputs, residuals) ÷ tp. ``selective``:
+    ``parallel.recompute_modules`` whose activations are recomputed instead of kept."""
     h, q, f = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.intermediate_size
     if recompute:
         return tokens * h
-    mlp = 5 * f // tp
+    mlp = 0 if "mlp" in selective else 5 * f // tp
     if moe:
         m, etp = arch.moe, tp if etp is None else etp
-        mlp = m.top_k * (h + 6 * m.intermediate_size // etp + 6) + 5 * m.num_experts // 4
-    per_token = 4 * h + (3 * q + 3 * _kv(arch)) // tp + mlp + 4 * arch.head_dim
-    per_token += arch.num_attention_heads // tp  # softmax statistics
-    if kernels != "gpu":  # torch RMSNorm (local spec) keeps more than TE's fused norm
-        per_token += 2 * h
-    if kernels == "cpu":
-        per_token += tokens
+        routed = m.top_k * (h + 6) + 5 * m.num_experts // 4
+        routed = routed // tp if sequence_parallel else routed  # a rank routes its own tokens
+        mlp = 0 if "moe" in selective else routed + m.top_k * 6 * m.intermediate_size // etp
+    residual = 4 * h + (2 * h if kernels != "gpu" else 0)  # torch RMSNorm (local spec) keeps more than TE's
+    per_token = (residual // tp if sequence_parallel else residual) + (3 * q + 3 * _kv(arch)) // tp + mlp
+    per_token += 4 * arch.head_dim
+    if "core_attn" not in selective:  # recomputed: its softmax statistics are not kept, nor (our SDPA module:
+        per_token += arch.num_attention_heads // tp  # its output is a reshaped copy) its output
+    elif kernels != "gpu":
+        per_token -= q // tp
+    if kernels == "cpu":  # SDPA's CPU kernels, per sequence (measured: ÷ tp, ~the row length at TP1)
+        per_token += tokens // tp
     return tokens * per_token
+
+
+def ddp_bucket_params(cfg, dp: int, *, cuda: bool) -> int | None:
+    """Parameters per DDP bucket (``parallel/ddp.py``): None (one bucket per buffer) without overlap."""
+    from spin_megatron.parallel.ddp import bucket_size, overlap_settings
+
+    distributed = cfg.optim.use_distributed_optimizer
+    overlap = overlap_settings(cfg.parallel, distributed_optimizer=distributed, cuda=cuda)
+    return bucket_size(cfg.parallel, overlap=any(overlap), dp_size=dp)
 
 
 def cp_rank_tokens(tokens: int, cp: int) -> int:
@@ -446,12 +482,13 @@ def _stage(
     shards = dp * par.cp if distributed else 1  # Megatron's distributed optimizer shards over DP × CP
     row, tokens = tokens, cp_rank_tokens(tokens, par.cp)  # context parallel: this GPU's share of the row
     expert_shards = tp * dp // (ep * etp) if distributed else 1  # the experts' data-parallel group
-    recompute = par.activation_recompute
+    recompute = par.recompute_granularity == "full"
+    features = dict(sequence_parallel=par.sequence_parallel_enabled, selective=tuple(par.selective_modules))
     dense_layers, moe_layers = stage_layers(arch, pp, stage, par.vpp)
-    activations = dense_layers * layer_activation_elements(arch, tp, tokens, kernels, recompute)
+    activations = dense_layers * layer_activation_elements(arch, tp, tokens, kernels, recompute, **features)
     if moe_layers:
         activations += moe_layers * layer_activation_elements(
-            arch, tp, tokens, kernels, recompute, moe=True, etp=etp
+            arch, tp, tokens, kernels, recompute, moe=True, etp=etp, **features
         )
     if par.cp > 1 and not recompute:  # attention keeps the other CP ranks' keys and values for backward
         activations += (dense_layers + moe_layers) * 2 * _kv(arch) // tp * (row - tokens)
@@ -459,15 +496,17 @@ def _stage(
     activations = activations * in_flight // par.vpp
     if recompute:  # the layer being recomputed holds its full activations
         activations += layer_activation_elements(
-            arch, tp, tokens, kernels, False, moe=moe_layers > 0, etp=etp
+            arch, tp, tokens, kernels, False, moe=moe_layers > 0, etp=etp, **features
         )
     columns, logprob = padded // tp, 0
     width = 2 * arch.intermediate_size // tp
     if moe_layers:
         width = max(width if dense_layers else 0, arch.moe.top_k * 2 * arch.moe.intermediate_size // etp)
-    transient = (width + h) * tokens * e  # one layer's backward working set
+    # one layer's backward working set (sequence parallelism: the layer input gathered again over TP)
+    transient = (width + h + (h if features["sequence_parallel"] else 0)) * tokens * e
     if stage == pp - 1:
-        activations += (2 if kernels == "gpu" else 3) * tokens * h  # final norm
+        final_norm = (2 if kernels == "gpu" else 3) * tokens * h
+        activations += final_norm // tp if features["sequence_parallel"] else final_norm
         path = "fused" if cfg.trainer.logprob_impl == "fused_head" else "chunked"
         logprob = logprob_bytes(tokens, columns, h, cfg.trainer.logprob_chunk_tokens, e)[path]
         transient = max(transient, (columns * h + tokens * h) * e)  # output-layer weight and input gradients
@@ -480,7 +519,9 @@ def _stage(
     if kernels == "gpu_local":  # no TE/apex FusedAdam: torch's foreach AdamW (an fp32 copy of a moment)
         step_temp = 4 * n // shards
     if kernels == "cpu":  # torch's per-tensor AdamW; gloo's coalesced all-gather of the distributed optimizer
-        step_temp = max(2 * 4 * largest, 2 * e * n if cfg.optim.use_distributed_optimizer else 0)
+        # (bucket by bucket: the whole buffer, or one DDP bucket when the communication overlaps)
+        gathered = min(n, ddp_bucket_params(cfg, dp, cuda=False) or n)
+        step_temp = max(2 * 4 * largest, 2 * e * gathered if cfg.optim.use_distributed_optimizer else 0)
     return StageMemory(
         reward_model=reward_model_bytes(cfg),
         stage=stage,

@@ -23,6 +23,7 @@ from spin_megatron.errors import ConfigError, UserError
 from spin_megatron.memory_fit import check_fits
 from spin_megatron.memory_model import GB, MemoryPlan, estimate, pipeline_bubble
 from spin_megatron.models.arch import ModelArch, arch_from_hf_config
+from spin_megatron.plan_scaling import scaling_lines
 
 PROG = "spin-plan"
 _TINY_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
@@ -120,6 +121,14 @@ def _pipeline_note(plan: MemoryPlan) -> str:
     return note + f" (parallel.vpp=2: {pipeline_bubble(plan.pp, 2, plan.num_microbatches):.0%})"
 
 
+def _activation_features(cfg: Config) -> str:
+    par = cfg.parallel
+    recompute = par.recompute_granularity or "no"
+    if recompute == "selective":
+        recompute += f" ({', '.join(par.selective_modules)})"
+    return f"{recompute} recompute" + (", sequence parallel" if par.sequence_parallel_enabled else "")
+
+
 def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
     """The human-readable table: one line per component, GB per GPU, a note; then weight sync and the verdict."""
     a, s, c, sg = plan.arch, plan.stage, cfg.cluster, cfg.rollout.sglang
@@ -163,11 +172,7 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
         ),
         ("optimizer: Adam moments", s.optimizer_moments, f"exp_avg + exp_avg_sq, fp32, {shards}"),
         ("reference model", s.reference, f"frozen copy, {e}"),
-        (
-            "activations",
-            s.activations,
-            f"{acts}, {'full' if cfg.parallel.activation_recompute else 'no'} recompute",
-        ),
+        ("activations", s.activations, f"{acts}, {_activation_features(cfg)}"),
         ("log-prob buffers", s.logprob, logprob if s.logprob else "none on this stage"),
         ("transients", max(s.transient, s.step_temp), "output-layer grads, backward working set"),
     ]
@@ -237,6 +242,7 @@ def format_plan(plan: MemoryPlan, cfg: Config, source: str) -> str:
             f"MoE token dispatch ({par.moe_token_dispatcher}): {plan.dispatch_bytes_per_step / GB:.1f} GB sent per "
             "GPU per optimizer step (policy forward + backward, reference forward)"
         )
+    lines += scaling_lines(plan, cfg)
     lines += [f"note: {n}" for n in plan.notes]
     phase = max(plan.phases(), key=plan.phases().get)
     share = f"{100 * plan.peak / plan.usable_bytes:.0f}% of available"

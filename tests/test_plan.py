@@ -149,6 +149,51 @@ def test_recompute_keeps_only_the_layer_inputs():
     assert recomputed.stage.activations > arch.num_layers * tokens * arch.hidden_size * 2
 
 
+def test_sequence_parallel_is_the_default_and_divides_the_residual_stream_over_tp():
+    sp, cfg = _plan("qwen2.5-7b")  # the preset's TP2: sequence parallel by default
+    plain, _ = _plan("qwen2.5-7b", "parallel.sequence_parallel=false")
+    assert cfg.parallel.sequence_parallel_enabled
+    arch, tokens, e = sp.arch, sp.micro_batch_tokens, 2
+    # 4h per token and layer (TE: the two LayerNormLinears' inputs and outputs) and the final norm's 2h, ÷ TP 2
+    saved = (arch.num_layers * 4 * arch.hidden_size + 2 * arch.hidden_size) * tokens * e // 2
+    assert plain.stage.activations - sp.stage.activations == pytest.approx(saved, rel=1e-3)
+    # switched off where the ~6 GB it saves decide: the cheapest fix turns it back on
+    off = ["parallel.sequence_parallel=false", "cluster.gpu_memory_gb=110"]
+    fix = _fix_message("qwen2.5-7b", *NO_ROLLOUT, *off)
+    assert "cheapest fix: parallel.sequence_parallel=true (→ " in fix, fix
+
+
+def test_selective_recompute_sits_between_none_and_full():
+    plans = {
+        name: _plan("qwen2.5-7b", *overrides)[0].stage.activations
+        for name, overrides in {
+            "none": [],
+            "core_attn": ["parallel.recompute=selective"],  # the default module
+            "mlp": ["parallel.recompute=selective", "parallel.recompute_modules=[mlp]"],
+            "full": ["parallel.recompute=full"],
+            "alias": ["parallel.activation_recompute=true"],
+        }.items()
+    }
+    assert plans["full"] == plans["alias"] < plans["mlp"] < plans["core_attn"] < plans["none"]
+    plan, _ = _plan("qwen2.5-7b")
+    # TE's flash attention: core_attn recompute keeps only the softmax statistics back (heads / TP per token)
+    per_token = plan.arch.num_attention_heads // 2 * plan.arch.num_layers * 2
+    assert plans["none"] - plans["core_attn"] == per_token * plan.micro_batch_tokens
+
+
+def test_spin_plan_says_what_each_scaling_option_buys(capsys):
+    assert main(["--arch", "qwen2.5-3b", *PRESET]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^sequence parallel: on \(default at TP > 1\) .* turning it off: \+\d+\.\d\d GB", out, re.M
+    )
+    assert re.search(r"^recompute: none; versus: selective \[core_attn\] -\d+\.\d\d GB, selective \[mlp\] "
+                     r"-\d+\.\d\d GB, full -\d+\.\d\d GB per GPU", out, re.M), out  # fmt: skip
+    assert "gradient reduce-scatter" in out and "(overlapped with the backward)" in out  # GPU: on by default
+    assert main(["--arch", "qwen2.5-3b", *PRESET, "parallel.overlap_grad_reduce=false"]) == 0
+    assert "(exposed), parameter all-gather" in capsys.readouterr().out
+
+
 def test_pipeline_stage_zero_holds_one_micro_batch_per_stage():
     plan, _ = _plan("qwen2.5-3b", "parallel.pp=4", "parallel.tp=2", world_size=8)
     assert plan.stage.stage == 0 and plan.in_flight == 4 and plan.layers_per_stage == 9
@@ -261,7 +306,7 @@ def test_qwen3_presets_fit_their_8_gpu_80gb_nodes(preset, gpus):
         (
             "qwen2.5-3b",
             [*NO_ROLLOUT, "cluster.gpu_memory_gb=40"],
-            "cheapest fix: parallel.activation_recompute=true",
+            "cheapest fix: parallel.recompute=selective parallel.recompute_modules=[mlp] (→ ",
         ),
         (
             "qwen2.5-3b",
@@ -324,7 +369,7 @@ def test_cli_refuses_what_does_not_fit_with_one_line_and_exit_2(capsys):
     assert len(err) == 1 and err[0].startswith("spin-plan: error: does not fit: the training phase needs "), (
         err
     )
-    assert "cheapest fix: parallel.activation_recompute=true" in err[0]
+    assert "cheapest fix: parallel.recompute=selective parallel.recompute_modules=[mlp]" in err[0]
 
 
 @pytest.mark.parametrize(
@@ -414,6 +459,7 @@ def _probe_worker(spec_json):
         Config,
         DataConfig,
         ModelConfig,
+        ParallelConfig,
         RolloutConfig,
         TrainerConfig,
     )
@@ -421,11 +467,12 @@ def _probe_worker(spec_json):
     from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
     from spin_megatron.training.policy import build_policy, build_reference, resolve_model_source
-    from spin_megatron.training.trainer import dpo_settings
+    from spin_megatron.training.updates import dpo_settings
 
-    groups = init_parallel(1, 1)
-    name, hf_dir, budget, pairs = json.loads(spec_json)
+    name, hf_dir, budget, pairs, parallel = json.loads(spec_json)
+    groups = init_parallel(parallel.get("tp", 1), 1)  # (tp ranks, no data parallelism: all pairs on each)
     cfg = Config(
+        parallel=ParallelConfig(**parallel),
         model=ModelConfig(hf_path=hf_dir),
         data=DataConfig(
             train_files=[], val_files=[], max_prompt_tokens=PROMPT_TOKENS, max_gold_tokens=RESPONSE_TOKENS
@@ -434,7 +481,7 @@ def _probe_worker(spec_json):
         algorithm=AlgorithmConfig(mode="spin"),
         trainer=TrainerConfig(test_freq=0, micro_batch_tokens=budget, prompts_per_step=pairs),
     )
-    source = resolve_model_source(cfg, groups, 1)
+    source = resolve_model_source(cfg, groups, groups.tp_size)
     gen, vocab = torch.Generator().manual_seed(0), source.arch.vocab_size
     tokens = torch.randint(0, vocab, (pairs, 2, PROMPT_TOKENS + RESPONSE_TOKENS), generator=gen).tolist()
     items = [[ScoredSequence(t[:PROMPT_TOKENS], t[PROMPT_TOKENS:]) for t in pair] for pair in tokens]
@@ -451,8 +498,9 @@ def _probe_worker(spec_json):
         train_step(policy.model, policy.optimizer, groups, batches, settings,
                    global_pairs=pairs, global_chosen_tokens=pairs * RESPONSE_TOKENS)  # fmt: skip
     measured = _status_bytes("VmHWM") - base
-    predicted = estimate(cfg, source.arch, world_size=1, kernels="cpu").training_peak
-    print(json.dumps({"name": name, "measured": measured, "predicted": predicted}), flush=True)
+    plan = estimate(cfg, source.arch, world_size=groups.world_size, kernels="cpu")
+    row = {"name": name, "rank": groups.rank, "measured": measured, "predicted": plan.training_peak}
+    print(json.dumps({**row, "activations": plan.stage.activations}), flush=True)
 
 
 def _can_reset_peak_rss() -> bool:
@@ -464,25 +512,29 @@ def _can_reset_peak_rss() -> bool:
     return True
 
 
-@pytest.mark.skipif(
-    not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
-)
-def test_estimate_matches_measured_peak_memory_of_tiny_cpu_runs(tmp_path):
+def _measure(probes: dict, tmp_path) -> list[dict]:
+    """Run each probe (``ranks`` processes, ``parallel`` settings) in processes of its own, side by side; the peak of
+    a multi-rank probe is its largest rank's."""
     from spin_megatron.models.tiny import make_tiny_hf_model
 
-    specs = []
-    for name, spec in PROBES.items():
-        spec = dict(spec)
-        budget, pairs, arch = spec.pop("budget"), spec.pop("pairs"), spec.pop("arch")
-        hf_dir = make_tiny_hf_model(tmp_path / name.replace("+", "_"), arch, seed=0, **spec)
-        specs.append((name, str(hf_dir), budget, pairs))
     # glibc's dynamic mmap threshold would keep freed activation-sized blocks in the heap (RSS that no tensor
     # uses, the CPU analogue of allocator fragmentation, which cluster.memory_headroom covers): a fixed threshold
     # returns them, so the peak RSS is what was allocated.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
     children = []  # one process each (a later probe would reuse heap freed by an earlier one), side by side
-    for spec in specs:
-        code = f"from tests.test_plan import _probe_worker; _probe_worker({json.dumps(json.dumps(spec))})"
+    for name, spec in probes.items():
+        spec = dict(spec)
+        budget, pairs, arch = spec.pop("budget"), spec.pop("pairs"), spec.pop("arch")
+        parallel, ranks = spec.pop("parallel", {}), spec.pop("ranks", 1)
+        folder = tmp_path / name.replace("+", "_")
+        hf_dir = folder if folder.is_dir() else make_tiny_hf_model(folder, arch, seed=0, **spec)
+        args = json.dumps([name, str(hf_dir), budget, pairs, parallel])
+        code = f"from tests.test_plan import _probe_worker; _probe_worker({json.dumps(args)})"
+        if ranks > 1:  # torchrun's environment for each rank (the module runs the same function)
+            code = (
+                "from spin_megatron.parallel.launch import spawn_local; import sys; "
+                f"sys.exit(spawn_local({ranks}, 'tests.workers.memory_probe', [{args!r}]))"
+            )
         logs = [tmp_path / f"probe{len(children)}.{kind}" for kind in ("out", "err")]
         with open(logs[0], "w") as out, open(logs[1], "w") as err:
             child = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, cwd=REPO, env=env)
@@ -491,12 +543,51 @@ def test_estimate_matches_measured_peak_memory_of_tiny_cpu_runs(tmp_path):
     for child, (out, err) in children:
         assert child.wait(timeout=600) == 0, err.read_text()[-3000:]
         stdout += out.read_text()
-    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert [r["name"] for r in rows] == list(PROBES)
-    report = "; ".join(
+    rows = {}
+    for row in (json.loads(line) for line in stdout.splitlines() if line.startswith("{")):
+        if row["name"] not in rows or row["measured"] > rows[row["name"]]["measured"]:
+            rows[row["name"]] = row
+    assert sorted(rows) == sorted(probes)
+    return [rows[name] for name in probes]
+
+
+def _report(rows) -> str:
+    return "; ".join(
         f"{r['name']}: measured {r['measured'] / 2**20:.0f} MiB, predicted {r['predicted'] / 2**20:.0f} MiB"
         for r in rows
     )
+
+
+@pytest.mark.skipif(
+    not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
+)
+def test_estimate_matches_measured_peak_memory_of_tiny_cpu_runs(tmp_path):
+    rows = _measure(PROBES, tmp_path)
+    report = _report(rows)
     print(report)
     for r in rows:
         assert r["predicted"] == pytest.approx(r["measured"], rel=0.25), report
+
+
+# The activations probe at TP2 with and without sequence parallelism (two ranks each), and at TP1 with selective
+# recompute of the core attention and the MLP (issue 24).
+SCALING_PROBES = {
+    "tp2": {**PROBES["activations"], "parallel": {"tp": 2, "sequence_parallel": False}, "ranks": 2},
+    "tp2+sp": {**PROBES["activations"], "parallel": {"tp": 2}, "ranks": 2},
+    "selective": {**PROBES["activations"], "parallel": {"recompute": "selective",
+                                                        "recompute_modules": ["core_attn", "mlp"]}},
+}  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
+)
+def test_sequence_parallel_and_selective_recompute_estimates_match_measured_peaks(tmp_path):
+    rows = {r["name"]: r for r in _measure(SCALING_PROBES, tmp_path)}
+    report = _report(rows.values())
+    print(report)
+    for r in rows.values():
+        assert r["predicted"] == pytest.approx(r["measured"], rel=0.25), report
+    # sequence parallelism cuts the peak (the norm/residual activations ÷ TP), as predicted
+    assert rows["tp2+sp"]["measured"] < rows["tp2"]["measured"], report
+    assert rows["tp2+sp"]["activations"] < rows["tp2"]["activations"]

@@ -37,14 +37,20 @@ def overlap_settings(parallel, *, distributed_optimizer: bool, cuda: bool) -> tu
     return grad, param
 
 
+def bucket_size(parallel, *, overlap: bool, dp_size: int) -> int | None:
+    """Parameters per DDP bucket: ``parallel.ddp_bucket_size``; null: Megatron-LM's default when overlapping, else
+    None (one bucket per buffer: nothing to overlap)."""
+    if parallel.ddp_bucket_size is not None or not overlap:
+        return parallel.ddp_bucket_size
+    return max(_DEFAULT_BUCKET, _DEFAULT_BUCKET_PER_DP * dp_size)
+
+
 def ddp_config(parallel, *, distributed_optimizer: bool, cuda: bool, dp_size: int):
     """Megatron's ``DistributedDataParallelConfig`` for the policy."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     grad, param = overlap_settings(parallel, distributed_optimizer=distributed_optimizer, cuda=cuda)
-    bucket = parallel.ddp_bucket_size
-    if bucket is None and (grad or param):
-        bucket = max(_DEFAULT_BUCKET, _DEFAULT_BUCKET_PER_DP * dp_size)
+    bucket = bucket_size(parallel, overlap=grad or param, dp_size=dp_size)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=grad,
