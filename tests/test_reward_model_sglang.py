@@ -30,15 +30,14 @@ from spin_megatron.reward_model.sglang import (
     REWARD_SERVER_FLAGS,
     RewardSGLangConfig,
     SGLangRewardModel,
-    add_zero_score_bias,
     build_reward_server_command,
     build_reward_server_env,
     build_sglang_reward_model,
     classify_payload,
-    missing_head_bias,
     parse_classify_response,
     render_conversation_ids,
 )
+from spin_megatron.reward_model.sglang_checkpoint import add_zero_score_bias, missing_head_bias
 from spin_megatron.rollout.sglang.server import PortTakenError
 from tests.helpers import REPO
 

@@ -232,7 +232,7 @@ def preflight_reward_model(cfg) -> None:
     if not ids:
         raise ConfigError(f"reward_model: the chat template of {source} renders a conversation as no tokens")
     if rm.backend == "sglang" and rm.sglang.launches_servers:
-        from spin_megatron.reward_model.sglang import missing_head_bias
+        from spin_megatron.reward_model.sglang_checkpoint import missing_head_bias
 
         why = missing_head_bias(rm.path)
         if why:
