@@ -247,12 +247,12 @@ def _logged_metric_names() -> set[str]:
     dpo = defaultdict(lambda: 1.0, {"moe/load_balancing_loss/terms": 1.0})
     counts = {"tokens": 1.0, "dp_token_spread/before": 1.0, "dp_token_spread/after": 1.0}
     phases = set()
-    for module in (REPO / "spin_megatron").rglob(
-        "*.py"
-    ):  # (metrics.py defines the Timer: its docstring's example)
-        if module.name == "metrics.py":
+    for module in (REPO / "spin_megatron").rglob("*.py"):
+        if module.name == "metrics.py":  # (it defines the Timer: its docstring's example)
             continue
-        phases.update(re.findall(r'timer\("(\w+)"\)', module.read_text(encoding="utf-8")))
+        text = module.read_text(encoding="utf-8")
+        phases.update(re.findall(r'timer\("(\w+)"\)', text))
+        phases.update(re.findall(r'metrics\["time/(\w+)"\]', text))  # set beside the timers (time/step)
     times = {f"time/{phase}": 1.0 for phase in phases}
     names = set(step_metrics(rollout, dpo, counts, grad_norm=1.0, lr=1.0, times=times, skipped_steps=0))
     names |= set(_val_metrics(dict.fromkeys(_GEN_KEYS, 1.0), dict.fromkeys(_NLL_KEYS, 1.0)))

@@ -1,4 +1,4 @@
-"""`make demo`: the foundation end to end on CPU, in about a minute.
+"""`make demo-convert`: the converter end to end on CPU, in about a minute.
 
 1. a tiny random-weight Qwen2.5-shaped model with the real Qwen2.5 tokenizer (from ../shared/data);
 2. `spin-convert hf-to-mcore --tp 2`: two local gloo ranks write a Megatron-Core distributed checkpoint;
@@ -6,7 +6,7 @@
 4. `spin-convert mcore-to-hf`: back to an HF folder, checked bit-exact, then loaded with transformers and
    the tokenizer for a short greedy generation (gibberish: the weights are random).
 
-The SPIN trainer is not here yet; when it lands this demo becomes `spin-train` on the tiny CPU preset.
+(`make demo` runs the trainer itself: tools/demo.py.)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Phases, in this order (the most valuable numbers first):
 - te_xent  TE's parallel_cross_entropy on 3-D logits vs the chunked path, per-row gradients under a non-uniform
            upstream gradient; the fused head vs TE's cross-entropy (values, both gradients, time, memory)
 - te_spec  the TE layer spec at TP1 vs the local spec and transformers (fp32 from TE 2.11, bf16), packed log-probs
-- moe      a hook for Qwen3-MoE (issue 23): skipped until its mapping exists (tools/gpu_check_te.py)
+- moe      a tiny Qwen3-MoE's parity (local spec; TE grouped GEMM when TE is there) (tools/gpu_check_te.py)
 - train    spin-train in bf16 with the hf engine on CUDA for 2 steps, then a resume to step 3
 - mfu      bench/mfu_gpu.py on the Qwen2.5-1.5B shape, fused head then logits path, the micro-batch sized from
            the free memory by the planner; mfu.json is rewritten after each run

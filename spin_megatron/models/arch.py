@@ -297,7 +297,8 @@ def load_arch(hf_dir: str | Path) -> ModelArch:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise MissingPathError(
-            f"{path} not found: --hf-dir must be a Hugging Face model folder with a config.json"
+            f"{path} not found: the model path (model.hf_path, spin-convert --hf-dir) must be a Hugging Face "
+            "model folder with a config.json"
         )
     try:
         cfg = json.loads(path.read_text())

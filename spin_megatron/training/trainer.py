@@ -15,6 +15,7 @@ line; a NaN gradient skips its update.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,7 +139,9 @@ class SPINTrainer:
             self.logger.log(0, self._validate_or_halt({}))
         while self.step < trainer_cfg.total_steps:
             self.step += 1
+            started = time.perf_counter()
             metrics = self.train_one_step()
+            metrics["time/step"] = time.perf_counter() - started  # the whole step (console: s/step)
             last = self.step == trainer_cfg.total_steps
             if trainer_cfg.test_freq and (self.step % trainer_cfg.test_freq == 0 or last):
                 metrics.update(self._validate_or_halt(metrics))
