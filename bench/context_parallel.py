@@ -50,11 +50,11 @@ def worker(hf_dir: str, cp: int, out: str) -> None:
         RolloutConfig,
         TrainerConfig,
     )
-    from spin_megatron.memory_model import estimate
     from spin_megatron.parallel import init_parallel
     from spin_megatron.parallel.context_parallel import local_part
     from spin_megatron.parallel.dpo_step import compute_reference_logps, train_step
     from spin_megatron.parallel.packing import ScoredSequence, pack_items
+    from spin_megatron.planning.memory import estimate
     from spin_megatron.training.policy import build_policy, build_reference, resolve_model_source
     from spin_megatron.training.updates import dpo_settings
 

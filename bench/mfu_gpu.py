@@ -86,7 +86,7 @@ def bench_config(args):
     """The trainer configuration whose memory plan is this benchmark's step: online pairs of one prompt and two
     responses, bf16, the distributed optimizer, no rollout engine on the GPU."""
     from spin_megatron.config import Config, ModelConfig
-    from spin_megatron.memory_fit import _with
+    from spin_megatron.planning.fit import _with
 
     cfg = Config(model=ModelConfig(hf_path="bench:qwen2.5-1.5b-shape"))  # the path is never read
     return _with(cfg, [
@@ -101,8 +101,9 @@ def bench_config(args):
 def plan_micro_batch(args, arch, *, gpu_bytes: int, use_te: bool) -> dict:
     """The micro-batch for a GPU with ``gpu_bytes`` free: the largest that the planner says fits (halving from
     --tokens-per-microbatch), or the given one with --no-fit."""
-    from spin_megatron.memory_fit import largest_fitting_micro_batch, planner_kernels
-    from spin_megatron.memory_model import GB, estimate
+    from spin_megatron.planning.counting import GB
+    from spin_megatron.planning.fit import largest_fitting_micro_batch, planner_kernels
+    from spin_megatron.planning.memory import estimate
 
     cfg, kernels = bench_config(args), planner_kernels(use_te)
     if args.no_fit:

@@ -6,7 +6,7 @@
 Takes spin-train's Hydra overrides plus the ``cluster`` section. The model shape comes from ``model.hf_path``'s
 config.json, ``model.mcore_ckpt``'s meta or ``model.tiny``; ``--arch NAME`` (or an ``hf_path`` that is not a local
 folder but names a known model, e.g. ``Qwen/Qwen2.5-3B-Instruct``) uses a built-in shape instead. The estimate is
-``spin_megatron.memory_model``. Exit code 0 when it fits; 2 with a one-line error (naming the cheapest change that
+``spin_megatron.planning.memory``. Exit code 0 when it fits; 2 with a one-line error (naming the cheapest change that
 fits) when it does not, or for any configuration mistake. The trainer runs the same check at start on GPU
 (:func:`check_training_memory`).
 """
@@ -20,10 +20,11 @@ from pathlib import Path
 from spin_megatron.compose import load_config, model_arch
 from spin_megatron.config import Config
 from spin_megatron.errors import ConfigError, UserError
-from spin_megatron.memory_fit import check_fits
-from spin_megatron.memory_model import GB, MemoryPlan, estimate, pipeline_bubble
 from spin_megatron.models.arch import ModelArch, arch_from_hf_config
-from spin_megatron.plan_scaling import scaling_lines
+from spin_megatron.planning.counting import GB, pipeline_bubble
+from spin_megatron.planning.fit import check_fits
+from spin_megatron.planning.memory import MemoryPlan, estimate
+from spin_megatron.planning.scaling import scaling_lines
 
 PROG = "spin-plan"
 _TINY_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")

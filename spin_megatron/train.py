@@ -47,12 +47,12 @@ def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need no process group: layout vs model and world size, weights, files, resume state,
     reward function and engine plug-in."""
     from spin_megatron.algorithm.rewards import get_reward_fn
-    from spin_megatron.memory_fit import check_training_memory
     from spin_megatron.models.hf_io import HFReader
     from spin_megatron.models.mapping import mapping_for
     from spin_megatron.models.weights import check_hf_checkpoint
     from spin_megatron.parallel.context_parallel import check_context_parallel
     from spin_megatron.parallel.state import validate_parallel_sizes
+    from spin_megatron.planning.fit import check_training_memory
     from spin_megatron.reward_model import preflight_reward_model
     from spin_megatron.training.checkpoint import read_trainer_state, resume_path
     from spin_megatron.training.policy import check_moe_engine, check_moe_training_layout

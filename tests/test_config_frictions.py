@@ -6,7 +6,7 @@ import pytest
 
 from spin_megatron.compose import load_config
 from spin_megatron.errors import ConfigError
-from spin_megatron.memory_model import num_microbatches
+from spin_megatron.planning.workload import num_microbatches
 from spin_megatron.train import main
 
 

@@ -301,11 +301,11 @@ def test_the_mfu_bench_sizes_its_micro_batch_with_the_planner():
 
 
 def test_the_memory_check_at_start_plans_the_local_spec_when_te_is_absent(monkeypatch):
-    from spin_megatron import memory_fit
     from spin_megatron.compose import load_config
-    from spin_megatron.memory_model import GB
     from spin_megatron.models import builder
     from spin_megatron.plan import builtin_arch
+    from spin_megatron.planning import fit as memory_fit
+    from spin_megatron.planning.counting import GB
 
     cfg, arch = load_config(["experiment=tiny_cpu", "model.dtype=bf16"]), builtin_arch("qwen2.5-0.5b")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

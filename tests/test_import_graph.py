@@ -99,8 +99,8 @@ def test_the_package_tree_is_layered_as_the_readme_draws_it():
     }
     assert users <= ENTRY_POINTS
     top = {p.stem for p in PACKAGE.glob("*.py")}
-    assert top <= {"__init__", "train", "plan", "convert", "plot", "compose", "config", "errors", "types", "ports",
-                   "quiet", "faults", "memory_fit", "memory_model", "plan_scaling"}, top  # fmt: skip
+    assert top <= {"__init__", "train", "plan", "convert", "plot", "compose", "errors", "types", "ports", "quiet",
+                   "faults"}, top  # fmt: skip
 
 
 def test_old_pickles_of_prompt_examples_still_load():

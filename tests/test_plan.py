@@ -17,9 +17,10 @@ import yaml
 from safetensors import safe_open
 
 from spin_megatron.errors import ConfigError
-from spin_megatron.memory_fit import _with, check_fits, check_training_memory
-from spin_megatron.memory_model import GB, estimate, full_model_params, stage_params
 from spin_megatron.plan import builtin_arch, format_plan, main, resolve_arch, training_world_size
+from spin_megatron.planning.counting import GB, full_model_params, stage_params
+from spin_megatron.planning.fit import _with, check_fits, check_training_memory
+from spin_megatron.planning.memory import estimate
 from spin_megatron.train import load_config
 from tests.helpers import REPO
 
@@ -86,7 +87,7 @@ def test_builtin_shapes_have_the_published_sizes():
 
 # ------------------------------------------------------------------------------------------ formulas
 def test_experts_are_divided_by_ep_and_their_optimizer_state_by_the_expert_data_parallel_ranks():
-    from spin_megatron.memory_model import active_params, stage_param_split
+    from spin_megatron.planning.counting import active_params, stage_param_split
 
     arch = builtin_arch("qwen3-30b-a3b")
     assert active_params(arch) / 1e9 == pytest.approx(3.35, rel=1e-2)  # "A3B"
@@ -121,7 +122,7 @@ def test_distributed_optimizer_divides_the_optimizer_state_over_data_parallel_ra
 
 
 def test_context_parallel_splits_a_gpus_tokens_and_shards_the_optimizer_over_dp_times_cp():
-    from spin_megatron.memory_model import cp_rank_tokens
+    from spin_megatron.planning.counting import cp_rank_tokens
 
     plain, _ = _plan("qwen2.5-3b", "parallel.tp=2", world_size=2)  # TP2 × DP1
     split, cfg = _plan("qwen2.5-3b", "parallel.tp=2", "parallel.cp=2", world_size=4)  # TP2 × CP2 × DP1
@@ -210,7 +211,7 @@ def test_interleaving_follows_megatrons_schedule_holds_more_on_stage_zero_and_sh
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from spin_megatron.memory_model import in_flight_microbatches, stage_layer_indices
+    from spin_megatron.planning.counting import in_flight_microbatches, stage_layer_indices
 
     arch = builtin_arch("qwen2.5-3b")  # 36 layers
     for pp, vpp, microbatches in ((4, 3, 64), (4, 3, 5), (2, 2, 3), (4, 1, 2)):
@@ -250,7 +251,7 @@ def test_fused_log_probs_need_far_less_than_naive():
 
 def test_log_prob_formulas_match_the_logged_benchmark():
     """bench/logprob.py in docs/LOG.md: T=4096, hidden 896, vocab 151936, fp32, chunk 512 — peak extra MiB."""
-    from spin_megatron.memory_model import logprob_bytes
+    from spin_megatron.planning.workload import logprob_bytes
 
     paths = {k: v / 2**20 for k, v in logprob_bytes(4096, 151936, 896, 512, 4, stats=False).items()}
     measured = {"naive": 9007, "chunked": 4782, "fused": 851}

@@ -283,8 +283,9 @@ def _edit_tokenizer(path, template):
 
 def test_the_planner_counts_the_reward_model(tmp_path, char_tokenizer):
     from spin_megatron.compose import load_config
-    from spin_megatron.memory_model import estimate, reward_model_params
     from spin_megatron.plan import resolve_arch
+    from spin_megatron.planning.counting import reward_model_params
+    from spin_megatron.planning.memory import estimate
 
     path = make_random_reward_model(tmp_path / "rm", char_tokenizer, hidden=64)
     model = AutoModelForSequenceClassification.from_pretrained(path)

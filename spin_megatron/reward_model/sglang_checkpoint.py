@@ -77,5 +77,3 @@ def add_zero_score_bias(path: str) -> Path:
         data["weight_map"]["score.bias"] = ZERO_BIAS_FILE
         index.write_text(json.dumps(data, indent=2))
     return out
-
-

@@ -36,7 +36,6 @@ from spin_megatron.config import Config
 from spin_megatron.data import PromptExample, PromptSampler, shard
 from spin_megatron.errors import TrainingHalted
 from spin_megatron.faults import kill_point
-from spin_megatron.memory_fit import check_training_memory
 from spin_megatron.models.hf_export import write_hf_checkpoint
 from spin_megatron.models.mapping import mapping_for
 from spin_megatron.parallel.collectives import broadcast_object, max_over_world, sum_over_world
@@ -45,6 +44,7 @@ from spin_megatron.parallel.dpo_step import (
 )
 from spin_megatron.parallel.state import ParallelGroups
 from spin_megatron.parallel.weight_sync import engine_rank, sync_weights
+from spin_megatron.planning.fit import check_training_memory
 from spin_megatron.reward_model import build_reward_scoring
 from spin_megatron.rollout import build_engine, maybe_dump
 from spin_megatron.rollout.supervisor import EngineSupervisor, RolloutError

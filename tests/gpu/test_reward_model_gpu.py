@@ -27,7 +27,7 @@ def test_bf16_scores_on_cuda_match_fp32_on_cpu_and_fit_the_planners_term(tmp_pat
     base = torch.cuda.memory_allocated()
     gpu = HFRewardModel(str(path), micro_batch_size=4, dtype="bfloat16", device="cuda").score(conversations)
     assert gpu == pytest.approx(cpu, abs=0.05 * max(1.0, max(abs(s) for s in cpu)))
-    from spin_megatron.memory_model import reward_model_params
+    from spin_megatron.planning.counting import reward_model_params
 
     config = json.loads((path / "config.json").read_text())
     tokens = 4 * max(len(c[0]["content"]) + len(c[1]["content"]) + 8 for c in conversations)

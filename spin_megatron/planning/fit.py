@@ -7,8 +7,10 @@ from dataclasses import replace
 
 from spin_megatron.config import Config
 from spin_megatron.errors import ConfigError, UserError
-from spin_megatron.memory_model import GB, MemoryPlan, estimate, pair_tokens
 from spin_megatron.models.arch import ModelArch
+from spin_megatron.planning.counting import GB
+from spin_megatron.planning.memory import MemoryPlan, estimate
+from spin_megatron.planning.workload import pair_tokens
 
 
 def check_fits(plan: MemoryPlan, cfg: Config) -> None:

@@ -5,8 +5,9 @@ planning the same run with the option switched (memory per GPU), plus the data-p
 from __future__ import annotations
 
 from spin_megatron.config import Config
-from spin_megatron.memory_fit import _with
-from spin_megatron.memory_model import _DTYPE_BYTES, GB, MemoryPlan, ddp_bucket_params, estimate
+from spin_megatron.planning.counting import _DTYPE_BYTES, GB, ddp_bucket_params
+from spin_megatron.planning.fit import _with
+from spin_megatron.planning.memory import MemoryPlan, estimate
 
 
 def _peak_with(plan: MemoryPlan, cfg: Config, changes) -> float | None:
