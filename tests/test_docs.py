@@ -2,8 +2,7 @@
 console script, `experiment=` preset and repository path named in README.md and docs/*.md, and the configuration
 reference in docs/training.md against the schema in spin_megatron/config/ (every key, its default).
 
-docs/_front_page_draft.md is the next README.md: its links are resolved from the repository root, where it will
-live. Pure file reading: no subprocess, well under a second.
+Pure file reading: no subprocess, well under a second.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-DRAFT = REPO / "docs" / "_front_page_draft.md"
 LOG = REPO / "docs" / "LOG.md"  # the lab notebook: dated entries name what existed then; not checked
 
 
@@ -27,8 +25,8 @@ def _pages() -> list[Path]:
 
 
 def _base(page: Path) -> Path:
-    """Where the page's relative links start: its folder, or the root for the front-page draft."""
-    return REPO if page == DRAFT else page.parent
+    """Where the page's relative links start: its folder."""
+    return page.parent
 
 
 def _ids(page: Path) -> list[str]:
