@@ -16,6 +16,10 @@ Sampled responses must be scored at the sampling ``temperature``. Positions whos
 
 ``stats=`` asks for detached per-token statistics over the real vocabulary (:data:`TOKEN_STATS`), for metrics and
 WPO weights; the chunked and fused paths compute them inside their forward chunk loop, from the chunk's logits.
+
+One file (a little over 400 lines) on purpose: the chunked and the fused path share the chunk loop's maths (the
+TP-reduced max and sum-exp, the padded-vocabulary mask, the statistics), and their forward and backward are read
+side by side when checking one against the other.
 """
 
 from __future__ import annotations
