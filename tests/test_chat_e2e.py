@@ -3,6 +3,7 @@ file in tests/data: SPIN learns toward the last assistant turns and resumes bit-
 the tokenization cache; online mode ranks samples with a reward model and validates on the conversations' gold."""
 
 import json
+import shutil
 
 import pytest
 
@@ -29,7 +30,8 @@ def spin_run(tmp_path_factory):
     """One 4-step SPIN run at DP=2 (checkpoints at steps 2 and 4), shared by the tests below."""
     root = tmp_path_factory.mktemp("chat_spin")
     _train(f"trainer.output_dir={root / 'full'}", f"data.cache_dir={root / 'cache'}", *SPIN)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # checkpoints of a 151k-vocabulary model: ~0.7 GB
 
 
 def test_spin_on_conversations_learns_the_last_assistant_turns(spin_run):

@@ -9,6 +9,8 @@ test_train_config."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -31,7 +33,9 @@ def report(tmp_path_factory):
     assert (
         run_ranks(2, "tests.workers.interleaved_step", *args, "--ckpt-dir", root / "ckpt", "--out", out) == 0
     )
-    return torch.load(out, weights_only=False)
+    report = torch.load(out, weights_only=False)
+    shutil.rmtree(root, ignore_errors=True)
+    return report
 
 
 def _same(got, expected):

@@ -10,6 +10,8 @@ where the trainer has sequence parallelism, which Megatron's MoE training needs 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -52,7 +54,9 @@ def report(tmp_path_factory):
     for layout in LAYOUTS + AUX + DENSE:
         args += ["--layout", layout]
     assert run_ranks(4, "tests.workers.moe_step", *args, timeout_s=900) == 0
-    return torch.load(out, weights_only=False)
+    report = torch.load(out, weights_only=False)
+    shutil.rmtree(root, ignore_errors=True)
+    return report
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:4] + TP2_EP2)

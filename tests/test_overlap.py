@@ -6,6 +6,7 @@ batch is in flight resumes to the weights of an uninterrupted overlapped run."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def inline_sync(tmp_path_factory):
     out = tmp_path_factory.mktemp("inline") / "run"
     code, text = _train(out, *TINY, engine=())
     assert code == 0, text[-3000:]
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _same_run(out, reference):

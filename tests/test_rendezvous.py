@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def single_agent(tmp_path_factory, qwen_tokenizer_dir, gsm8k_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [m["step"] for m in _steps(out)] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "step_0000004" / "COMPLETE").is_file()
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.e2e

@@ -9,6 +9,8 @@ test_trainer_e2e's layout test; configuration mistakes in test_train_config.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -36,7 +38,9 @@ def report(tmp_path_factory):
     for name in RESUMED:
         args += ["--resume", name]
     assert run_ranks(2, "tests.workers.scaling_step", *args, timeout_s=900) == 0
-    return torch.load(out, weights_only=False)
+    report = torch.load(out, weights_only=False)
+    shutil.rmtree(root, ignore_errors=True)
+    return report
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1"])

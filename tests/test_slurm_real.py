@@ -5,6 +5,7 @@ and two "nodes" (two slurmd on one host) for the multi-node and SPIN_ROLLOUT_NOD
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -74,7 +75,8 @@ def uninterrupted(slurm, tmp_path_factory, qwen_tokenizer_dir, gsm8k_dir):
     start = time.monotonic()
     job_id = _submit(slurm, submit, [*TINY, f"trainer.output_dir={run_dir}"])
     job = slurm.wait(job_id, timeout_s=300)
-    return submit, run_dir, job_id, job, time.monotonic() - start
+    yield submit, run_dir, job_id, job, time.monotonic() - start
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_a_tiny_run_completes_with_its_logs_where_the_readme_says(uninterrupted):

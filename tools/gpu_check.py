@@ -143,9 +143,13 @@ def run_in_session(phase: str, out: Path, timeout: float, args) -> dict:
     """Run one phase in a session of its own; past ``timeout`` kill its process group (and its nested commands'
     groups), so nothing it started keeps the GPU into the next phase. Returns its last reported result."""
     start = time.monotonic()
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+    # the phase's temporary folders (tiny models, the train phase's run and checkpoints: ~0.4 GB) live under a
+    # TMPDIR of its own, removed once its process group is gone, also after a kill
+    scratch = tempfile.TemporaryDirectory(prefix=f"gpu_check_{phase}_", ignore_cleanup_errors=True)
+    with scratch, tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
         proc = subprocess.Popen(phase_command(phase, out, timeout, args), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=REPO, env=subprocess_env(), start_new_session=True)  # fmt: skip
+                                cwd=REPO, env={**subprocess_env(), "TMPDIR": scratch.name},
+                                start_new_session=True)  # fmt: skip
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -154,9 +158,9 @@ def run_in_session(phase: str, out: Path, timeout: float, args) -> dict:
         proc.wait()
         log.seek(0)
         text = log.read()
-    for line in text.splitlines():
-        if line.startswith(CHILD_PREFIX):
-            kill_group(int(line[len(CHILD_PREFIX) :]))
+        for line in text.splitlines():
+            if line.startswith(CHILD_PREFIX):
+                kill_group(int(line[len(CHILD_PREFIX) :]))
     seconds = time.monotonic() - start
     with open(out / "console.log", "a") as console:
         console.write(f"\n===== {phase} (exit {code}, {seconds:.1f} s) =====\n{text}")
