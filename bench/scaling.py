@@ -1,4 +1,9 @@
-"""Benchmark: step time and tokens/s vs tensor (TP) and data (DP) parallelism, and vs work, on CPU.
+"""Benchmark: Megatron's scaling features on CPU (default, ``--mode layouts``: bench/scaling_layouts.py — peak memory
+and step time of sequence parallelism, overlapped DP communication and selective/full recompute, each as a ratio
+to its plain layout, with the planner's prediction beside each measured peak), or (``--mode cli``) step time and
+tokens/s of the whole ``spin-train`` command vs tensor (TP) and data (DP) parallelism, and vs work.
+
+``--mode cli``:
 
 Each layout — TP1·DP1 (one process), TP2·DP1 and TP1·DP2 (two gloo processes) — runs the real command line,
 ``python -m spin_megatron.train experiment=tiny_cpu ...``, as local ranks (``spawn_local``, the environment
@@ -15,7 +20,9 @@ On this 2-core machine the two ranks of a TP2 or DP2 layout share the same two c
 (``OMP_NUM_THREADS`` = cores / ranks unless set), so no parallel speed-up can show here (a ratio above 1 means two
 1-thread processes used the 2 cores better than one 2-thread process did): the point is that the plumbing runs at
 every layout with the same work, and how the cost grows with tokens. About 9 runs × 25–65 s. Usage:
-``python bench/scaling.py [--prompts 2,4,8 --steps 3 --max-new-tokens 16]``.
+``python bench/scaling.py --mode cli [--prompts 2,4,8 --steps 3 --max-new-tokens 16]``;
+``python bench/scaling.py [--steps 4 --pairs 8 --budget 1024 --repeats 3]`` (the layouts: 7 launches × 20–40 s
+per repeat).
 """
 
 from __future__ import annotations
@@ -36,12 +43,25 @@ PHASES = ("generate", "ref", "update", "sync")
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", default="2,4,8", help="global prompts per step, comma-separated (the work)")
-    p.add_argument("--steps", type=int, default=3, help="steps per run; step 1 is a warm-up")
+    p.add_argument("--mode", choices=("layouts", "cli"), default="layouts")
+    p.add_argument(
+        "--prompts", default="2,4,8", help="cli: global prompts per step, comma-separated (the work)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per run; step 1 is a warm-up (cli 3, layouts 4)"
+    )
+    p.add_argument("--pairs", type=int, default=8, help="layouts: pairs per step (global)")
+    p.add_argument("--budget", type=int, default=1024, help="layouts: tokens per packed micro-batch")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="layouts: runs of every layout (the fastest counts)"
+    )
+    p.add_argument("--only", default="", help="layouts: comma-separated names (with their plain layouts)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     args = p.parse_args()
     args.prompts = [int(x) for x in args.prompts.split(",")]
+    args.steps = args.steps or (3 if args.mode == "cli" else 4)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     if args.steps < 2:
         p.error("--steps must be ≥ 2 (step 1 is a warm-up)")
     return args
@@ -97,6 +117,12 @@ def summarise(metrics: list[dict]) -> dict:
 
 def main() -> int:
     args = _parse()
+    if args.mode == "layouts":
+        if str(REPO) not in sys.path:  # `python bench/scaling.py`: bench/ imports as a package
+            sys.path.insert(0, str(REPO))
+        from bench import scaling_layouts
+
+        return scaling_layouts.main(args)
     rows, walls = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for prompts in args.prompts:
