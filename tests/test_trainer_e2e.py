@@ -1,6 +1,6 @@
 """spin-train end to end on the tiny CPU preset: learning signals, reference refresh, bit-exact resume, and the
-same first update at TP1, TP2, PP2, DP2 and interleaved PP2×VPP2 / PP4×VPP2 (samples replayed from a dump so every
-layout sees the same pairs)."""
+same first update at TP1, TP2+SP, PP2, DP2 (balanced, overlapped), selective recompute, interleaved PP2×VPP2 /
+PP4×VPP2, CP2 and TP2×CP2 (samples replayed from a dump so every layout sees the same pairs)."""
 
 import json
 import math
@@ -101,12 +101,11 @@ def test_first_update_is_the_same_across_layouts_recompute_and_logprob_paths(tmp
     layouts = {
         "tp2": (["parallel.tp=2"], 2),  # sequence parallelism: on by default at tp > 1
         "pp2": (["parallel.pp=2"], 2),
-        "dp2": ([], 2),  # trainer.balance_dp (the default): the pairs re-split over the replicas by tokens
-        # with both DDP overlaps (~10 buckets: the tiny model's vocabulary is Qwen2.5's)
-        "dp2_unbalanced_overlap": (["trainer.balance_dp=false", *OVERLAP], 2),
-        "recompute": (["parallel.activation_recompute=true"], 1),  # = parallel.recompute=full
+        # trainer.balance_dp (the default): the pairs re-split over the replicas by tokens; with both DDP overlaps
+        # (~10 buckets: the tiny model's vocabulary is Qwen2.5's)
+        "dp2": (OVERLAP, 2),
         "selective": (["parallel.recompute=selective", "parallel.recompute_modules=[core_attn,mlp]"], 1),
-        "logits_tp2": (["trainer.logprob_impl=logits", "parallel.tp=2"], 2),
+        # full recompute, the logits path at TP2 with SP, DP2 overlapped without balancing: tests/test_scaling.py
         # interleaved pipelines, one pair per micro-batch (every pair exceeds the budget): 4 a mini-batch, so at
         # PP2×VPP2 the schedule has a steady 1F1B phase, where Megatron's default batched p2p exchange pairs the
         # wrong tensors (with it here: loss 0.356 vs 0.250, grad norm 1696 vs 0.84; test_interleaved_pipeline.py)
