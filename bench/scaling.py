@@ -1,7 +1,7 @@
 """Benchmark: Megatron's scaling features on CPU (default, ``--mode layouts``: bench/scaling_layouts.py — peak memory
-and step time of sequence parallelism, overlapped DP communication and selective/full recompute, each as a ratio
-to its plain layout, with the planner's prediction beside each measured peak), or (``--mode cli``) step time and
-tokens/s of the whole ``spin-train`` command vs tensor (TP) and data (DP) parallelism, and vs work.
+and step time of sequence parallelism, overlapped DP communication, selective/full recompute, CP and VPP, each as a
+ratio to its plain layout, with the planner's prediction beside each measured peak), or (``--mode cli``) step time
+and tokens/s of the whole ``spin-train`` command vs tensor (TP) and data (DP) parallelism, and vs work.
 
 ``--mode cli``:
 
@@ -21,7 +21,7 @@ On this 2-core machine the two ranks of a TP2 or DP2 layout share the same two c
 1-thread processes used the 2 cores better than one 2-thread process did): the point is that the plumbing runs at
 every layout with the same work, and how the cost grows with tokens. About 9 runs × 25–65 s. Usage:
 ``python bench/scaling.py --mode cli [--prompts 2,4,8 --steps 3 --max-new-tokens 16]``;
-``python bench/scaling.py [--steps 4 --pairs 8 --budget 1024 --repeats 3]`` (the layouts: 7 launches × 20–40 s
+``python bench/scaling.py [--steps 4 --pairs 8 --budget 1024 --repeats 3]`` (the layouts: 10 launches × 15–40 s
 per repeat).
 """
 

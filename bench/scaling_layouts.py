@@ -9,7 +9,8 @@ models are built (``/proc/self/status`` VmHWM, reset through ``clear_refs``; gli
 activations go back to the system), what ``spin-plan``'s memory model predicts for it (``kernels="cpu"``), and the
 median step time of steps 2..N. Ratios are to the plain layout of the same group (same ranks and threads):
 TP2 for sequence parallelism, DP2 for the overlapped gradient reduce-scatter / parameter all-gather (several
-buckets), TP1 for selective and full recompute.
+buckets), TP1 for selective and full recompute and for context parallelism (CP2: two processes, so its time ratio
+is against one), PP2 (plain 1F1B) for the interleaved pipeline.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ LAYOUTS = {
     "TP1": (1, {}, "TP1"),
     "TP1 selective": (1, {"recompute": "selective", "recompute_modules": ["core_attn", "mlp"]}, "TP1"),
     "TP1 full": (1, {"recompute": "full"}, "TP1"),
+    # one sequence split over 2 ranks of one replica, against one rank holding whole sequences
+    "CP2": (2, {"cp": 2}, "TP1"),
+    "PP2": (2, {"pp": 2}, "PP2"),
+    "PP2×VPP2": (2, {"pp": 2, "vpp": 2}, "PP2"),  # two model chunks of 2 layers per stage
 }
 
 
@@ -82,7 +87,8 @@ def worker(spec: str) -> None:
 
     name, hf_dir, parallel, budget, pairs, steps, out = json.loads(spec)
     cfg = _config(hf_dir, parallel, budget, pairs)
-    groups = init_parallel(cfg.parallel.tp, 1)
+    par = cfg.parallel
+    groups = init_parallel(par.tp, par.pp, vpp=par.vpp, cp=par.cp)
     source = resolve_model_source(cfg, groups, groups.tp_size)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, MODEL["vocab_size"], (pairs, 2, PROMPT + RESPONSE), generator=gen).tolist()
