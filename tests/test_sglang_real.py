@@ -196,6 +196,9 @@ def test_shutdown_after_the_trainers_teardown_is_quiet_and_drops_the_servers_gro
     the engine's shutdown, at exit, then raised ``ValueError: Invalid process group specified``."""
     import torch.distributed as dist
 
+    from spin_megatron.parallel import destroy_parallel
+
+    destroy_parallel()  # what an earlier in-process test on this xdist worker left (init_parallel(1, 1))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         engine = SGLangEngine(_disaggregated(server))
