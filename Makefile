@@ -45,7 +45,7 @@ test: install sglang-venv
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not dist and not e2e and not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not dist and not e2e and not slow and not slurm" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python tools/demo.py

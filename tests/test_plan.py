@@ -559,6 +559,7 @@ def _report(rows) -> str:
     )
 
 
+@pytest.mark.slow  # launches of measuring processes: ~25 s each
 @pytest.mark.skipif(
     not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
 )
@@ -580,6 +581,7 @@ SCALING_PROBES = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # launches of measuring processes: ~25 s each
 @pytest.mark.skipif(
     not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset the peak RSS"
 )
