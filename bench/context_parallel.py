@@ -29,7 +29,7 @@ MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_at
 PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS, BUDGET = 4, 32, 224, 2048  # one micro-batch of 4 pairs × 512 tokens
 
 
-def _status_bytes(key: str) -> int:
+def status_bytes(key: str) -> int:
     import re
 
     with open("/proc/self/status") as f:
@@ -77,7 +77,7 @@ def worker(hf_dir: str, cp: int, out: str) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
-    base = _status_bytes("VmRSS")
+    base = status_bytes("VmRSS")
     policy = build_policy(cfg, source, groups)
     reference = build_reference(cfg, source, groups, policy)
     compute_reference_logps(reference, groups, batches, settings)
@@ -91,7 +91,7 @@ def worker(hf_dir: str, cp: int, out: str) -> None:
     row = {
         "cp": cp,
         "rank": groups.rank,
-        "measured": _status_bytes("VmHWM") - base,
+        "measured": status_bytes("VmHWM") - base,
         "predicted": estimate(cfg, source.arch, world_size=cp, kernels="cpu").training_peak,
         "step_s": statistics.median(times),
         "tokens_per_rank": int(local_part(batches[0]).input_ids.shape[1]),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -25,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.context_parallel import MODEL, status_bytes  # the same tiny Qwen2; the peak-RSS reader
+
 REPO = Path(__file__).resolve().parents[1]
-MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False)  # fmt: skip
 PROMPT, RESPONSE = 32, 96  # tokens: a pair is 256
 OVERLAP = {"overlap_grad_reduce": True, "overlap_param_gather": True, "ddp_bucket_size": 400_000}
 # name: (ranks, parallel-section fields, the group's plain layout)
@@ -44,11 +43,6 @@ LAYOUTS = {
     "PP2": (2, {"pp": 2}, "PP2"),
     "PP2×VPP2": (2, {"pp": 2, "vpp": 2}, "PP2"),  # two model chunks of 2 layers per stage
 }
-
-
-def _rss(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) << 10
 
 
 def _config(hf_dir: str, parallel: dict, budget: int, pairs: int):
@@ -98,7 +92,7 @@ def worker(spec: str) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) from here
-    base = _rss("VmRSS")
+    base = status_bytes("VmRSS")
     policy = build_policy(cfg, source, groups)
     reference = build_reference(cfg, source, groups, policy)
     times = []
@@ -113,7 +107,7 @@ def worker(spec: str) -> None:
     row = {
         "name": name,
         "rank": groups.rank,
-        "peak": _rss("VmHWM") - base,
+        "peak": status_bytes("VmHWM") - base,
         "step_s": statistics.median(times[1:]),
     }
     row.update(predicted=plan.training_peak, activations=plan.stage.activations)
