@@ -5,6 +5,13 @@ import pytest
 import torch
 
 from spin_megatron.models.tiny import make_tiny_hf_model
+from spin_megatron.parallel.launch import usable_cpus
+
+# Under a cgroup CPU quota, torch's default thread count is the host's core count, in every worker, rank and server
+# the suite starts; cap it at the CPUs granted (read here, before the xdist workers start, so they inherit it).
+if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cpus():
+    os.environ["OMP_NUM_THREADS"] = str(usable_cpus())
+    torch.set_num_threads(usable_cpus())
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPIN_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -463,3 +463,25 @@ def test_without_a_signal_the_job_exits_with_sruns_status(tmp_path, fake_slurm, 
     assert batch.returncode == srun_exit, out
     assert f"srun exited with status {srun_exit}" in out
     assert not (tmp_path / "scontrol.log").exists() and not (tmp_path / "srun.signals").exists()
+
+
+def test_local_ranks_get_the_cpus_a_cgroup_quota_grants_not_the_hosts(tmp_path, monkeypatch):
+    """A 2-CPU quota on a many-core host (``docker --cpus 2``): os.cpu_count() says the host's cores, and torch
+    would start that many threads in each rank; the launcher's thread count follows the quota."""
+    from spin_megatron.parallel import launch
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # v2: 1.5 CPUs, rounded up
+    assert launch._cgroup_cpu_quota(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert launch._cgroup_cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")  # v1: 4 CPUs
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert launch._cgroup_cpu_quota(str(tmp_path)) == 4
+    assert launch._cgroup_cpu_quota(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(launch, "_cgroup_cpu_quota", lambda: 2)
+    assert launch.usable_cpus() == 2
+    monkeypatch.setattr(launch, "_cgroup_cpu_quota", lambda: None)
+    assert launch.usable_cpus() == 64

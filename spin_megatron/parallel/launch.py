@@ -21,6 +21,38 @@ from datetime import timedelta
 from torch.distributed import TCPStore
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (``docker --cpus``,
+    Kubernetes limits). ``os.cpu_count()`` reports the host's cores under a quota, and torch would start that many
+    threads in every rank; with a few ranks and servers on a 2-CPU quota the machine then spends its time switching.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(count, quota) if quota else count)
+
+
+def _cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """CPUs granted by the cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), rounded up; None when unlimited."""
+    import math
+    from pathlib import Path
+
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (Path(root) / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((Path(root) / period_file).read_text().strip())
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def spawn_local(
     nprocs: int, module: str, args: list[str], *, timeout_s: float | None = None, cwd: str | None = None
 ) -> int:
@@ -41,7 +73,7 @@ def spawn_local(
             TORCHELASTIC_USE_AGENT_STORE="True",  # every rank is a client of the store above
             TORCHELASTIC_RESTART_COUNT="0",
         )
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nprocs)))
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
