@@ -244,10 +244,21 @@ def test_hub_dataset_by_name_and_split_reads_like_local_files(qwen):
     assert len(val) == 4 and "sister" in qwen.decode(val[3].prompt_ids)
 
 
-def test_worker_processes_give_the_same_tokens_and_pass_errors_on(qwen, monkeypatch):
+def test_worker_processes_give_the_same_tokens_and_pass_errors_on(qwen, monkeypatch, tmp_path):
+    """... started by spawn, not fork: a forked worker can inherit a lock some thread of this process held (the
+    tokenizer's pool, torch's, the test runner's) and wait for it forever, as one CI run of the suite did."""
+    import multiprocess
+
     one, _ = load_prompt_split(cfg(tokenize_workers=1), qwen, "train")
     monkeypatch.setattr(chat_cache, "_ROWS_PER_WORKER", 5)  # 26 rows: 2 worker processes
-    two, stats = load_prompt_split(cfg(tokenize_workers=2), qwen, "train")
+    pools, pool = [], multiprocess.Pool
+    monkeypatch.setattr(
+        multiprocess, "Pool", lambda *a, **k: pools.append(multiprocess.get_start_method()) or pool(*a, **k)
+    )
+    two, stats = load_prompt_split(
+        cfg(tokenize_workers=2, cache_dir=str(tmp_path)), qwen, "train"
+    )  # built anew
+    assert pools == ["spawn"] and multiprocess.get_start_method(allow_none=True) in (None, "fork")  # restored
     assert [(e.prompt_ids, e.gold_ids) for e in one] == [(e.prompt_ids, e.gold_ids) for e in two]
     assert stats.dropped_bad == 2
     with pytest.raises(ConfigError, match="^row 24 of train data .* ends with a user turn"):

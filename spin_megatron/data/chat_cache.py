@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,18 +207,40 @@ def tokenize_rows(
         {**rows.features, PROMPT_IDS: ids, GOLD_IDS: ids, DROPPED: datasets.Value("string"),
          CUT_TURNS: datasets.Value("int32"), GOLD_CUT: datasets.Value("bool")}
     )  # fmt: skip
-    return rows.map(
-        encoder,
-        with_indices=True,
-        input_columns=[cfg.messages_key],
-        batched=True,
-        batch_size=500,
-        features=features,
-        num_proc=_workers(cfg, len(rows)),
-        new_fingerprint=key,
-        cache_file_name=None if out is None else str(out),
-        desc=f"tokenizing {split_name}",
-    )
+    workers = _workers(cfg, len(rows))
+    with _spawned_workers(workers):
+        return rows.map(
+            encoder,
+            with_indices=True,
+            input_columns=[cfg.messages_key],
+            batched=True,
+            batch_size=500,
+            features=features,
+            num_proc=workers,
+            new_fingerprint=key,
+            cache_file_name=None if out is None else str(out),
+            desc=f"tokenizing {split_name}",
+        )
+
+
+@contextmanager
+def _spawned_workers(workers: int | None):
+    """``datasets.map(num_proc=N)`` starts its pool (and a Manager) with ``multiprocess``'s default context: fork on
+    Linux. A fork of a process that runs threads (the tokenizer's Rust pool, torch's OpenMP pool, a launcher's or a
+    test runner's I/O thread) can copy a lock some thread holds into the child, which then waits for it forever
+    and the map with it (huggingface/tokenizers#1391, huggingface/datasets#5094; a CI run of the suite hung so).
+    The workers start by spawn instead: a fresh interpreter each, given the shard and the encoder by pickle."""
+    if not workers:
+        yield
+        return
+    import multiprocess
+
+    previous = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(previous, force=True)
 
 
 def _build_cached(folder: Path, build) -> tuple[datasets.Dataset, bool]:
