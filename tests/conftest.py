@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(True for _ in item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    # the longest groups first (measured: 3–9 min each), so that the two workers finish together
+    # the longest groups first (measured: 3–9 min each), so that the two workers finish together; NB pytest-xdist's
+    # --loadscope-reorder (its default) then hands groups out by test count, so this orders equal-sized ones only
     first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
     items.sort(key=lambda item: first.get(item.get_closest_marker("xdist_group").args[0], len(first)))
     if torch.cuda.is_available():
