@@ -9,9 +9,10 @@ from spin_megatron.parallel.launch import usable_cpus
 
 # Under a cgroup CPU quota, torch's default thread count is the host's core count, in every worker, rank and server
 # the suite starts; cap it at the CPUs granted (read here, before the xdist workers start, so they inherit it).
-if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cpus():
-    os.environ["OMP_NUM_THREADS"] = str(usable_cpus())
-    torch.set_num_threads(usable_cpus())
+_CPUS = usable_cpus()
+if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > _CPUS:
+    os.environ["OMP_NUM_THREADS"] = str(_CPUS)
+    torch.set_num_threads(_CPUS)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPIN_SHARED_DATA", REPO.parent / "shared" / "data"))

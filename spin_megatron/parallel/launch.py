@@ -49,7 +49,7 @@ def _cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
                 return None
             return max(1, math.ceil(int(quota) / int(period)))
         except (OSError, ValueError, IndexError):
-            continue
+            continue  # this cgroup version's file is absent or unreadable here: try the other, else no quota
     return None
 
 
